@@ -1,0 +1,81 @@
+"""
+The command line of every script, nanoGPT-style but importable and strict.
+
+    python train.py [config/file.py] --key=value --key value ...
+
+A config is a dataclass; each flag names a field and is parsed to the field's type (ints, floats, bools,
+strings). Unknown keys, wrong types and files that don't exist are a `UserError`: the scripts print it as
+one line and exit 1, with no traceback.
+"""
+import ast
+import dataclasses
+import sys
+
+
+class UserError(ValueError):
+    """A mistake the user can fix. The CLIs print it as one line; library callers get the exception."""
+
+
+def _convert(key, raw, typ):
+    if typ is bool:
+        low = str(raw).lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise UserError(f"--{key} expects True or False, got {raw!r}")
+    if typ is str:
+        return str(raw)
+    try:
+        value = ast.literal_eval(raw) if isinstance(raw, str) else raw
+    except (ValueError, SyntaxError):
+        value = raw
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not typ:
+        raise UserError(f"--{key} expects {typ.__name__}, got {raw!r}")
+    return value
+
+
+def parse_args(config, argv=None):
+    """Apply `argv` to the dataclass `config` in place; return the set of keys the user set."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    fields = {f.name: f.type for f in dataclasses.fields(config)}
+    overrides = []  # (key, raw value) in the order given
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(f"flags (default): " + " ".join(f"--{k}={getattr(config, k)!r}" for k in fields))
+            sys.exit(0)
+        if not arg.startswith("--"):  # a nanoGPT-style config file of `key = value` lines
+            namespace = {}
+            try:
+                exec(open(arg).read(), {}, namespace)
+            except OSError as e:
+                raise UserError(f"cannot read config file {arg}: {e.strerror}")
+            overrides += [(k, v) for k, v in namespace.items() if not k.startswith("_")]
+            i += 1
+            continue
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:  # --key value
+            if i + 1 >= len(argv):
+                raise UserError(f"--{key} needs a value, e.g. --{key}=...")
+            raw = argv[i + 1]
+            i += 1
+        overrides.append((key, raw))
+        i += 1
+    for key, raw in overrides:
+        if key not in fields:
+            raise UserError(f"unknown flag --{key}; the flags are: " + ", ".join(fields))
+        setattr(config, key, _convert(key, raw, fields[key]))
+    return {key for key, _ in overrides}
+
+
+def run_cli(main):
+    """Run `main()`, turning a UserError into one line on stderr and exit code 1."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

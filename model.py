@@ -1,0 +1,325 @@
+"""
+The Eso-LM network and method (Esoteric Language Models, arXiv 2506.01928), in one file.
+
+The network is nanoGPT's pre-LayerNorm causal transformer with three changes:
+  - rotary position embeddings at *explicit* positions `pos` (B, T): a token keeps the angle of its
+    original place after the sequence is sorted into its denoising order; no learned positions;
+  - the attention mask is an argument (a boolean tensor, True = may attend), so AR, diffusion and the
+    hybrid differ only in the ordering and mask they pass in;
+  - one extra embedding row for the mask token `mask_id = vocab_size`, whose logit is pushed to -1e6
+    before any softmax ("zero masking"): the mask is never predicted.
+The second half of the file is the method: orderings, masks, the hybrid NELBO (eq. 7) and the exact
+likelihood (§4). The sampler lives in sample.py, the KV cache in kvcache.py.
+"""
+import functools
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate-half RoPE. x: (B, nh, T, hd); cos, sin: (B, 1, T, hd/2), gathered at each token's own position."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+
+    def forward(self, x, cos, sin, attn_mask, kv_cache=None, layer=0):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # keys are cached post-RoPE (pitfall 16)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, committed + T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, attn_mask, kv_cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cos, sin, attn_mask, kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 64
+    vocab_size: int = 65  # real tokens; the mask token is one more, id = vocab_size
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = False
+
+    @property
+    def mask_id(self):
+        return self.vocab_size
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert (config.n_embd // config.n_head) % 2 == 0, "RoPE needs an even head size"
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size + 1, config.n_embd),  # + the mask token
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size + 1, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as nanoGPT
+        hd = config.n_embd // config.n_head
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
+        angles = torch.outer(torch.arange(config.block_size).float(), inv_freq)  # (block_size, hd/2)
+        self.register_buffer("rope_cos", angles.cos(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.apply(self._init_weights)
+        for pn, p in self.named_parameters():  # scaled init of residual projections, per GPT-2
+            if pn.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, pos, attn_mask, kv_cache=None, out=slice(None)):
+        """
+        idx, pos: (B, T) token ids and their original positions, in the order the tokens are processed.
+        attn_mask: (T, S) bool, True where query t may attend to key s; S = kv_cache.committed + T with a cache.
+        out: which of the T outputs get logits (the rest are never used, e.g. the x half of z0 ⊕ x).
+        Returns fp32 logits (B, len(out), vocab_size + 1) with the mask token's logit at -1e6.
+        """
+        cos = self.rope_cos[pos].unsqueeze(1)  # (B, 1, T, hd/2)
+        sin = self.rope_sin[pos].unsqueeze(1)
+        x = self.transformer.drop(self.transformer.wte(idx))
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cos, sin, attn_mask, kv_cache, layer)
+        x = self.transformer.ln_f(x[:, out])
+        logits = self.lm_head(x).float()  # softmax and CE in fp32 (pitfall 12)
+        logits[..., self.config.mask_id] = -1e6  # zero masking (pitfall 8); -1e6, not -inf, stays NaN-free
+        return logits
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+
+def unwrap(model):
+    """The GPT inside DDP (.module) and torch.compile (._orig_mod) wrappers."""
+    while isinstance(getattr(model, "module", None), nn.Module) or hasattr(model, "_orig_mod"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Eso-LM (B): orderings and attention masks (§1.3, §2.2-2.3 of the digest; paper Figs. 6, 9)
+# An ordering `order` (B, L) lists original positions in processing order: order[b, j] is the position
+# of the token processed j-th, so permute(x, order)[b, j] = x[b, order[b, j]], and that token's RoPE
+# position is order[b, j] (pitfall 1).
+
+def permute(x, order):
+    return torch.gather(x, 1, order)
+
+
+def invert(order):
+    inv = torch.empty_like(order)
+    return inv.scatter_(1, order, torch.arange(order.size(1), device=order.device).expand_as(order))
+
+
+def unpermute(x_sorted, order):
+    return torch.gather(x_sorted, 1, invert(order))
+
+
+def diffusion_order(is_mask, noise=None):
+    """Diffusion phase: clean tokens first in random order, then the masks in random order."""
+    noise = torch.rand(is_mask.shape, device=is_mask.device) if noise is None else noise
+    return (is_mask.float() + 0.9 * noise).argsort(dim=1)  # keys: clean in [0, .9), masks in [1, 1.9)
+
+
+def sequential_order(is_mask, noise=None):
+    """Sequential phase: clean tokens first in random order, then the masks left to right (pitfall 4)."""
+    noise = torch.rand(is_mask.shape, device=is_mask.device) if noise is None else noise
+    L = is_mask.size(1)
+    natural = 1 + torch.arange(L, device=is_mask.device) / L  # masks: keys in [1, 2), ascending
+    return torch.where(is_mask, natural, 0.9 * noise).argsort(dim=1)
+
+
+def likelihood_order(B, L, alpha_0, device=None):
+    """σ ~ P_L^{α0} (eq. 22): each position joins the diffusion set C with probability α0; C first in
+    random order, the rest ascending. This is sequential_order with 'not in C' playing 'masked'."""
+    return sequential_order(torch.rand(B, L, device=device) >= alpha_0)
+
+
+@functools.lru_cache(maxsize=16)
+def causal_mask(T, device=None):
+    """(T, T) bool: plain causal attention over the sorted sequence (diffusion phase, Fig. 6)."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+
+
+@functools.lru_cache(maxsize=16)
+def sequential_mask(L, device=None):
+    """(2L, 2L) bool over z0 ⊕ x (BD3-LM's block mask with block size 1): z_i sees only itself and x_j
+    for j < i (strict: pitfall 6); x_i sees x_j for j <= i; x never sees z."""
+    ones = torch.ones(L, L, dtype=torch.bool, device=device)
+    z_rows = torch.cat([torch.eye(L, dtype=torch.bool, device=device), ones.tril(-1)], dim=1)
+    x_rows = torch.cat([torch.zeros_like(ones), ones.tril()], dim=1)
+    return torch.cat([z_rows, x_rows], dim=0)
+
+
+# -----------------------------------------------------------------------------
+# The hybrid NELBO (eq. 7) and the exact likelihood (§4). All in nats.
+
+EPS_T = 1e-3  # diffusion times live in [EPS_T, 1]: the weight α0/(1-α_t) stays below 1/EPS_T (pitfall 10)
+
+
+def add_masks(x, p_mask, mask_id):
+    """q_t: mask each token independently with probability p_mask (broadcast to x). p_mask=1 masks all."""
+    return torch.where(torch.rand(x.shape, device=x.device) < p_mask, mask_id, x)
+
+
+def stratified_times(n, device=None, u=None, offset=0, total=None):
+    """Low-discrepancy t (Suppl. C.1): t_i = (u + i) / total for rows i = offset .. offset+n-1 of a global
+    batch of `total` rows sharing one u, mapped into [EPS_T, 1]. DDP ranks and micro-steps pass their slice."""
+    total = n if total is None else total
+    u = torch.rand(()) if u is None else torch.as_tensor(u)
+    t = (u + torch.arange(offset, offset + n)) / total
+    return (EPS_T + (1 - EPS_T) * t).to(device)
+
+
+def token_nll(logits, targets):
+    """-log p(target) per token, (B, T)."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
+
+def diffusion_loss(model, x, alpha_0, t=None, low_var=False):
+    """MDM term of eq. 7, per token: mean of w(t) * [-log p(x_l | z_t)] over the masked positions of z_t,
+    with α_t = α0 (1 - t) and w = α0 / (1 - α_t); low_var sets w = 1 (training only)."""
+    n, L = x.shape
+    mask_id = unwrap(model).config.mask_id
+    t = stratified_times(n, x.device) if t is None else t
+    alpha_t = alpha_0 * (1 - t)
+    zt = add_masks(x, (1 - alpha_t)[:, None], mask_id)
+    order = diffusion_order(zt == mask_id)
+    logits = model(permute(zt, order), order, causal_mask(L, x.device))
+    nll = token_nll(logits, permute(x, order)) * permute(zt == mask_id, order)  # carry-over: masks only
+    weight = torch.ones_like(t) if low_var else alpha_0 / (1 - alpha_t)
+    return (weight[:, None] * nll).sum() / nll.numel()
+
+
+def sequential_logprobs(model, x, z0, order):
+    """log x_θ(z0 ⊙ x^{<l})[x_l] at every slot, in sorted order, from ONE pass over z0 ⊕ x (length 2L)
+    with the sequential mask; both halves carry the same RoPE positions (pitfall 3). Logits are computed
+    for the z half only: the x half is there to be attended to."""
+    L = x.size(1)
+    idx = torch.cat([permute(z0, order), permute(x, order)], dim=1)
+    pos = torch.cat([order, order], dim=1)
+    logits = model(idx, pos, sequential_mask(L, x.device), out=slice(0, L))
+    return -token_nll(logits, permute(x, order))
+
+
+def sequential_loss(model, x, alpha_0):
+    """AR term of eq. 7, per token: z0 ~ q_0 masks each token with probability 1 - α0; the loss is
+    -log p(x_l | clean part of z0, x_{<l}) summed over the masked l."""
+    mask_id = unwrap(model).config.mask_id
+    z0 = add_masks(x, 1 - alpha_0, mask_id)
+    order = sequential_order(z0 == mask_id)
+    logp = sequential_logprobs(model, x, z0, order)
+    return -(logp * permute(z0 == mask_id, order)).sum() / logp.numel()
+
+
+def diffusion_rows(B, alpha_0, batch_split):
+    """How many of B rows get the MDM term: all at α0 = 1, none at α0 = 0, else int(κ B) (§2.1)."""
+    return B if alpha_0 == 1 else 0 if alpha_0 == 0 else int(batch_split * B)
+
+
+def nelbo(model, x, alpha_0, batch_split=0.5, loss_type="elbo", t=None):
+    """Hybrid NELBO, nats per token (eq. 7). Rows [:split] get the MDM term, rows [split:] the AR term,
+    each half normalised by its own token count and then added (pitfall 9). `t`: the diffusion rows'
+    times (default: stratified over them). Returns (loss, dict of the terms)."""
+    B = x.size(0)
+    split = diffusion_rows(B, alpha_0, batch_split)
+    if 0 < alpha_0 < 1 and not 0 < split < B:
+        raise ValueError(f"batch_split={batch_split} of a batch of {B} leaves one half of the loss empty")
+    terms = {}
+    if split > 0:
+        terms["diffusion"] = diffusion_loss(model, x[:split], alpha_0, t, low_var=loss_type == "low_var")
+    if split < B:
+        terms["sequential"] = sequential_loss(model, x[split:], alpha_0)
+    return sum(terms.values()), terms
+
+
+def log_likelihood(model, x, order):
+    """log p(x | σ) = Σ_l log p(x_σ(l) | x_σ(<l)) for each row, in one forward pass (Fig. 10): the
+    sequential pass with z0 all masks, so slot l sees exactly x_σ(<l) and its own mask."""
+    z0 = torch.full_like(x, unwrap(model).config.mask_id)
+    return sequential_logprobs(model, x, z0, order).sum(dim=1)
+
+
+def iw_nll(model, x, alpha_0, K=1):
+    """Importance-weighted NLL per token (§4): -log mean_k p(x | σ_k), σ_k ~ P_L^{α0}. K=1 equals the
+    NELBO in expectation; it decreases with K towards the exact -log p(x)."""
+    B, L = x.shape
+    logp = torch.stack([log_likelihood(model, x, likelihood_order(B, L, alpha_0, x.device)) for _ in range(K)])
+    return -(logp.logsumexp(dim=0) - math.log(K)) / L  # (B,)

@@ -1,0 +1,219 @@
+"""
+Sample from a trained Eso-LM with the exact KV cache (paper §5). Right after `python train.py`:
+
+    python sample.py --steps 32                       # from the checkpoint train.py wrote last
+    python sample.py --start "ROMEO:" --alpha_0 0.25  # a prompt; a quarter of the tokens by diffusion
+    python sample.py --infill "ROMEO: ____________ JULIET:"   # each '_' is one token to generate
+    python sample.py --kv_cache=False                 # the uncached reference path: the same tokens, slower
+
+One loop serves both phases: a diffusion step reveals a chunk of tokens at once, a sequential step one.
+Each step feeds [the tokens revealed at the previous step, now clean; the masks to reveal now] with their
+original RoPE positions; the clean tokens' K/V join the cache, the masks' never do.
+"""
+import contextlib
+import glob
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from configurator import UserError, parse_args, run_cli
+from data import Tokenizer
+from kvcache import KVCache
+from model import causal_mask, permute, unpermute, unwrap
+
+GAP = "_"  # in --infill text, each '_' is one token to generate
+
+
+# -----------------------------------------------------------------------------
+# the schedule (§5.1, Alg. 2)
+
+def diffusion_counts(n, steps, alpha_0, generator=None):
+    """Tokens revealed per diffusion step, empty steps dropped. Alg. 2 draws, for t = 1, 1-1/T, ..., 1/T,
+    n_t ~ Binomial(masks left, (α_s - α_t)/(1 - α_t)) with α_t = α0 (1 - t): a Binomial chain, i.e. a
+    Multinomial(n; α0/T, ..., α0/T, 1 - α0). We draw that Multinomial one token at a time (a token is in
+    diffusion step i when u ∈ [iα0/T, (i+1)α0/T), and left to the sequential phase when u >= α0):
+    the same law, with no Python loop over T, so T = 10^6 costs nothing."""
+    u = torch.rand(n, generator=generator)
+    step = (u[u < alpha_0] / alpha_0 * steps).long().clamp(max=steps - 1)
+    counts = torch.bincount(step, minlength=steps)
+    return counts[counts > 0].tolist()
+
+
+def plan(is_gen, num_samples, steps, alpha_0, generator=None):
+    """The unified schedule S = S_MDM ⊕ S_AR for a template whose positions `is_gen` (L,) are to be generated.
+    Returns order (B, L): given tokens first (ascending), then the diffusion positions in a random order per
+    sample, then the sequential positions ascending; and chunks: the tokens per step, shared by the batch
+    (pitfall 18). NFE = len(chunks)."""
+    given = torch.nonzero(~is_gen).flatten()
+    gen = torch.nonzero(is_gen).flatten()
+    counts = diffusion_counts(len(gen), steps, alpha_0, generator)
+    n_diff = sum(counts)
+    shuffled = gen[torch.rand(num_samples, len(gen), generator=generator).argsort(dim=1)]
+    order = torch.cat([given.expand(num_samples, -1), shuffled[:, :n_diff],
+                       shuffled[:, n_diff:].sort(dim=1).values], dim=1)
+    return order, counts + [1] * (len(gen) - n_diff)
+
+
+def sample_tokens(logits, temperature=1.0, top_p=0.9, generator=None):
+    """Nucleus sampling by float64 Gumbel-max (pitfall 12), on the generator's device (MPS has no float64).
+    The mask token's column (the last) is dropped, so it can never be drawn. temperature=0 is greedy."""
+    device = logits.device
+    logits = logits[..., :-1].to(generator.device if generator else device, torch.float64)  # drop the mask
+    if temperature == 0:
+        return logits.argmax(-1).to(device)
+    logits = logits / temperature
+    if top_p < 1:  # keep the smallest set of tokens whose probability reaches top_p (at least the top one)
+        probs, idx = logits.softmax(-1).sort(-1, descending=True)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
+    return (logits - torch.log(-torch.log(u))).argmax(-1).to(device)
+
+
+# -----------------------------------------------------------------------------
+# the sampler loop (§5.3)
+
+@torch.no_grad()
+def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, generator=None,
+            callback=None, ctx=contextlib.nullcontext(), progress=False):
+    """Fill the masks of x (B, L), original order, following `order` and `chunks` (see plan()).
+    kv_cache=False is the reference path: a full forward over [revealed tokens in σ order; current masks]
+    at every step, the cost an MDLM-style sampler pays. Both paths draw the same noise, so they give the
+    same tokens. After each step, callback(step, start, done, end, x, order, logits, cache) sees it: slots
+    [start, done) were fed clean, [done, end) as masks and now hold their samples; x is in σ order."""
+    gpt = unwrap(model)
+    B, L = x.shape
+    x = permute(x, order).clone()  # kept in σ order for the whole run
+    done = L - sum(chunks)  # slots [0, done) are clean: the given tokens
+    dtype = torch.bfloat16 if isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16 else torch.float32
+    cache = KVCache.for_model(gpt.config, B, L, x.device, dtype) if kv_cache else None
+    for step, k in enumerate(tqdm(chunks, disable=not progress, leave=False, desc="steps")):
+        end = done + k
+        if kv_cache:  # feed the uncommitted clean tokens and the k masks; see all committed K/V
+            c = cache.committed
+            mask = torch.ones(end - c, end, dtype=torch.bool, device=x.device).tril(c)
+        else:  # feed everything clean so far and the k masks, causal
+            c, mask = 0, causal_mask(end, x.device)
+        with ctx:
+            logits = model(x[:, c:end], order[:, c:end], mask, cache, out=slice(-k, None))
+        x[:, done:end] = sample_tokens(logits, temperature, top_p, generator)
+        if kv_cache:
+            cache.commit(done - c)  # the clean tokens just fed, never the k masks (pitfall 14)
+        if callback:
+            callback(step=step, start=c, done=done, end=end, x=x, order=order, logits=logits, cache=cache)
+        done = end
+    return unpermute(x, order)
+
+
+def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=1.0, top_p=0.9,
+             kv_cache=True, seed=1337, callback=None, ctx=contextlib.nullcontext(), progress=False):
+    """Sample num_samples sequences that agree with `template` (L,): its mask tokens are generated, every
+    other token is kept. Returns (tokens (B, L), NFE). The same seed gives the same samples."""
+    mask_id = unwrap(model).config.mask_id
+    device = template.device
+    gen_cpu = torch.Generator().manual_seed(seed)  # schedule and orderings: the same on every device
+    noise_device = "cpu" if device.type == "mps" else device  # MPS has no float64
+    gen_noise = torch.Generator(device=noise_device).manual_seed(seed)
+    order, chunks = plan((template == mask_id).cpu(), num_samples, steps, alpha_0, gen_cpu)
+    x = template.expand(num_samples, -1)
+    x = denoise(model, x, order.to(device), chunks, temperature, top_p, kv_cache, gen_noise, callback, ctx,
+                progress)
+    return x, len(chunks)
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+@dataclass
+class SampleConfig:
+    out_dir: str = ""  # default: the newest out*/ckpt.pt in this folder (what train.py wrote last)
+    steps: int = 32  # T, the diffusion steps; NFE <= T + the sequential tokens
+    alpha_0: float = -1.0  # fraction of tokens by diffusion; default: the alpha_0 the checkpoint was trained with
+    num_samples: int = 4
+    length: int = 0  # tokens per sample, prompt included; default: the trained block size
+    start: str = ""  # a prompt, or FILE:path
+    infill: str = ""  # a text whose '_' characters are generated (one token each); or FILE:path
+    temperature: float = 1.0
+    top_p: float = 0.9
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    kv_cache: bool = True
+
+
+def find_checkpoint():
+    found = sorted(glob.glob("out*/ckpt.pt"), key=os.path.getmtime)
+    if not found:
+        raise UserError("no checkpoint found (out*/ckpt.pt here); train one with python train.py, or pass --out_dir")
+    return os.path.dirname(found[-1])
+
+
+def read_text(arg):
+    if not arg.startswith("FILE:"):
+        return arg
+    try:
+        with open(arg[5:], encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"cannot read {arg[5:]}: {e.strerror}")
+
+
+def make_template(tok, mask_id, length, start="", infill=""):
+    """The sequence to complete, (length,): given tokens, and mask_id where tokens are to be generated.
+    --start gives a prefix; --infill gives text with '_' gaps; either is followed by masks up to length."""
+    if start and infill:
+        raise UserError("give --start or --infill, not both (a prompt is an infill text with no gaps)")
+    ids = tok.encode(start) if start else []
+    for i, piece in enumerate(infill.split(GAP) if infill else []):
+        ids += ([mask_id] if i else []) + (tok.encode(piece) if piece else [])
+    if len(ids) > length:
+        raise UserError(f"the prompt is {len(ids)} tokens, longer than --length={length}; shorten it or raise --length")
+    return torch.tensor(ids + [mask_id] * (length - len(ids)), dtype=torch.long)
+
+
+def main(argv=None):
+    from train import autocast_context, load_checkpoint, model_from_checkpoint, pick_device
+    cfg = SampleConfig()
+    parse_args(cfg, argv)
+    checks = [(cfg.steps >= 1, f"--steps={cfg.steps} must be at least 1"),
+              (cfg.alpha_0 == -1 or 0 <= cfg.alpha_0 <= 1, f"--alpha_0={cfg.alpha_0} must be in [0, 1]"),
+              (0 < cfg.top_p <= 1, f"--top_p={cfg.top_p} must be in (0, 1]"),
+              (cfg.temperature >= 0, f"--temperature={cfg.temperature} must be >= 0"),
+              (cfg.num_samples >= 1, f"--num_samples={cfg.num_samples} must be at least 1"),
+              (cfg.length >= 0, f"--length={cfg.length} must be positive")]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+    device = pick_device(cfg.device)
+    ctx, _ = autocast_context(device, cfg.dtype)
+    out_dir = cfg.out_dir or find_checkpoint()
+    ckpt = load_checkpoint(out_dir, device)
+    model = model_from_checkpoint(ckpt, device).eval()
+    block_size = model.config.block_size
+    alpha_0 = ckpt["config"]["alpha_0"] if cfg.alpha_0 == -1 else cfg.alpha_0
+    length = cfg.length or block_size
+    if length > block_size:
+        raise UserError(f"--length={length} is above the trained block size {block_size}")
+    print(f"loaded {out_dir}/ckpt.pt (iter {ckpt['iter_num']}, trained with alpha_0={ckpt['config']['alpha_0']}); "
+          f"sampling with alpha_0={alpha_0}, steps={cfg.steps}, kv_cache={cfg.kv_cache}", file=sys.stderr)
+    tok = Tokenizer(ckpt["meta"])
+    template = make_template(tok, model.config.mask_id, length, read_text(cfg.start), read_text(cfg.infill))
+    t0 = time.time()
+    x, nfe = generate(model, template.to(device), cfg.num_samples, cfg.steps, alpha_0, cfg.temperature,
+                      cfg.top_p, cfg.kv_cache, cfg.seed, ctx=ctx, progress=sys.stderr.isatty())
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    dt = time.time() - t0
+    for row in x.tolist():
+        print(tok.decode(row))
+        print("---------------")
+    n_gen = int((template == model.config.mask_id).sum()) * cfg.num_samples
+    print(f"NFE {nfe}, {n_gen} tokens generated, {dt:.2f} s, {n_gen / dt:.1f} tokens/s")
+
+
+if __name__ == "__main__":
+    run_cli(main)

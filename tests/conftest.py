@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny fp32 models on the CPU and a tiny dataset the tests write themselves."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from model import GPT, GPTConfig  # noqa: E402
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+        "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 30
+
+
+def tiny_model(vocab_size=5, block_size=8, n_layer=2, n_head=2, n_embd=16, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                         n_embd=n_embd)).eval()
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """A data/ folder with data/tiny/input.txt; --dataset=tiny_char reads it by characters."""
+    os.makedirs(tmp_path / "data" / "tiny")
+    (tmp_path / "data" / "tiny" / "input.txt").write_text(TEXT)
+    return tmp_path / "data"
+
+
+def run(script, *args, cwd=None, timeout=300):
+    """Run one of the repo's scripts as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+TINY_TRAIN = ["--dataset=tiny_char", "--device=cpu", "--batch_size=4", "--block_size=16", "--n_layer=1",
+              "--n_head=2", "--n_embd=16", "--eval_iters=1", "--eval_windows=8", "--eval_k=4", "--log_interval=1",
+              "--warmup_iters=0"]

@@ -1,0 +1,245 @@
+"""The method: orderings, masks, the hybrid NELBO and the exact likelihood."""
+import itertools
+import math
+
+import torch
+from conftest import tiny_model
+
+from model import (causal_mask, diffusion_loss, diffusion_order, invert, iw_nll, likelihood_order, log_likelihood,
+                   nelbo, permute, sequential_logprobs, sequential_mask, sequential_order, stratified_times, unpermute)
+
+# The paper's example, 1-based positions: x = (A,B,C,D,E,F), z_t = (A,M,C,M,M,F).
+IS_MASK = torch.tensor([[False, True, False, True, True, False]])
+
+
+def mask_in_original_coordinates(mask, order):
+    """Entry [p, q]: may the token at original position p attend to the one at q?"""
+    inv = invert(order)[0]
+    return mask[inv][:, inv]
+
+
+def test_diffusion_order_reproduces_fig6():
+    """Keys clean + 0.9 U, masks 1 + 0.9 U: the noise below sorts to σ = (3,1,6,4,5,2); its mask is Fig. 6."""
+    noise = torch.tensor([[0.2, 0.3, 0.1, 0.1, 0.2, 0.3]])
+    order = diffusion_order(IS_MASK, noise)
+    assert order.tolist() == [[2, 0, 5, 3, 4, 1]], order  # σ = (3,1,6,4,5,2), 0-based
+    expected = torch.tensor([  # rows: queries at positions 1..6, columns: keys at 1..6
+        [1, 0, 1, 0, 0, 0],  # A sees C (earlier in σ) and itself
+        [1, 1, 1, 1, 1, 1],  # M2 is last: sees everything
+        [0, 0, 1, 0, 0, 0],  # C is first: only itself
+        [1, 0, 1, 1, 0, 1],  # M4 sees the clean A, C, F and itself
+        [1, 0, 1, 1, 1, 1],  # M5 sees the clean tokens, M4 and itself
+        [1, 0, 1, 0, 0, 1],  # F sees C, A and itself
+    ], dtype=torch.bool)
+    assert torch.equal(mask_in_original_coordinates(causal_mask(6), order), expected)
+
+
+def test_diffusion_order_puts_clean_first_in_every_order():
+    """Over random draws: clean tokens always first, and every order of each group appears."""
+    seen_clean, seen_masks = set(), set()
+    for _ in range(300):
+        order = diffusion_order(IS_MASK)[0].tolist()
+        assert sorted(order[:3]) == [0, 2, 5] and sorted(order[3:]) == [1, 3, 4], order
+        seen_clean.add(tuple(order[:3]))
+        seen_masks.add(tuple(order[3:]))
+    assert len(seen_clean) == 6 and len(seen_masks) == 6, "clean tokens and masks must both be shuffled"
+
+
+def test_sequential_order_and_mask_reproduce_the_paper():
+    """σ = (3,1,6,2,4,5): clean shuffled, masks in natural order; the 2L mask of the paper's figure."""
+    noise = torch.tensor([[0.2, 0.0, 0.1, 0.0, 0.0, 0.3]])
+    order = sequential_order(IS_MASK, noise)
+    assert order.tolist() == [[2, 0, 5, 1, 3, 4]], order
+    for _ in range(100):  # masks stay in natural order whatever the noise
+        assert sequential_order(IS_MASK)[0, 3:].tolist() == [1, 3, 4]
+    expected = torch.tensor([  # rows and columns: z1..z6 then x1..x6
+        # z1 .. z6          x1 .. x6
+        [1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],  # z1 (clean, slot 2): itself, x3
+        [0, 1, 0, 0, 0, 0, 1, 0, 1, 0, 0, 1],  # z2 (mask, slot 4): itself, x3 x1 x6
+        [0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # z3 (clean, slot 1): itself only
+        [0, 0, 0, 1, 0, 0, 1, 1, 1, 0, 0, 1],  # z4: itself, x3 x1 x6 x2
+        [0, 0, 0, 0, 1, 0, 1, 1, 1, 1, 0, 1],  # z5: itself, x3 x1 x6 x2 x4
+        [0, 0, 0, 0, 0, 1, 1, 0, 1, 0, 0, 0],  # z6 (clean, slot 3): itself, x3 x1
+        [0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0],  # x1: x3 x1 (causal in σ order, never z)
+        [0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 1],  # x2
+        [0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],  # x3
+        [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 1],  # x4
+        [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1],  # x5
+        [0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 1],  # x6
+    ], dtype=torch.bool)
+    inv = invert(order)[0]
+    both = torch.cat([inv, inv + 6])
+    assert torch.equal(sequential_mask(6)[both][:, both], expected)
+
+
+def test_sequential_mask_in_sorted_coordinates():
+    """z_i sees itself and x_j for j < i (strict); x_i sees x_j for j <= i; x never sees z."""
+    expected = torch.tensor([[1, 0, 0, 0, 0, 0],
+                             [0, 1, 0, 1, 0, 0],
+                             [0, 0, 1, 1, 1, 0],
+                             [0, 0, 0, 1, 0, 0],
+                             [0, 0, 0, 1, 1, 0],
+                             [0, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(sequential_mask(3), expected)
+
+
+def test_permutations_round_trip():
+    x = torch.randint(0, 100, (5, 11))
+    order = torch.rand(5, 11).argsort(dim=1)
+    assert torch.equal(unpermute(permute(x, order), order), x)
+    assert torch.equal(invert(invert(order)), order)
+    assert torch.equal(permute(torch.arange(11).expand(5, -1), order), order), "slot j holds position order[j]"
+
+
+def test_likelihood_order():
+    """P_L^{α0}: α0=0 is left to right, α0=1 a permutation; the non-diffusion tail is always ascending."""
+    assert torch.equal(likelihood_order(3, 7, 0.0), torch.arange(7).expand(3, -1))
+    for alpha_0 in (0.3, 0.7, 1.0):
+        order = likelihood_order(200, 7, alpha_0)
+        assert torch.equal(order.sort(dim=1).values, torch.arange(7).expand(200, -1))
+    tails = likelihood_order(500, 7, 0.5)
+    frac = []
+    for row in tails.tolist():  # find where the ascending tail starts: the diffusion set C is before it
+        n = 7
+        while n > 0 and (n == 7 or row[n - 1] < row[n]):
+            n -= 1
+        frac.append(n)
+    assert 2.0 < sum(frac) / len(frac) < 3.5  # about α0 L = 3.5, minus the chance that C's last looks ascending
+
+
+def test_stratified_times():
+    t = stratified_times(8, u=0.5)
+    assert torch.all((t >= 1e-3) & (t <= 1)) and torch.equal(((t - 1e-3) / (1 - 1e-3) * 8).floor(), torch.arange(8.))
+    halves = torch.cat([stratified_times(4, u=0.3, offset=0, total=8), stratified_times(4, u=0.3, offset=4, total=8)])
+    assert torch.allclose(halves, stratified_times(8, u=0.3)), "slices of a global batch must tile its strata"
+
+
+def conditionals_one_at_a_time(model, x, order):
+    """log p(x | σ) from L separate forwards: [x_σ(<l) ; M at σ(l)], causal, read the last logit."""
+    total = torch.zeros(x.size(0))
+    mask_id = model.config.mask_id
+    for l in range(x.size(1)):
+        idx = torch.cat([permute(x, order[:, :l]), torch.full_like(x[:, :1], mask_id)], dim=1)
+        logits = model(idx, order[:, : l + 1], causal_mask(l + 1), out=slice(-1, None))
+        total += logits[:, 0].log_softmax(-1).gather(1, permute(x, order[:, l: l + 1]))[:, 0]
+    return total
+
+
+def test_likelihood_is_a_distribution_and_matches_one_token_at_a_time():
+    """For a fixed σ, Σ_x p(x | σ) = 1 over all 3^4 sequences; one pass = the product of L conditionals."""
+    model = tiny_model(vocab_size=3, block_size=4)
+    xs = torch.tensor(list(itertools.product(range(3), repeat=4)))
+    order = torch.tensor([2, 0, 3, 1]).expand(len(xs), -1)
+    with torch.no_grad():
+        logp = log_likelihood(model, xs, order)
+        assert abs(logp.double().exp().sum().item() - 1) < 1e-5, logp.exp().sum()
+        assert torch.allclose(logp, conditionals_one_at_a_time(model, xs, order), atol=1e-5)
+
+
+def test_alpha0_zero_is_left_to_right_ar():
+    """α0 = 0: the NELBO is exactly the mean AR NLL, -log p(x_l | x_<l), on the same network."""
+    model = tiny_model(vocab_size=5)
+    x = torch.randint(0, 5, (6, 8))
+    with torch.no_grad():
+        loss, terms = nelbo(model, x, alpha_0=0.0)
+        ar = -conditionals_one_at_a_time(model, x, torch.arange(8).expand(6, -1)).sum() / x.numel()
+        assert set(terms) == {"sequential"}
+        assert torch.allclose(loss, ar, atol=1e-6), (loss, ar)
+        assert torch.allclose(iw_nll(model, x, 0.0, K=3).mean(), ar, atol=1e-6), "K orderings of AR are one"
+
+
+def test_alpha0_one_has_no_sequential_term():
+    """α0 = 1: the whole batch is diffusion, nothing of length 2L is ever run."""
+    model = tiny_model(vocab_size=5)
+    lengths = []
+    model.transformer.wte.register_forward_hook(lambda m, i, o: lengths.append(i[0].shape[1]))
+    x = torch.randint(0, 5, (6, 8))
+    torch.manual_seed(1)
+    loss, terms = nelbo(model, x, alpha_0=1.0, batch_split=0.5)
+    assert set(terms) == {"diffusion"} and lengths == [8]
+    torch.manual_seed(1)
+    assert torch.equal(loss, diffusion_loss(model, x, 1.0))
+
+
+def uniform_model(vocab_size):
+    model = tiny_model(vocab_size=vocab_size, block_size=16)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # all logits 0 but the mask's: p = 1/V everywhere
+    return model
+
+
+def test_nelbo_of_a_uniform_model_is_log_v():
+    """Closed form: a model that predicts 1/V everywhere has NELBO = log V for every α0 in expectation:
+    the weight α0/(1-α_t) exactly undoes the 1-α_t masking rate, and the halves are normalised separately."""
+    model = uniform_model(7)
+    torch.manual_seed(0)
+    x = torch.randint(0, 7, (4000, 16))
+    with torch.no_grad():
+        for alpha_0 in (0.0, 0.25, 0.5, 1.0):
+            loss, _ = nelbo(model, x, alpha_0)
+            assert abs(loss.item() / math.log(7) - 1) < 0.03, (alpha_0, loss.item(), math.log(7))
+        low_var, _ = nelbo(model, x, 1.0, loss_type="low_var")
+        assert abs(low_var.item() / math.log(7) - 0.5) < 0.03, "low_var weighs masks by 1: E[#masks]/L = 1/2"
+
+
+def test_iw_nll_decreases_with_k():
+    """L^K <= L^1 on average (Burda et al.), on a fixed random model whose weights are scaled up so that its
+    conditionals, and so log p(x | σ), depend strongly on the ordering."""
+    model = tiny_model(vocab_size=5, seed=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)
+    torch.manual_seed(0)
+    x = torch.randint(0, 5, (2000, 8))
+    with torch.no_grad():
+        k1, k4, k16 = (iw_nll(model, x, 0.5, K=k).mean().item() for k in (1, 4, 16))
+    assert k16 < k4 < k1, (k1, k4, k16)
+
+
+def test_first_mask_of_the_diffusion_pass_is_the_likelihood_conditional():
+    """In the diffusion pass the first mask after the clean prefix sees exactly that prefix and itself, as
+    slot l of the one-pass likelihood does: the two give the same log-probability. (Later masks also see the
+    masks before them in σ, Fig. 6, which the likelihood pass never shows; that is why E[L^1] equals the
+    NELBO only for a denoiser that ignores them, Lemma B.3.)"""
+    model = tiny_model(vocab_size=5, seed=1)
+    torch.manual_seed(0)
+    x = torch.randint(0, 5, (16, 8))
+    zt = torch.where(torch.arange(8) % 3 == 1, model.config.mask_id, x)  # 5 clean, 3 masked per row
+    order = diffusion_order(zt == model.config.mask_id)
+    with torch.no_grad():
+        logits = model(permute(zt, order), order, causal_mask(8))
+        first_mask = logits[:, 5].log_softmax(-1).gather(1, permute(x, order)[:, 5:6])[:, 0]
+        z0 = torch.full_like(x, model.config.mask_id)
+        assert torch.allclose(first_mask, sequential_logprobs(model, x, z0, order)[:, 5], atol=1e-6)
+
+
+def test_loss_is_finite_and_differentiable():
+    model = tiny_model(vocab_size=5).train()
+    x = torch.randint(0, 5, (4, 8))
+    for alpha_0 in (0.0, 0.5, 1.0):
+        model.zero_grad()
+        loss, _ = nelbo(model, x, alpha_0)
+        loss.backward()
+        assert torch.isfinite(loss)
+        for name, p in model.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_tiny_model_overfits_one_batch():
+    """300 Adam steps on two sequences: the AR-only model reaches the mixture's floor, log(2)/L per token,
+    and the hybrid's exact NLL falls below half its start."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 5, (2, 8)).repeat(4, 1)
+    for alpha_0, target in ((0.0, 0.12), (0.5, None)):
+        model = tiny_model(vocab_size=5, n_embd=32).train()
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        with torch.no_grad():
+            first = iw_nll(model, x, alpha_0, K=4).mean().item()
+        for _ in range(300):
+            loss, _ = nelbo(model, x, alpha_0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            final = iw_nll(model.eval(), x, alpha_0, K=4).mean().item()
+        assert final < (target or 0.5 * first), (alpha_0, first, final, math.log(2) / 8)
