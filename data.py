@@ -65,6 +65,8 @@ def prepare(dataset, data_dir="data"):
         with open(src, encoding="utf-8", errors="replace") as f:
             text = f.read()
         n = len(text)
+        if n < 100:
+            raise UserError(f"{src} holds {n} characters; a dataset needs at least a few thousand")
         if dataset.endswith("_char"):
             chars = sorted(set(text))
             meta = {"vocab_size": len(chars), "tokenizer": "char",

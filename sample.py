@@ -77,14 +77,20 @@ def sample_tokens(logits, temperature=1.0, top_p=0.9, generator=None):
 # -----------------------------------------------------------------------------
 # the sampler loop (§5.3)
 
-@torch.no_grad()
 def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, generator=None,
             callback=None, ctx=contextlib.nullcontext(), progress=False):
     """Fill the masks of x (B, L), original order, following `order` and `chunks` (see plan()).
     kv_cache=False is the reference path: a full forward over [revealed tokens in σ order; current masks]
     at every step, the cost an MDLM-style sampler pays. Both paths draw the same noise, so they give the
     same tokens. After each step, callback(step, start, done, end, x, order, logits, cache) sees it: slots
-    [start, done) were fed clean, [done, end) as masks and now hold their samples; x is in σ order."""
+    [start, done) were fed clean, [done, end) as masks and now hold their samples; x is in σ order. The
+    loop runs in inference mode: tensors a callback keeps are inference tensors (clone() them for autograd)."""
+    with torch.inference_mode():  # no autograd bookkeeping: a few % of a sampling step's small ops
+        x = _denoise(model, x, order, chunks, temperature, top_p, kv_cache, generator, callback, ctx, progress)
+    return x.clone()  # a normal tensor again, usable with autograd
+
+
+def _denoise(model, x, order, chunks, temperature, top_p, kv_cache, generator, callback, ctx, progress):
     gpt = unwrap(model)
     B, L = x.shape
     x = permute(x, order).clone()  # kept in σ order for the whole run
@@ -143,6 +149,7 @@ class SampleConfig:
     device: str = "auto"
     dtype: str = "auto"
     kv_cache: bool = True
+    trajectory: str = ""  # write the first sample's denoising trajectory as an SVG strip of frames here
 
 
 def find_checkpoint():
@@ -175,6 +182,35 @@ def make_template(tok, mask_id, length, start="", infill=""):
     return torch.tensor(ids + [mask_id] * (length - len(ids)), dtype=torch.long)
 
 
+class Trajectory:
+    """A generate() callback that records, after each step, every position of sample 0 as (text, state):
+    state is 'mask', 'new' (revealed at this step) or 'old'."""
+
+    def __init__(self, tok):
+        self.tok, self.frames = tok, []
+
+    def __call__(self, done, end, x, order, **_):
+        x0, pos = x[0].tolist(), order[0].tolist()
+        frame = [None] * len(x0)
+        for slot, p in enumerate(pos):
+            state = "mask" if slot >= end else "new" if slot >= done else "old"
+            frame[p] = ("_" if state == "mask" else self.tok.decode([x0[slot]]).replace("\n", "⏎"), state)
+        self.frames.append(frame)
+
+    def svg(self, title):
+        """Monospace rows, one per step: masks grey, tokens revealed at that step red, earlier ones black."""
+        colors = {"mask": "#bbbbbb", "new": "#d62728", "old": "#222222"}
+        esc = lambda t: t.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        width = max(sum(len(t) for t, _ in f) for f in self.frames) * 8.4 + 60
+        rows = [f'<text x="8" y="18" font-weight="bold">{esc(title)}</text>']
+        for i, frame in enumerate(self.frames):
+            spans = "".join(f'<tspan fill="{colors[s]}">{esc(t)}</tspan>' for t, s in frame)
+            rows.append(f'<text x="8" y="{40 + 16 * i}"><tspan fill="#888888">{i + 1:>3} </tspan>{spans}</text>')
+        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{48 + 16 * len(self.frames)}" '
+                f'font-family="DejaVu Sans Mono, Menlo, Consolas, monospace" font-size="14" xml:space="preserve">'
+                f'<rect width="100%" height="100%" fill="white"/>{"".join(rows)}</svg>\n')
+
+
 def main(argv=None):
     from train import autocast_context, load_checkpoint, model_from_checkpoint, pick_device
     cfg = SampleConfig()
@@ -198,13 +234,14 @@ def main(argv=None):
     length = cfg.length or block_size
     if length > block_size:
         raise UserError(f"--length={length} is above the trained block size {block_size}")
-    print(f"loaded {out_dir}/ckpt.pt (iter {ckpt['iter_num']}, trained with alpha_0={ckpt['config']['alpha_0']}); "
-          f"sampling with alpha_0={alpha_0}, steps={cfg.steps}, kv_cache={cfg.kv_cache}", file=sys.stderr)
     tok = Tokenizer(ckpt["meta"])
     template = make_template(tok, model.config.mask_id, length, read_text(cfg.start), read_text(cfg.infill))
+    print(f"loaded {out_dir}/ckpt.pt (iter {ckpt['iter_num']}, trained with alpha_0={ckpt['config']['alpha_0']}); "
+          f"sampling with alpha_0={alpha_0}, steps={cfg.steps}, kv_cache={cfg.kv_cache}", file=sys.stderr)
+    trajectory = Trajectory(tok) if cfg.trajectory else None
     t0 = time.time()
     x, nfe = generate(model, template.to(device), cfg.num_samples, cfg.steps, alpha_0, cfg.temperature,
-                      cfg.top_p, cfg.kv_cache, cfg.seed, ctx=ctx, progress=sys.stderr.isatty())
+                      cfg.top_p, cfg.kv_cache, cfg.seed, trajectory, ctx, progress=sys.stderr.isatty())
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.time() - t0
@@ -213,6 +250,11 @@ def main(argv=None):
         print("---------------")
     n_gen = int((template == model.config.mask_id).sum()) * cfg.num_samples
     print(f"NFE {nfe}, {n_gen} tokens generated, {dt:.2f} s, {n_gen / dt:.1f} tokens/s")
+    if trajectory:
+        with open(cfg.trajectory, "w", encoding="utf-8") as f:
+            f.write(trajectory.svg(f"Eso-LM, alpha_0={alpha_0}, T={cfg.steps}: {nfe} steps, grey = mask, "
+                                   "red = revealed at that step"))
+        print(f"wrote the trajectory of sample 1 to {cfg.trajectory}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ class TrainConfig:
     eval_interval: int = 250
     eval_iters: int = 20  # batches per periodic eval (the same random val windows every time)
     eval_k: int = 16  # orderings for the final importance-weighted NLL
-    eval_windows: int = 480  # val windows of the final eval, spread over the split; 0 = all of them
+    eval_windows: int = 0  # val windows of the final eval, spread over the split; 0 = all of them
     log_interval: int = 50
     always_save_checkpoint: bool = True
     init_from: str = "scratch"  # 'scratch' or 'resume'
@@ -171,8 +171,8 @@ def evaluate(model, batches, cfg, ctx, ks=(1,)):
     for x in batches:
         with ctx:
             sums["nelbo"] += nelbo(model, x, cfg.alpha_0, cfg.batch_split, "elbo")[0].item()
-            for k in ks:
-                sums[f"nll_k{k}"] += iw_nll(model, x, cfg.alpha_0, k).mean().item()
+            for k in ks:  # at α0 = 0 every ordering is left to right: all K give the K=1 value
+                sums[f"nll_k{k}"] += iw_nll(model, x, cfg.alpha_0, 1 if cfg.alpha_0 == 0 else k).mean().item()
         n += 1
     model.train(was_training)
     return {k: v / n for k, v in sums.items()}
@@ -235,7 +235,8 @@ def validate(cfg):
 
 
 def train(cfg, user_keys=()):
-    """Train (or, with eval_only, evaluate) as the flags say. Returns the final eval metrics (a dict)."""
+    """Train (or, with eval_only, evaluate) as the flags say. Returns the final eval metrics (the contents of
+    eval.json) plus the loss history, on the master process; None elsewhere."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     master = rank == 0
@@ -264,7 +265,10 @@ def train(cfg, user_keys=()):
                         f"of the {world} DDP processes")
     accum = cfg.gradient_accumulation_steps // world
     ctx, cfg.dtype = autocast_context(device, cfg.dtype)
-    log = tqdm.write if master else (lambda *a, **k: None)
+    def log(msg):  # above the progress bar; flushed, so `| tee` and log files see each line as it comes
+        if master:
+            tqdm.write(msg)
+            sys.stdout.flush()
 
     meta = prepare(cfg.dataset, cfg.data_dir)
     train_data, val_data = load_split(cfg.dataset, "train", cfg.data_dir), load_split(cfg.dataset, "val", cfg.data_dir)
@@ -309,6 +313,7 @@ def train(cfg, user_keys=()):
     split = diffusion_rows(cfg.batch_size, cfg.alpha_0, cfg.batch_split)
     bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master or cfg.eval_only or None, leave=False)
     losses, dts = [], []
+    history = {"loss": [], "eval": []}  # (iter, train loss) and (iter, train nelbo, val nelbo, val nll): returned
     try:
         it = iter_num
         while True:
@@ -327,6 +332,7 @@ def train(cfg, user_keys=()):
                 va = evaluate(model, batches(val_data), cfg, ctx)
                 log(f"step {it}: train nelbo {tr['nelbo']:.4f}, val nelbo {va['nelbo']:.4f}, "
                     f"val nll {va['nll_k1']:.4f} (K=1)")
+                history["eval"].append((it, tr["nelbo"], va["nelbo"], va["nll_k1"]))
                 if va["nelbo"] < best_val or cfg.always_save_checkpoint:
                     best_val = min(best_val, va["nelbo"])
                     if it > iter_num or it == cfg.max_iters:
@@ -347,6 +353,10 @@ def train(cfg, user_keys=()):
                     loss = objective(x, t)[0] / accum
                 loss.backward()
                 loss_sum += loss.item()
+            if ddp:  # log the global batch's loss, not this rank's share
+                loss_t = torch.tensor(loss_sum / world, device=device)
+                torch.distributed.all_reduce(loss_t)
+                loss_sum = loss_t.item()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             if not (math.isfinite(loss_sum) and torch.isfinite(norm)):  # norm is all-reduced: every rank agrees
                 raise UserError(f"the loss or its gradient is not finite at iter {it} (loss {loss_sum}); "
@@ -356,6 +366,7 @@ def train(cfg, user_keys=()):
             it += 1
             bar.update(1)
             losses.append(loss_sum)
+            history["loss"].append((it, loss_sum))
             dts.append(time.time() - t0)
             if it % cfg.log_interval == 0:
                 log(f"iter {it}: loss {sum(losses) / len(losses):.4f}, time {sum(dts) / len(dts) * 1000:.2f}ms, "
@@ -380,7 +391,7 @@ def train(cfg, user_keys=()):
         destroy_process_group()
     if stop:
         raise KeyboardInterrupt
-    return metrics
+    return metrics and {**metrics, "history": history}
 
 
 def default_out_dir(cfg):

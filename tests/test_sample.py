@@ -38,6 +38,7 @@ def clean_then_masks(step):
     return x
 
 
+@torch.no_grad()
 def test_cached_logits_equal_a_full_uncached_forward_at_every_step():
     """Pitfall 20: at every step, the cached logits of the masks equal those of a full causal forward over
     [clean tokens in σ order; current masks], and both paths pick the same tokens."""
@@ -151,6 +152,7 @@ def test_paper_walkthrough_l8():
     assert (x < V).all()
 
 
+@torch.no_grad()
 def test_cache_is_preallocated_and_never_commits_masks():
     """Buffers are allocated once (O(L) per layer); after every step, the committed slots hold exactly the
     K/V of clean tokens: recomputing them from the clean prefix gives the same values."""

@@ -80,3 +80,33 @@ def test_both_flag_forms(data_dir, tmp_path):
             "--alpha_0", "1", "--eval_k", "1")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "o" / "eval.json").read_text())["alpha_0"] == 1.0
+
+
+def test_sample_cli(data_dir, tmp_path):
+    """sample.py finds the newest out*/ckpt.pt, prints samples and one NFE line; errors are one line."""
+    r = run("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", "--out_dir=out-tiny", "--max_iters=2",
+            "--eval_interval=2", "--alpha_0=0.5", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run("sample.py", "--steps", "4", "--num_samples=2", "--start=First", "--device=cpu", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "loaded out-tiny/ckpt.pt" in r.stderr and r.stdout.count("---------------") == 2
+    assert r.stdout.startswith("First") and "NFE" in r.stdout.splitlines()[-1]
+    r = run("sample.py", "--infill=First __ Citizen", "--kv_cache=False", "--num_samples=1", "--device=cpu",
+            cwd=tmp_path)
+    line = r.stdout.split("\n")[0]
+    assert r.returncode == 0 and line[:6] == "First " and line[8:16] == " Citizen" and "_" not in line, r.stdout
+    for flag, message in [("--steps=0", "--steps=0 must be at least 1"), ("--length=999", "above the trained block"),
+                          ("--start=" + "a" * 40, "longer than --length"), ("--start=~~", "not in this model's vocab"),
+                          ("--top_p=0", "--top_p=0.0 must be in (0, 1]"), ("--alpha_0=-0.5", "must be in [0, 1]"),
+                          ("--out_dir=nowhere", "no checkpoint at nowhere/ckpt.pt")]:
+        r = run("sample.py", flag, "--device=cpu", cwd=tmp_path)
+        assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, (flag, r.stderr)
+
+
+def test_bpe_dataset(data_dir):
+    """--dataset=<name> is GPT-2 BPE (nanoGPT's 'shakespeare'); tiktoken needs its files once (CI seeds them)."""
+    meta = prepare("tiny", str(data_dir))
+    tok = Tokenizer(meta)
+    train, val = load_split("tiny", "train", str(data_dir)), load_split("tiny", "val", str(data_dir))
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
+    assert tok.decode(list(train) + list(val)) == TEXT[: int(len(TEXT) * 0.9)] + TEXT[int(len(TEXT) * 0.9):]

@@ -1,0 +1,156 @@
+"""What long training runs go through: DDP, SIGKILL while checkpointing, Ctrl-C, NaNs, reproducibility."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from conftest import ROOT, TINY_TRAIN, run
+
+
+def losses(output):
+    """{iteration: loss} from the 'iter N: loss X' lines."""
+    return {int(m[1]): float(m[2]) for m in re.finditer(r"iter (\d+): loss ([0-9.]+)", output)}
+
+
+def start(*args, cwd=None):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_same_seed_same_losses_and_samples(data_dir, tmp_path):
+    a = run("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'a'}", "--max_iters=5",
+            "--eval_interval=5")
+    b = run("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'b'}", "--max_iters=5",
+            "--eval_interval=5")
+    assert a.returncode == b.returncode == 0, a.stderr
+    assert len(losses(a.stdout)) == 5 and losses(a.stdout) == losses(b.stdout)
+    wa = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    s1, s2, s3 = (run("sample.py", f"--out_dir={tmp_path / 'a'}", "--steps=4", "--device=cpu", f"--seed={s}")
+                  for s in (1, 1, 2))
+    assert s1.stdout.split("NFE")[0] == s2.stdout.split("NFE")[0] != s3.stdout.split("NFE")[0]
+
+
+def test_ddp_two_processes_match_one_process(data_dir, tmp_path):
+    """torchrun with 2 CPU ranks (gloo), 1 micro-batch each, equals one process with 2 micro-batches:
+    same data, same noise, stratified t over the global batch, averaged gradients."""
+    common = [*TINY_TRAIN, f"--data_dir={data_dir}", "--max_iters=3", "--eval_interval=3",
+              "--gradient_accumulation_steps=2", "--alpha_0=0.5"]
+    single = run("train.py", *common, f"--out_dir={tmp_path / 'single'}")
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(ROOT, "train.py"), *common, f"--out_dir={tmp_path / 'ddp'}", "--backend=gloo"],
+                         capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("saving checkpoint") + ddp.stderr.count("saving checkpoint") == 1, "rank 0 alone saves"
+    a, b = losses(single.stdout), losses(ddp.stdout)
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)
+    wa = torch.load(tmp_path / "single" / "ckpt.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_sigkill_while_checkpointing_leaves_a_complete_checkpoint(data_dir, tmp_path):
+    """SIGKILL at arbitrary moments of a run that saves every iteration: ckpt.pt always loads, and resuming
+    from it continues the loss curve of an uninterrupted run exactly (optimizer state, data position)."""
+    common = [*TINY_TRAIN, f"--data_dir={data_dir}", "--max_iters=60", "--eval_interval=1"]
+    ref = run("train.py", *common, f"--out_dir={tmp_path / 'ref'}")
+    assert ref.returncode == 0
+    out = tmp_path / "killed"
+    for delay in (0.0, 0.15, 0.4):
+        p = start(*common, f"--out_dir={out}", *(["--init_from=resume"] if (out / "ckpt.pt").exists() else []))
+        while not (out / "ckpt.pt").exists() and p.poll() is None:
+            time.sleep(0.01)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # complete, whatever moment the kill hit
+        assert ckpt["format"] == "eso-lm/1" and 0 < ckpt["iter_num"] < 60
+    it = ckpt["iter_num"]
+    resumed = run("train.py", *common, f"--out_dir={out}", "--init_from=resume")
+    assert resumed.returncode == 0, resumed.stderr
+    after, before = losses(resumed.stdout), losses(ref.stdout)
+    assert after and min(after) == it + 1 and all(abs(after[k] - before[k]) < 1e-6 for k in after), (after, before)
+
+
+def test_ctrl_c_saves_and_stops_cleanly(data_dir, tmp_path):
+    out = tmp_path / "o"
+    p = start(*TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=100000", "--eval_interval=1000")
+    while not (out / "ckpt.pt").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    output, _ = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in output, output[-2000:]
+    it = int(re.search(r"interrupted at iter (\d+)", output)[1])
+    assert it > 0 and torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == it
+
+
+def test_non_finite_loss_stops_without_saving(data_dir, tmp_path):
+    out = tmp_path / "o"
+    r = run("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=50",
+            "--eval_interval=1", "--learning_rate=1e30", "--grad_clip=0")
+    assert r.returncode == 1 and re.search(r"not finite at iter \d+", r.stderr), r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error:")
+    assert torch.isfinite(torch.load(out / "ckpt.pt", weights_only=True)["model"]["lm_head.weight"]).all(), \
+        "the checkpoint on disk must be the last good one"
+
+
+def test_no_network_says_where_to_put_the_file(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    import data
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    try:
+        data.prepare("shakespeare_char", str(tmp_path))
+    except data.UserError as e:
+        assert "could not download Tiny Shakespeare (no network)" in str(e)
+        assert str(tmp_path / "shakespeare" / "input.txt") in str(e)
+    else:
+        raise AssertionError("prepare() should fail offline")
+    assert not (tmp_path / "shakespeare" / "input.txt").exists(), "no partial download is left behind"
+
+
+def test_empty_or_tiny_input(tmp_path):
+    for text, message in (("", "holds 0 characters"), ("x" * 50, "holds 50 characters"),
+                          ("abcdefgh" * 40, "--block_size=64 is longer than the val split")):
+        (tmp_path / "data" / "e").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "e" / "input.txt").write_text(text)
+        r = run("train.py", "--dataset=e_char", f"--data_dir={tmp_path / 'data'}", "--device=cpu",
+                f"--out_dir={tmp_path / 'o'}")
+        assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_bad_checkpoints_are_reported_and_left_alone(data_dir, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    for name, payload in (("truncated", None), ("foreign", {"model": {}})):
+        path = out / "ckpt.pt"
+        if payload is None:
+            torch.save({"format": "eso-lm/1", "model": {"w": torch.zeros(1000)}}, path)
+            path.write_bytes(path.read_bytes()[:300])
+        else:
+            torch.save(payload, path)
+        before = path.read_bytes()
+        for script, args in (("sample.py", ["--device=cpu"]),
+                             ("train.py", [*TINY_TRAIN, f"--data_dir={data_dir}", "--init_from=resume"])):
+            r = run(script, f"--out_dir={out}", *args)
+            expected = "is not a readable checkpoint" if name == "truncated" else "is not an Eso-LM checkpoint"
+            assert r.returncode == 1 and expected in r.stderr and r.stderr.count("\n") == 1, (name, script, r.stderr)
+        assert path.read_bytes() == before, "a failed load must not touch the file"
+
+
+def test_cuda_without_a_gpu(data_dir, tmp_path):
+    if torch.cuda.is_available():
+        return  # the message is for machines without one
+    for script in ("train.py", "sample.py"):
+        r = run(script, "--device=cuda", f"--data_dir={data_dir}" if script == "train.py" else "--steps=2")
+        assert r.returncode == 1 and "--device=cuda but no CUDA GPU is visible" in r.stderr, r.stderr
