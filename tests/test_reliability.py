@@ -1,4 +1,5 @@
 """What long training runs go through: DDP, SIGKILL while checkpointing, Ctrl-C, NaNs, reproducibility."""
+import math
 import os
 import re
 import signal
@@ -154,3 +155,16 @@ def test_cuda_without_a_gpu(data_dir, tmp_path):
     for script in ("train.py", "sample.py"):
         r = run(script, "--device=cuda", f"--data_dir={data_dir}" if script == "train.py" else "--steps=2")
         assert r.returncode == 1 and "--device=cuda but no CUDA GPU is visible" in r.stderr, r.stderr
+
+
+def test_gpu_code_path_runs_on_cpu(data_dir, tmp_path):
+    """What the CUDA path adds, exercised on the CPU: bf16 autocast and torch.compile in training, and
+    sampling under bf16 autocast with a bf16 KV cache, cached and uncached."""
+    out = tmp_path / "o"
+    r = run("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2",
+            "--eval_interval=2", "--dtype=bfloat16", "--compile=True")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(bfloat16)" in r.stdout and all(map(math.isfinite, losses(r.stdout).values()))
+    for kv in ("True", "False"):
+        s = run("sample.py", f"--out_dir={out}", "--dtype=bfloat16", f"--kv_cache={kv}", "--steps=4", "--device=cpu")
+        assert s.returncode == 0 and s.stdout.count("---------------") == 4 and "_" not in s.stdout, s.stderr
