@@ -140,7 +140,7 @@ class SampleConfig:
     steps: int = 32  # T, the diffusion steps; NFE <= T + the sequential tokens
     alpha_0: float = -1.0  # fraction of tokens by diffusion; default: the alpha_0 the checkpoint was trained with
     num_samples: int = 4
-    length: int = 0  # tokens per sample, prompt included; default: the trained block size
+    length: int = 0  # tokens per sample, prompt included; default: the block size (--start), the text (--infill)
     start: str = ""  # a prompt, or FILE:path
     infill: str = ""  # a text whose '_' characters are generated (one token each); or FILE:path
     temperature: float = 1.0
@@ -169,16 +169,22 @@ def read_text(arg):
         raise UserError(f"cannot read {arg[5:]}: {e.strerror}")
 
 
-def make_template(tok, mask_id, length, start="", infill=""):
-    """The sequence to complete, (length,): given tokens, and mask_id where tokens are to be generated.
-    --start gives a prefix; --infill gives text with '_' gaps; either is followed by masks up to length."""
+def make_template(tok, mask_id, length, block_size, start="", infill=""):
+    """The sequence to complete: given tokens, and mask_id where tokens are to be generated. --start gives a
+    prefix, followed by masks up to `length` (default: the block size); --infill gives text with '_' gaps,
+    which is the whole sequence unless `length` asks for more (then masks continue it)."""
     if start and infill:
         raise UserError("give --start or --infill, not both (a prompt is an infill text with no gaps)")
     ids = tok.encode(start) if start else []
     for i, piece in enumerate(infill.split(GAP) if infill else []):
         ids += ([mask_id] if i else []) + (tok.encode(piece) if piece else [])
+    length = length or (len(ids) if infill else block_size)  # an infill text is the whole sequence
     if len(ids) > length:
         raise UserError(f"the prompt is {len(ids)} tokens, longer than --length={length}; shorten it or raise --length")
+    if len(ids) > block_size:
+        raise UserError(f"the infill text is {len(ids)} tokens, above the trained block size {block_size}")
+    if mask_id not in ids and len(ids) == length:
+        raise UserError("nothing to generate: the text fills --length and has no '_' gaps")
     return torch.tensor(ids + [mask_id] * (length - len(ids)), dtype=torch.long)
 
 
@@ -231,11 +237,11 @@ def main(argv=None):
     model = model_from_checkpoint(ckpt, device).eval()
     block_size = model.config.block_size
     alpha_0 = ckpt["config"]["alpha_0"] if cfg.alpha_0 == -1 else cfg.alpha_0
-    length = cfg.length or block_size
-    if length > block_size:
-        raise UserError(f"--length={length} is above the trained block size {block_size}")
+    if cfg.length > block_size:
+        raise UserError(f"--length={cfg.length} is above the trained block size {block_size}")
     tok = Tokenizer(ckpt["meta"])
-    template = make_template(tok, model.config.mask_id, length, read_text(cfg.start), read_text(cfg.infill))
+    template = make_template(tok, model.config.mask_id, cfg.length, block_size, read_text(cfg.start),
+                             read_text(cfg.infill))
     print(f"loaded {out_dir}/ckpt.pt (iter {ckpt['iter_num']}, trained with alpha_0={ckpt['config']['alpha_0']}); "
           f"sampling with alpha_0={alpha_0}, steps={cfg.steps}, kv_cache={cfg.kv_cache}", file=sys.stderr)
     trajectory = Trajectory(tok) if cfg.trajectory else None

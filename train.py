@@ -167,20 +167,20 @@ def evaluate(model, batches, cfg, ctx, ks=(1,)):
     was_training = model.training
     model.eval()
     torch.manual_seed(cfg.seed)
-    sums, n = {"nelbo": 0.0, **{f"nll_k{k}": 0.0 for k in ks}}, 0
+    sums, n, windows = {"nelbo": 0.0, **{f"nll_k{k}": 0.0 for k in ks}}, 0, 0
     for x in batches:
         with ctx:
             sums["nelbo"] += nelbo(model, x, cfg.alpha_0, cfg.batch_split, "elbo")[0].item()
             for k in ks:  # at α0 = 0 every ordering is left to right: all K give the K=1 value
                 sums[f"nll_k{k}"] += iw_nll(model, x, cfg.alpha_0, 1 if cfg.alpha_0 == 0 else k).mean().item()
-        n += 1
+        n, windows = n + 1, windows + len(x)
     model.train(was_training)
-    return {k: v / n for k, v in sums.items()}
+    return {**{k: v / n for k, v in sums.items()}, "windows": windows}
 
 
 def report(metrics, meta, cfg, it):
     """The final printout: nats per token, bits per character (char data) and perplexity."""
-    lines = [f"final eval at iter {it}, alpha_0={cfg.alpha_0}, {cfg.eval_windows or 'all'} val windows:"]
+    lines = [f"final eval at iter {it}, alpha_0={cfg.alpha_0}, {metrics['windows']} val windows:"]
     names = {"nelbo": "NELBO", "nll_k1": "exact NLL, K=1", f"nll_k{cfg.eval_k}": f"exact NLL, K={cfg.eval_k}"}
     for key, name in names.items():
         v = metrics[key]
@@ -225,6 +225,8 @@ def validate(cfg):
         (cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1 and cfg.eval_k >= 1,
          "--eval_interval, --eval_iters, --log_interval and --eval_k must be positive"),
         (cfg.grad_clip >= 0, f"--grad_clip={cfg.grad_clip} must be >= 0"),
+        (cfg.eval_windows == 0 or cfg.eval_windows >= cfg.batch_size,
+         f"--eval_windows={cfg.eval_windows} must be 0 (all) or at least --batch_size={cfg.batch_size}"),
         (cfg.alpha_0 in (0, 1) or 0 < int(cfg.batch_split * cfg.batch_size) < cfg.batch_size,
          f"--batch_size={cfg.batch_size} with --batch_split={cfg.batch_split} leaves one half of the hybrid "
          "loss empty; use a larger batch"),
@@ -276,6 +278,9 @@ def train(cfg, user_keys=()):
         if len(data) < cfg.block_size:
             raise UserError(f"--block_size={cfg.block_size} is longer than the {split} split of {cfg.dataset} "
                             f"({len(data)} tokens); lower --block_size or use more text")
+    if len(val_data) // cfg.block_size < cfg.batch_size:
+        raise UserError(f"the val split of {cfg.dataset} ({len(val_data)} tokens) holds fewer than --batch_size="
+                        f"{cfg.batch_size} windows of {cfg.block_size}; lower them or use more text")
 
     torch.manual_seed(cfg.seed)
     if ckpt is None:
@@ -307,8 +312,8 @@ def train(cfg, user_keys=()):
                          "config": asdict(cfg), "meta": meta}, cfg.out_dir)
         log(f"saving checkpoint to {cfg.out_dir}")
 
-    stop = []  # SIGINT sets it; the loop stops at the next iteration boundary, after saving
-    old_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(1)) if master else None
+    stop = []  # SIGINT/SIGTERM set it; the loop stops at the next iteration boundary, rank 0 saves
+    handlers = {sig: signal.signal(sig, lambda *_: stop.append(1)) for sig in (signal.SIGINT, signal.SIGTERM)}
     G = cfg.gradient_accumulation_steps  # global micro-batches per iteration
     split = diffusion_rows(cfg.batch_size, cfg.alpha_0, cfg.batch_split)
     bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master or cfg.eval_only or None, leave=False)
@@ -317,8 +322,13 @@ def train(cfg, user_keys=()):
     try:
         it = iter_num
         while True:
+            if ddp:  # every rank stops at the same iteration if any rank was signalled
+                flag = torch.tensor(float(bool(stop)), device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                stop += [1] if flag.item() and not stop else []
             if stop:
-                checkpoint(it)
+                if master:
+                    checkpoint(it)
                 log(f"interrupted at iter {it}; resume with --init_from=resume --out_dir={cfg.out_dir}")
                 break
             lr = get_lr(it, cfg)
@@ -333,6 +343,9 @@ def train(cfg, user_keys=()):
                 log(f"step {it}: train nelbo {tr['nelbo']:.4f}, val nelbo {va['nelbo']:.4f}, "
                     f"val nll {va['nll_k1']:.4f} (K=1)")
                 history["eval"].append((it, tr["nelbo"], va["nelbo"], va["nll_k1"]))
+                if not all(map(math.isfinite, (*tr.values(), *va.values()))):
+                    raise UserError(f"the eval loss is not finite at iter {it}; stopped without saving; "
+                                    "lower --learning_rate or check the data")
                 if va["nelbo"] < best_val or cfg.always_save_checkpoint:
                     best_val = min(best_val, va["nelbo"])
                     if it > iter_num or it == cfg.max_iters:
@@ -374,8 +387,8 @@ def train(cfg, user_keys=()):
                 losses, dts = [], []
     finally:
         bar.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
     metrics = None
     if master and (not stop or cfg.eval_only):
@@ -388,6 +401,7 @@ def train(cfg, user_keys=()):
             json.dump(metrics, f, indent=2)
         os.replace(os.path.join(cfg.out_dir, "eval.json.tmp"), os.path.join(cfg.out_dir, "eval.json"))
     if ddp:
+        torch.distributed.barrier()  # leave together: no rank tears down while rank 0 still evaluates
         destroy_process_group()
     if stop:
         raise KeyboardInterrupt

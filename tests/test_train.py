@@ -66,6 +66,8 @@ def test_train_writes_checkpoint_and_eval_json_then_resumes(data_dir, tmp_path):
     ("--loss_type=mse", "--loss_type=mse must be elbo or low_var"),
     ("--dataset=nothing_here", "needs its text at"),
     ("--init_from=resume", "no checkpoint at"),
+    ("--eval_windows=2", "--eval_windows=2 must be 0 (all) or at least --batch_size=4"),
+    ("--block_size=150", "holds fewer than --batch_size=4 windows of 150"),
 ])
 def test_bad_input_is_one_line(data_dir, tmp_path, flag, message):
     r = run("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}", "--max_iters=1", flag)
@@ -95,10 +97,13 @@ def test_sample_cli(data_dir, tmp_path):
             cwd=tmp_path)
     line = r.stdout.split("\n")[0]
     assert r.returncode == 0 and line[:6] == "First " and line[8:16] == " Citizen" and "_" not in line, r.stdout
+    assert "2 tokens generated" in r.stdout, "an infill text is the whole sequence: only its gaps are generated"
     for flag, message in [("--steps=0", "--steps=0 must be at least 1"), ("--length=999", "above the trained block"),
                           ("--start=" + "a" * 40, "longer than --length"), ("--start=~~", "not in this model's vocab"),
                           ("--top_p=0", "--top_p=0.0 must be in (0, 1]"), ("--alpha_0=-0.5", "must be in [0, 1]"),
-                          ("--out_dir=nowhere", "no checkpoint at nowhere/ckpt.pt")]:
+                          ("--out_dir=nowhere", "no checkpoint at nowhere/ckpt.pt"),
+                          ("--start=First Citizen:\nB", "nothing to generate"),
+                          ("--infill=" + "First _" * 4, "above the trained block size")]:
         r = run("sample.py", flag, "--device=cpu", cwd=tmp_path)
         assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, (flag, r.stderr)
 
