@@ -46,7 +46,7 @@ def parse_args(config, argv=None):
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            print(f"flags (default): " + " ".join(f"--{k}={getattr(config, k)!r}" for k in fields))
+            print("flags (default): " + " ".join(f"--{k}={getattr(config, k)!r}" for k in fields))
             sys.exit(0)
         if not arg.startswith("--"):  # a nanoGPT-style config file of `key = value` lines
             namespace = {}

@@ -3,7 +3,7 @@ import torch
 from conftest import tiny_model
 
 from kvcache import KVCache
-from model import causal_mask, invert, permute
+from model import causal_mask
 from sample import denoise, diffusion_counts, generate, plan, sample_tokens
 
 V = 11

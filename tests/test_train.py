@@ -1,6 +1,5 @@
 """train.py and data.py as a user runs them: checkpoints, resume, eval.json, and bad input."""
 import json
-import os
 
 import numpy as np
 import pytest
