@@ -39,6 +39,3 @@ class KVCache:
         """Make the first n provisional slots permanent: the clean tokens of the last forward pass."""
         self.committed += n
         assert self.committed <= self.max_len
-
-    def reset(self):
-        self.committed = 0

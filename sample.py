@@ -97,13 +97,13 @@ def _denoise(model, x, order, chunks, temperature, top_p, kv_cache, generator, c
     done = L - sum(chunks)  # slots [0, done) are clean: the given tokens
     dtype = torch.bfloat16 if isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16 else torch.float32
     cache = KVCache.for_model(gpt.config, B, L, x.device, dtype) if kv_cache else None
+    causal = causal_mask(L, x.device)  # built once; every step attends through a slice of it
     for step, k in enumerate(tqdm(chunks, disable=not progress, leave=False, desc="steps")):
         end = done + k
-        if kv_cache:  # feed the uncommitted clean tokens and the k masks; see all committed K/V
-            c = cache.committed
-            mask = torch.ones(end - c, end, dtype=torch.bool, device=x.device).tril(c)
-        else:  # feed everything clean so far and the k masks, causal
-            c, mask = 0, causal_mask(end, x.device)
+        # cached: feed the uncommitted clean tokens and the k masks, which see all committed K/V;
+        # uncached: feed everything from slot 0. Either way, rows [c, end) of one causal mask over σ order.
+        c = cache.committed if kv_cache else 0
+        mask = causal[c:end, :end]
         with ctx:
             logits = model(x[:, c:end], order[:, c:end], mask, cache, out=slice(-k, None))
         x[:, done:end] = sample_tokens(logits, temperature, top_p, generator)
