@@ -29,6 +29,12 @@ def _input_path(dataset, data_dir):
     return os.path.join(data_dir, dataset[: -len("_char")], "input.txt")
 
 
+def _tmp(path):
+    """A temporary name beside `path`, own to this process: DDP ranks may build the same dataset at once,
+    each writes its own file, and the atomic rename makes the (identical) results race-free."""
+    return f"{path}.{os.getpid()}.tmp"
+
+
 def _download_shakespeare(path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
@@ -37,9 +43,10 @@ def _download_shakespeare(path):
     except OSError as e:
         raise UserError(f"could not download Tiny Shakespeare ({getattr(e, 'reason', e)}); with no network, "
                         f"save {SHAKESPEARE_URL} as {path} by hand")
-    with open(path + ".tmp", "wb") as f:
+    tmp = _tmp(path)
+    with open(tmp, "wb") as f:
         f.write(text)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
 
 def gpt2_encoding():
@@ -78,11 +85,13 @@ def prepare(dataset, data_dir="data"):
             encode = enc.encode_ordinary
         os.makedirs(out, exist_ok=True)
         for path, part in zip(bins, (text[: int(n * 0.9)], text[int(n * 0.9):])):
-            np.array(encode(part), dtype=np.uint16).tofile(path + ".tmp")
-            os.replace(path + ".tmp", path)
-        with open(meta_path + ".tmp", "wb") as f:
+            tmp = _tmp(path)
+            np.array(encode(part), dtype=np.uint16).tofile(tmp)
+            os.replace(tmp, path)
+        tmp = _tmp(meta_path)
+        with open(tmp, "wb") as f:
             pickle.dump(meta, f)
-        os.replace(meta_path + ".tmp", meta_path)
+        os.replace(tmp, meta_path)
     with open(meta_path, "rb") as f:
         meta = pickle.load(f)
     meta.setdefault("tokenizer", "char" if "stoi" in meta else "gpt2")  # a meta.pkl written by nanoGPT

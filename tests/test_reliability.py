@@ -81,7 +81,9 @@ def test_sigkill_while_checkpointing_leaves_a_complete_checkpoint(data_dir, tmp_
 def test_ctrl_c_saves_and_stops_cleanly(data_dir, tmp_path):
     out = tmp_path / "o"
     p = start(*TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=100000", "--eval_interval=1000")
+    deadline = time.time() + 120
     while not (out / "ckpt.pt").exists():
+        assert p.poll() is None and time.time() < deadline, p.communicate(timeout=30)[0][-3000:]
         time.sleep(0.05)
     time.sleep(0.3)
     p.send_signal(signal.SIGINT)
@@ -183,7 +185,9 @@ def test_ctrl_c_under_ddp_stops_every_rank_and_saves(data_dir, tmp_path):
                           "--max_iters=100000", "--eval_interval=1000", "--backend=gloo",
                           "--gradient_accumulation_steps=2"],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 120
     while not (out / "ckpt.pt").exists():
+        assert p.poll() is None and time.time() < deadline, p.communicate(timeout=30)[0][-3000:]
         time.sleep(0.05)
     time.sleep(0.5)
     os.killpg(p.pid, signal.SIGINT)
