@@ -57,7 +57,7 @@ def timed(fn, device):
 def bench_sample(cfg, device):
     rows = []
     print(f"sampling, batch 1, {cfg.n_layer} layers x {cfg.n_embd} wide, {device}, {torch.get_num_threads()} threads")
-    print(f"{'L':>5} {'sampler':<28} {'NFE':>5} {'seconds':>8} {'tokens/s':>9}")
+    print(f"{'L':>5} {'sampler':<36} {'NFE':>5} {'seconds':>8} {'tokens/s':>9}")
     for L in map(int, cfg.lengths.split(",")):
         torch.manual_seed(0)
         model = GPT(GPTConfig(L, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd)).to(device).eval()
@@ -73,7 +73,7 @@ def bench_sample(cfg, device):
                                      device)
                 res[name] = dt
                 rows.append(dict(L=L, schedule=label, sampler=name, nfe=nfe, seconds=dt, tokens_per_s=L / dt))
-                print(f"{L:>5} {name + ', ' + label:<28} {nfe:>5} {dt:>8.2f} {L / dt:>9.1f}", flush=True)
+                print(f"{L:>5} {name + ', ' + label:<36} {nfe:>5} {dt:>8.2f} {L / dt:>9.1f}", flush=True)
             ratio = res["Eso-LM uncached (MDLM cost)"] / res["Eso-LM cached"]
             extra = f", cached / AR {res['Eso-LM cached'] / res['AR, same cache (α0=0)']:.2f}x" if label == "NFE=L" else ""
             print(f"{'':>5} -> {label}: cached is {ratio:.1f}x faster than uncached{extra}")

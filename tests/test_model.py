@@ -3,9 +3,10 @@ import itertools
 import math
 
 import torch
+import torch.nn.functional as F
 from conftest import tiny_model
 
-from model import (causal_mask, diffusion_loss, diffusion_order, invert, iw_nll, likelihood_order, log_likelihood,
+from model import (Linear, causal_mask, diffusion_loss, diffusion_order, invert, iw_nll, likelihood_order, log_likelihood,
                    nelbo, permute, sequential_logprobs, sequential_mask, sequential_order, stratified_times, unpermute)
 
 # The paper's example, 1-based positions: x = (A,B,C,D,E,F), z_t = (A,M,C,M,M,F).
@@ -245,3 +246,15 @@ def test_tiny_model_overfits_one_batch():
         with torch.no_grad():
             final = iw_nll(model.eval(), x, alpha_0, K=4).mean().item()
         assert final < (target or 0.5 * first), (alpha_0, first, final, math.log(2) / 8)
+
+
+def test_small_row_linear_is_f_linear():
+    """The (W xᵀ)ᵀ path that sampling steps take on the CPU (<= 16 rows) computes F.linear, for contiguous and
+    transposed inputs (the raw output of the layer before), and returns a contiguous tensor of the same shape."""
+    torch.manual_seed(0)
+    for bias in (False, True):
+        lin = Linear(24, 40, bias=bias)
+        for x in (torch.randn(1, 2, 24), torch.randn(24, 3).t(), torch.randn(16, 24), torch.randn(2, 9, 24)):
+            y = lin(x)
+            assert y.shape == (*x.shape[:-1], 40) and y.is_contiguous()
+            assert torch.allclose(y, F.linear(x, lin.weight, lin.bias), atol=1e-6)
