@@ -29,10 +29,15 @@ def _input_path(dataset, data_dir):
     return os.path.join(data_dir, dataset[: -len("_char")], "input.txt")
 
 
-def _tmp(path):
-    """A temporary name beside `path`, own to this process: DDP ranks may build the same dataset at once,
-    each writes its own file, and the atomic rename makes the (identical) results race-free."""
-    return f"{path}.{os.getpid()}.tmp"
+def atomic_write(path, write, mode="wb"):
+    """write(f) into a temporary file of this process beside `path`, then rename it over `path`: a crash
+    leaves the old file or the new one, never half of one, and DDP ranks writing the same file cannot collide."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _download_shakespeare(path):
@@ -43,10 +48,7 @@ def _download_shakespeare(path):
     except OSError as e:
         raise UserError(f"could not download Tiny Shakespeare ({getattr(e, 'reason', e)}); with no network, "
                         f"save {SHAKESPEARE_URL} as {path} by hand")
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text))
 
 
 def gpt2_encoding():
@@ -85,13 +87,8 @@ def prepare(dataset, data_dir="data"):
             encode = enc.encode_ordinary
         os.makedirs(out, exist_ok=True)
         for path, part in zip(bins, (text[: int(n * 0.9)], text[int(n * 0.9):])):
-            tmp = _tmp(path)
-            np.array(encode(part), dtype=np.uint16).tofile(tmp)
-            os.replace(tmp, path)
-        tmp = _tmp(meta_path)
-        with open(tmp, "wb") as f:
-            pickle.dump(meta, f)
-        os.replace(tmp, meta_path)
+            atomic_write(path, np.array(encode(part), dtype=np.uint16).tofile)
+        atomic_write(meta_path, lambda f: pickle.dump(meta, f))
     with open(meta_path, "rb") as f:
         meta = pickle.load(f)
     meta.setdefault("tokenizer", "char" if "stoi" in meta else "gpt2")  # a meta.pkl written by nanoGPT

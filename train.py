@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from configurator import UserError, parse_args, run_cli
-from data import eval_batches, get_batch, load_split, prepare
+from data import atomic_write, eval_batches, get_batch, load_split, prepare
 from model import GPT, GPTConfig, diffusion_rows, iw_nll, nelbo, stratified_times
 
 
@@ -132,12 +132,7 @@ def load_checkpoint(out_dir, device="cpu"):
 
 def save_checkpoint(ckpt, out_dir):
     """Write out_dir/ckpt.pt atomically: a crash leaves the previous complete checkpoint in place."""
-    path = os.path.join(out_dir, "ckpt.pt")
-    with open(path + ".tmp", "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    atomic_write(os.path.join(out_dir, "ckpt.pt"), lambda f: torch.save(ckpt, f))
 
 
 def model_from_checkpoint(ckpt, device):
@@ -397,9 +392,7 @@ def train(cfg, user_keys=()):
         metrics = evaluate(model, batches, cfg, ctx, gen_ks)
         log(report(metrics, meta, cfg, it))
         metrics.update(alpha_0=cfg.alpha_0, iter=it, dataset=cfg.dataset, tokenizer=meta["tokenizer"])
-        with open(os.path.join(cfg.out_dir, "eval.json.tmp"), "w") as f:
-            json.dump(metrics, f, indent=2)
-        os.replace(os.path.join(cfg.out_dir, "eval.json.tmp"), os.path.join(cfg.out_dir, "eval.json"))
+        atomic_write(os.path.join(cfg.out_dir, "eval.json"), lambda f: json.dump(metrics, f, indent=2), "w")
     if ddp:
         torch.distributed.barrier()  # leave together: no rank tears down while rank 0 still evaluates
         destroy_process_group()
