@@ -86,33 +86,28 @@ def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, 
     [start, done) were fed clean, [done, end) as masks and now hold their samples; x is in σ order. The
     loop runs in inference mode: tensors a callback keeps are inference tensors (clone() them for autograd)."""
     with torch.inference_mode():  # no autograd bookkeeping: a few % of a sampling step's small ops
-        x = _denoise(model, x, order, chunks, temperature, top_p, kv_cache, generator, callback, ctx, progress)
+        B, L = x.shape
+        x = permute(x, order).clone()  # kept in σ order for the whole run
+        done = L - sum(chunks)  # slots [0, done) are clean: the given tokens
+        dtype = ctx.fast_dtype if isinstance(ctx, torch.autocast) else torch.float32  # K/V as the model makes them
+        cache = KVCache.for_model(unwrap(model).config, B, L, x.device, dtype) if kv_cache else None
+        causal = causal_mask(L, x.device)  # built once; every step attends through a slice of it
+        for step, k in enumerate(tqdm(chunks, disable=not progress, leave=False, desc="steps")):
+            end = done + k
+            # cached: feed the uncommitted clean tokens and the k masks, which see all committed K/V;
+            # uncached: feed everything from slot 0. Either way, rows [c, end) of one causal mask over σ order.
+            c = cache.committed if kv_cache else 0
+            mask = causal[c:end, :end]
+            with ctx:
+                logits = model(x[:, c:end], order[:, c:end], mask, cache, out=slice(-k, None))
+            x[:, done:end] = sample_tokens(logits, temperature, top_p, generator)
+            if kv_cache:
+                cache.commit(done - c)  # the clean tokens just fed, never the k masks (pitfall 14)
+            if callback:
+                callback(step=step, start=c, done=done, end=end, x=x, order=order, logits=logits, cache=cache)
+            done = end
+        x = unpermute(x, order)
     return x.clone()  # a normal tensor again, usable with autograd
-
-
-def _denoise(model, x, order, chunks, temperature, top_p, kv_cache, generator, callback, ctx, progress):
-    gpt = unwrap(model)
-    B, L = x.shape
-    x = permute(x, order).clone()  # kept in σ order for the whole run
-    done = L - sum(chunks)  # slots [0, done) are clean: the given tokens
-    dtype = torch.bfloat16 if isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16 else torch.float32
-    cache = KVCache.for_model(gpt.config, B, L, x.device, dtype) if kv_cache else None
-    causal = causal_mask(L, x.device)  # built once; every step attends through a slice of it
-    for step, k in enumerate(tqdm(chunks, disable=not progress, leave=False, desc="steps")):
-        end = done + k
-        # cached: feed the uncommitted clean tokens and the k masks, which see all committed K/V;
-        # uncached: feed everything from slot 0. Either way, rows [c, end) of one causal mask over σ order.
-        c = cache.committed if kv_cache else 0
-        mask = causal[c:end, :end]
-        with ctx:
-            logits = model(x[:, c:end], order[:, c:end], mask, cache, out=slice(-k, None))
-        x[:, done:end] = sample_tokens(logits, temperature, top_p, generator)
-        if kv_cache:
-            cache.commit(done - c)  # the clean tokens just fed, never the k masks (pitfall 14)
-        if callback:
-            callback(step=step, start=c, done=done, end=end, x=x, order=order, logits=logits, cache=cache)
-        done = end
-    return unpermute(x, order)
 
 
 def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=1.0, top_p=0.9,
