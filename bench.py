@@ -5,6 +5,7 @@ the paper's latency protocol (§5.6), a fixed randomly initialised model (speed 
     python bench.py                      # sampling: cached Eso-LM vs uncached vs AR decoding, L = 256, 1024
     python bench.py --what=train         # one training iteration: hybrid (α0=.5) vs diffusion (α0=1) vs AR
     python bench.py --what=frontier --out_dirs=out-a,out-b --scorer=out-ar   # speed-quality frontier
+    python bench.py --what=linear        # why model.Linear exists: few-row products, F.linear vs (W xᵀ)ᵀ
 
 The frontier samples from each trained checkpoint at several step counts, then scores the samples with the
 AR (α0=0) model: its mean NLL per token is a small "generative perplexity" (the paper uses GPT-2 Large),
@@ -15,17 +16,18 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from configurator import UserError, parse_args, run_cli
 from data import get_batch, load_split
-from model import GPT, GPTConfig, iw_nll, nelbo
+from model import GPT, GPTConfig, Linear, iw_nll, nelbo
 from sample import generate
 from train import autocast_context, load_checkpoint, model_from_checkpoint, pick_device
 
 
 @dataclass
 class BenchConfig:
-    what: str = "sample"  # sample, train or frontier
+    what: str = "sample"  # sample, train, frontier or linear
     lengths: str = "256,1024"  # sequence lengths for --what=sample
     small_steps: int = 32  # the "small T" column
     n_layer: int = 6  # the fixed model: nanoGPT's shakespeare_char size
@@ -62,7 +64,7 @@ def bench_sample(cfg, device):
         torch.manual_seed(0)
         model = GPT(GPTConfig(L, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd)).to(device).eval()
         template = torch.full((L,), model.config.mask_id, device=device)
-        generate(model, template[:8], 1, 8, 1.0)  # warm-up
+        generate(model, template[:64], 1, 10 ** 6, 1.0)  # warm-up: allocator, thread pool, caches
         for steps, label in ((10 ** 6, "NFE=L"), (cfg.small_steps, f"T={cfg.small_steps}")):
             res = {}
             for name, alpha_0, kv in (("Eso-LM cached", 1.0, True), ("Eso-LM uncached (MDLM cost)", 1.0, False),
@@ -150,11 +152,41 @@ def bench_frontier(cfg, device):
     return rows
 
 
+def bench_linear(cfg, device):
+    """The products of one cached sampling step (a few rows through every weight matrix of the fixed model),
+    three ways: F.linear; model.Linear, i.e. (W xᵀ)ᵀ on contiguous x; and the raw (W xᵀ)ᵀ of a transposed x,
+    which is what the MLP's second product received before Linear made its output contiguous."""
+    torch.manual_seed(0)
+    C = cfg.n_embd
+    lins = [Linear(i, o, bias=False).to(device) for _ in range(cfg.n_layer) for o, i in
+            ((3 * C, C), (C, C), (4 * C, C), (C, 4 * C))]  # c_attn, attn c_proj, c_fc, mlp c_proj per layer
+    mb = sum(lin.weight.numel() * lin.weight.element_size() for lin in lins) / 1e6
+    ways = {"F.linear": lambda lin, x: F.linear(x, lin.weight), "model.Linear": lambda lin, x: lin(x),
+            "(W xT)T, x transposed": lambda lin, x: lin.weight @ x.t().contiguous().t().t()}
+    print(f"few-row products through all {len(lins)} weight matrices ({mb:.1f} MB) of a {cfg.n_layer} x {C} "
+          f"model, {device}, {torch.get_num_threads()} threads; ms per pass and GB/s of weights read")
+    print(f"{'rows':>4} " + " ".join(f"{w:>26}" for w in ways))
+    rows = []
+    with torch.inference_mode():
+        for n in (1, 2, 4, 8, 16):
+            xs = {i: torch.randn(n, i, device=device) for i in (C, 4 * C)}
+            res = {}
+            for name, fn in ways.items():
+                run = lambda: [fn(lin, xs[lin.in_features]) for lin in lins]
+                run()
+                dt, _ = timed(lambda: [run() for _ in range(cfg.iters)], device)
+                res[name] = dt / cfg.iters
+            rows.append(dict(rows=n, **{k: v * 1000 for k, v in res.items()}))
+            print(f"{n:>4} " + " ".join(f"{t * 1000:>12.2f} ms {mb / 1000 / t:>7.1f} GB/s" for t in res.values()),
+                  flush=True)
+    return rows
+
+
 def main(argv=None):
     cfg = BenchConfig()
     parse_args(cfg, argv)
     device = pick_device(cfg.device)
-    benches = {"sample": bench_sample, "train": bench_train, "frontier": bench_frontier}
+    benches = {"sample": bench_sample, "train": bench_train, "frontier": bench_frontier, "linear": bench_linear}
     if cfg.what not in benches:
         raise UserError(f"--what={cfg.what} must be one of {', '.join(benches)}")
     rows = benches[cfg.what](cfg, device)

@@ -40,14 +40,14 @@ class LayerNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear, except that a handful of rows on the CPU (one sampling step feeds 2 tokens or so) is
-    computed as (W xᵀ)ᵀ: the same product, but BLAS then splits the work over W's rows, so that every core
-    streams weights. On the README's 2-core CPU this makes a 2-row product 4x faster (31 vs 8 GB/s of
-    weights read); training shapes keep F.linear, which is faster there. Both x and the result are made
-    contiguous: a transposed x (the raw (W xᵀ)ᵀ of the layer before) sends BLAS down a 5x slower path."""
+    """nn.Linear, except that 2 to 8 rows on the CPU (a batch-1 sampling step feeds 2 tokens) are computed as
+    (W xᵀ)ᵀ: the same product, which BLAS runs 2-3x faster at 2 rows on the README's 2-core CPU (W read at
+    16-19 GB/s instead of 6-7.5; `python bench.py --what=linear`). One row, and more than 8, gain nothing and
+    keep F.linear. x and the result are made contiguous: given a transposed x (the raw (W xᵀ)ᵀ of the layer
+    before), the product falls back to F.linear's speed."""
 
     def forward(self, x):
-        if x.device.type != "cpu" or x.numel() > 16 * x.size(-1):
+        if x.device.type != "cpu" or not 2 <= x.numel() // x.size(-1) <= 8:
             return super().forward(x)
         y = (self.weight @ x.reshape(-1, x.size(-1)).contiguous().t()).t().contiguous()
         y = y.view(*x.shape[:-1], -1)

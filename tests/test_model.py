@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from model import (Linear, causal_mask, diffusion_loss, diffusion_order, invert, iw_nll, likelihood_order, log_likelihood,
-                   nelbo, permute, sequential_logprobs, sequential_mask, sequential_order, stratified_times, unpermute)
+from model import (Linear, causal_mask, diffusion_loss, diffusion_order, invert, iw_nll, likelihood_order,
+                   log_likelihood, nelbo, permute, sequential_logprobs, sequential_mask, sequential_order,
+                   stratified_times, unpermute)
 
 # The paper's example, 1-based positions: x = (A,B,C,D,E,F), z_t = (A,M,C,M,M,F).
 IS_MASK = torch.tensor([[False, True, False, True, True, False]])
@@ -249,12 +250,14 @@ def test_tiny_model_overfits_one_batch():
 
 
 def test_small_row_linear_is_f_linear():
-    """The (W xᵀ)ᵀ path that sampling steps take on the CPU (<= 16 rows) computes F.linear, for contiguous and
-    transposed inputs (the raw output of the layer before), and returns a contiguous tensor of the same shape."""
+    """The (W xᵀ)ᵀ path that sampling steps take on the CPU (2 to 8 rows) computes F.linear, for contiguous and
+    transposed inputs (the raw output of the layer before), and returns a contiguous tensor of the same shape;
+    so do 1 row and 9 (F.linear itself)."""
     torch.manual_seed(0)
     for bias in (False, True):
         lin = Linear(24, 40, bias=bias)
-        for x in (torch.randn(1, 2, 24), torch.randn(24, 3).t(), torch.randn(16, 24), torch.randn(2, 9, 24)):
+        for x in (torch.randn(1, 2, 24), torch.randn(24, 3).t(), torch.randn(8, 24), torch.randn(1, 1, 24),
+                  torch.randn(3, 3, 24)):
             y = lin(x)
             assert y.shape == (*x.shape[:-1], 40) and y.is_contiguous()
             assert torch.allclose(y, F.linear(x, lin.weight, lin.bias), atol=1e-6)
