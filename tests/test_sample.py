@@ -1,5 +1,8 @@
 """The sampler: exact KV cache, the schedule, prompts and infilling, the paper's L=8 walk-through."""
+import json
+
 import torch
+import conftest
 from conftest import tiny_model
 
 from kvcache import KVCache
@@ -172,3 +175,21 @@ def test_cache_is_preallocated_and_never_commits_masks():
         model(x, order, causal_mask(n), ref)
         assert torch.allclose(ref.k[:, :, :, :n], k, atol=1e-5), "a committed slot differs from clean K"
         assert (x < V).all(), "a committed slot holds a mask token"
+
+
+def test_bench_tables(tmp_path):
+    """bench.py's sampling and linear tables on a tiny model (timings are printed, never asserted): every
+    sampler row is there, AR decoding makes exactly L forward passes, and T = 4 at most 4."""
+    out = tmp_path / "rows.json"
+    tiny = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--device=cpu", f"--json_out={out}"]
+    r = conftest.run("bench.py", "--lengths=16,32", "--small_steps=4", *tiny)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())
+    schedules = ["NFE=L"] * 3 + ["T=4"] * 2
+    assert [(row["L"], row["schedule"]) for row in rows] == [(L, s) for L in (16, 32) for s in schedules]
+    assert all(row["nfe"] == row["L"] for row in rows if row["sampler"].startswith("AR"))
+    assert all(row["nfe"] <= 4 for row in rows if row["schedule"] == "T=4")
+    assert r.stdout.count("cached is") == 4
+    r = conftest.run("bench.py", "--what=linear", "--iters=1", *tiny)
+    assert r.returncode == 0, r.stderr
+    assert [row["rows"] for row in json.loads(out.read_text())] == [1, 2, 4, 8, 16]
