@@ -12,6 +12,7 @@ AR (α0=0) model: its mean NLL per token is a small "generative perplexity" (the
 shown next to the samples' unigram entropy so that repetitive text cannot look good.
 """
 import json
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -36,7 +37,9 @@ class BenchConfig:
     vocab_size: int = 65
     batch_size: int = 12  # --what=train
     block_size: int = 64  # --what=train
-    iters: int = 20  # --what=train: timed iterations per row
+    iters: int = 20  # --what=train: timed iterations per row and round
+    rounds: int = 5  # --what=train: interleaved rounds; medians and the ratios' range are printed
+    compile: bool = False  # --what=train: torch.compile the model
     out_dirs: str = ""  # --what=frontier: comma-separated checkpoints to sample from
     scorer: str = ""  # --what=frontier: the α0=0 checkpoint that scores samples
     steps_list: str = "8,16,32,64,L"  # --what=frontier
@@ -86,25 +89,36 @@ def bench_train(cfg, device):
     torch.manual_seed(0)
     model = GPT(GPTConfig(cfg.block_size, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd)).to(device)
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.split(":")[0])
+    net = torch.compile(model) if cfg.compile else model
     ctx, dtype = autocast_context(device, "auto")
     x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size), device=device)
     print(f"one training iteration (forward, backward, AdamW), batch {cfg.batch_size} x {cfg.block_size}, "
-          f"{cfg.n_layer} layers x {cfg.n_embd} wide, {device} {dtype}")
-    rows, base = [], None
-    for alpha_0, name in ((1.0, "diffusion, α0=1"), (0.5, "hybrid, α0=0.5"), (0.0, "AR, α0=0")):
-        def step():
-            with ctx:
-                loss, _ = nelbo(model, x, alpha_0)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        for _ in range(3):
-            step()
-        dt, _ = timed(lambda: [step() for _ in range(cfg.iters)], device)
-        ms = dt / cfg.iters * 1000
-        base = base or ms
-        rows.append(dict(alpha_0=alpha_0, ms=ms, ratio=ms / base))
-        print(f"  {name:<16} {ms:8.1f} ms   {ms / base:.2f}x the diffusion iteration", flush=True)
+          f"{cfg.n_layer} layers x {cfg.n_embd} wide, {device} {dtype}{', compiled' if cfg.compile else ''}; "
+          f"median of {cfg.rounds} interleaved rounds of {cfg.iters} iterations, ratio range in brackets")
+    names = {1.0: "diffusion, α0=1", 0.5: "hybrid, α0=0.5", 0.0: "AR, α0=0"}
+
+    def step(alpha_0):
+        with ctx:
+            loss, _ = nelbo(net, x, alpha_0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for alpha_0 in names:  # warm-up (and compilation)
+        for _ in range(3 if not cfg.compile else 10):
+            step(alpha_0)
+    ms = {a: [] for a in names}
+    for _ in range(cfg.rounds):  # interleaved: drift on a shared machine hits every row alike
+        for alpha_0 in names:
+            dt, _ = timed(lambda: [step(alpha_0) for _ in range(cfg.iters)], device)
+            ms[alpha_0].append(dt / cfg.iters * 1000)
+    rows = []
+    for alpha_0, name in names.items():
+        ratios = sorted(a / b for a, b in zip(ms[alpha_0], ms[1.0]))
+        med = statistics.median(ms[alpha_0])
+        rows.append(dict(alpha_0=alpha_0, ms=med, ratio=statistics.median(ratios), ratio_min=ratios[0],
+                         ratio_max=ratios[-1]))
+        print(f"  {name:<16} {med:8.1f} ms   {rows[-1]['ratio']:.2f}x the diffusion iteration "
+              f"[{ratios[0]:.2f}-{ratios[-1]:.2f}]", flush=True)
     return rows
 
 

@@ -71,17 +71,19 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
 
-    def forward(self, x, cos, sin, attn_mask, kv_cache=None, layer=0):
+    def forward(self, x, cos, sin, attn_mask, kv_cache=None, layer=0, rows=slice(None)):
+        """attn_mask: (T, keys) or (B, 1, T, keys) bool, True = may attend, or None: everything visible.
+        rows: the queries to compute (the last layer needs only the rows that get logits); every row gives K/V."""
         B, T, C = x.size()
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
         qk = F.rms_norm(qkv[:, :, :2], (C // self.n_head,))  # QK-norm, q and k at once
         qk = apply_rotary(qk, cos, sin)  # keys are cached post-RoPE (pitfall 16)
-        q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)  # (B, nh, T, hd)
+        q, k, v = qk[:, rows, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)  # (B, nh, T, hd)
         if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)  # (B, nh, committed + T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, keys, hd): the committed slots and these
+        mask = None if attn_mask is None else attn_mask[..., rows, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, -1, C)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -106,8 +108,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, attn_mask, kv_cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), cos, sin, attn_mask, kv_cache, layer)
+    def forward(self, x, cos, sin, attn_mask, kv_cache=None, layer=0, rows=slice(None)):
+        x = x[:, rows] + self.attn(self.ln_1(x), cos, sin, attn_mask, kv_cache, layer, rows)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -120,6 +122,7 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = False
+    denoiser: str = "B"  # which attention masks it is trained and sampled with: B, A or mdlm (attention_mask)
 
     @property
     def mask_id(self):
@@ -161,19 +164,31 @@ class GPT(nn.Module):
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, pos, attn_mask, kv_cache=None, out=slice(None)):
+    def forward(self, idx, pos, attn_mask, kv_cache=None, out=slice(None), targets=None):
         """
         idx, pos: (B, T) token ids and their original positions, in the order the tokens are processed.
-        attn_mask: (T, S) bool, True where query t may attend to key s; S = kv_cache.committed + T with a cache.
-        out: which of the T outputs get logits (the rest are never used, e.g. the x half of z0 ⊕ x).
-        Returns fp32 logits (B, len(out), vocab_size + 1) with the mask token's logit at -1e6.
+        attn_mask: (T, S) or (B, 1, T, S) bool, True where query t may attend to key s (S = committed + T with
+        a cache), or None: every token sees every other.
+        out: the rows that get an output (a slice); the last layer computes only those queries.
+        Returns fp32 logits (B, len(out), vocab_size + 1) with the mask token's logit at -1e6 or, given targets
+        (B, len(out)), the per-token NLL (B, len(out)): computed only where targets >= 0, 0 elsewhere (nanoGPT's
+        ignore_index=-1). The carry-over loss scores masked tokens only, so clean tokens never reach lm_head.
         """
         cos = self.rope_cos[pos][:, :, None, None]  # (B, T, 1, 1, hd/2): broadcast over q/k and heads
         sin = self.rope_sin[pos][:, :, None, None]
         x = self.transformer.drop(self.transformer.wte(idx))
+        last = len(self.transformer.h) - 1
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cos, sin, attn_mask, kv_cache, layer)
-        x = self.transformer.ln_f(x[:, out])
+            x = block(x, cos, sin, attn_mask, kv_cache, layer, out if layer == last else slice(None))
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.head(x)
+        keep = targets >= 0
+        nll = torch.zeros(targets.shape, device=x.device)
+        nll[keep] = F.cross_entropy(self.head(x[keep]), targets[keep], reduction="none")
+        return nll
+
+    def head(self, x):
         logits = self.lm_head(x).float()  # softmax and CE in fp32 (pitfall 12)
         logits[..., self.config.mask_id] = -1e6  # zero masking (pitfall 8); -1e6, not -inf, stays NaN-free
         return logits
@@ -194,10 +209,10 @@ def unwrap(model):
 
 
 # -----------------------------------------------------------------------------
-# Eso-LM (B): orderings and attention masks (§1.3, §2.2-2.3 of the digest; paper Figs. 6, 9)
+# Orderings and attention masks (§1.3, §2.2-2.3 and §3 of the digest; paper Figs. 6, 9, 13)
 # An ordering `order` (B, L) lists original positions in processing order: order[b, j] is the position
 # of the token processed j-th, so permute(x, order)[b, j] = x[b, order[b, j]], and that token's RoPE
-# position is order[b, j] (pitfall 1).
+# position is order[b, j] (pitfall 1). Sorted, every sequence is [clean tokens ; masks].
 
 def permute(x, order):
     return torch.gather(x, 1, order)
@@ -232,20 +247,53 @@ def likelihood_order(B, L, alpha_0, device=None):
     return sequential_order(torch.rand(B, L, device=device) >= alpha_0)
 
 
+DENOISERS = ("B", "A", "mdlm")
+
+
+def attention_mask(denoiser, q, k, n_clean=0):
+    """May the token at sorted slot q attend to the one at slot k? q (..., Tq, 1), k (..., Tk): slots in the
+    denoising order; n_clean (broadcastable): how many clean tokens lead it. The three denoisers differ here
+    and nowhere else in the network:
+      B    Eso-LM (B), the paper's flagship: causal over the sorted order (Fig. 6), so the K/V of a clean token
+           never change and both phases can be cached;
+      A    Eso-LM (A): causal, and the clean tokens also see each other (a prefix-LM mask, Fig. 13, code's
+           `mixed2`), so a diffusion step changes every clean token's K/V: only the sequential phase caches;
+      mdlm MDLM: everything sees everything, masks included (bidirectional): returns None, SDPA's unmasked path.
+    """
+    if denoiser == "mdlm":
+        return None
+    causal = k <= q
+    return causal | ((q < n_clean) & (k < n_clean)) if denoiser == "A" else causal
+
+
 @functools.lru_cache(maxsize=16)
 def causal_mask(T, device=None):
-    """(T, T) bool: plain causal attention over the sorted sequence (diffusion phase, Fig. 6)."""
-    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    """(T, T) bool: B's mask over a whole sorted sequence. Built once per length (the sampler slices it)."""
+    slots = torch.arange(T, device=device)
+    return attention_mask("B", slots[:, None], slots)
 
 
-@functools.lru_cache(maxsize=16)
-def sequential_mask(L, device=None):
-    """(2L, 2L) bool over z0 ⊕ x (BD3-LM's block mask with block size 1): z_i sees only itself and x_j
-    for j < i (strict: pitfall 6); x_i sees x_j for j <= i; x never sees z."""
-    ones = torch.ones(L, L, dtype=torch.bool, device=device)
-    z_rows = torch.cat([torch.eye(L, dtype=torch.bool, device=device), ones.tril(-1)], dim=1)
-    x_rows = torch.cat([torch.zeros_like(ones), ones.tril()], dim=1)
-    return torch.cat([z_rows, x_rows], dim=0)
+def diffusion_mask(denoiser, n_clean, L):
+    """The MDM pass's mask over z_t sorted: (L, L) for B, (B, 1, L, L) for A (each row has its own clean
+    prefix), None for MDLM."""
+    slots = torch.arange(L, device=n_clean.device)
+    return attention_mask(denoiser, slots[:, None], slots, n_clean[:, None, None, None])
+
+
+def sequential_mask(denoiser, n_clean, m, L):
+    """The AR pass's mask over [z: the first m masks of z0 ; x], both in σ order, (B, 1, m + L, m + L).
+    It is BD3-LM's block mask with block size 1 (Fig. 9) without the paper's z rows of *clean* tokens: nothing
+    attends to those, and the x copy already holds the same tokens at the same slots, so they would only be
+    computed and thrown away (a quarter of the pass at α0 = 0.5). z row r is the mask at slot s = n_clean + r:
+    it sees itself and x_j for j < s (strict: pitfall 6). x_j sees x as the denoiser's clean tokens see each
+    other (B: causal). x never sees z."""
+    B, dev = n_clean.size(0), n_clean.device
+    slot = n_clean[:, None, None] + torch.arange(m, device=dev)[:, None]  # (B, m, 1)
+    j = torch.arange(L, device=dev)
+    z_rows = torch.cat([torch.eye(m, dtype=torch.bool, device=dev).expand(B, m, m), (j < slot)], dim=2)
+    x_x = attention_mask(denoiser, j[:, None], j, n_clean[:, None, None]).expand(B, L, L)
+    x_rows = torch.cat([torch.zeros(B, L, m, dtype=torch.bool, device=dev), x_x], dim=2)
+    return torch.cat([z_rows, x_rows], dim=1)[:, None]
 
 
 # -----------------------------------------------------------------------------
@@ -268,35 +316,38 @@ def stratified_times(n, device=None, u=None, offset=0, total=None):
     return (EPS_T + (1 - EPS_T) * t).to(device)
 
 
-def token_nll(logits, targets):
-    """-log p(target) per token, (B, T)."""
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
-
-
 def diffusion_loss(model, x, alpha_0, t=None, low_var=False):
     """MDM term of eq. 7, per token: mean of w(t) * [-log p(x_l | z_t)] over the masked positions of z_t,
     with α_t = α0 (1 - t) and w = α0 / (1 - α_t); low_var sets w = 1 (training only)."""
     n, L = x.shape
-    mask_id = unwrap(model).config.mask_id
+    config = unwrap(model).config
     t = stratified_times(n, x.device) if t is None else t
     alpha_t = alpha_0 * (1 - t)
-    zt = add_masks(x, (1 - alpha_t)[:, None], mask_id)
-    order = diffusion_order(zt == mask_id)
-    logits = model(permute(zt, order), order, causal_mask(L, x.device))
-    nll = token_nll(logits, permute(x, order)) * permute(zt == mask_id, order)  # carry-over: masks only
+    zt = add_masks(x, (1 - alpha_t)[:, None], config.mask_id)
+    is_mask = zt == config.mask_id
+    order = diffusion_order(is_mask)
+    n_clean = L - is_mask.sum(1)
+    targets = torch.where(permute(is_mask, order), permute(x, order), -1)  # carry-over: masks only
+    out = slice(int(n_clean.min()), L)  # masks sit at the end of every row: earlier slots need no last-layer query
+    nll = model(permute(zt, order), order, diffusion_mask(config.denoiser, n_clean, L), out=out, targets=targets[:, out])
     weight = torch.ones_like(t) if low_var else alpha_0 / (1 - alpha_t)
-    return (weight[:, None] * nll).sum() / nll.numel()
+    return (weight[:, None] * nll).sum() / x.numel()
 
 
-def sequential_logprobs(model, x, z0, order):
-    """log x_θ(z0 ⊙ x^{<l})[x_l] at every slot, in sorted order, from ONE pass over z0 ⊕ x (length 2L)
-    with the sequential mask; both halves carry the same RoPE positions (pitfall 3). Logits are computed
-    for the z half only: the x half is there to be attended to."""
-    L = x.size(1)
-    idx = torch.cat([permute(z0, order), permute(x, order)], dim=1)
-    pos = torch.cat([order, order], dim=1)
-    logits = model(idx, pos, sequential_mask(L, x.device), out=slice(0, L))
-    return -token_nll(logits, permute(x, order))
+def sequential_nll(model, x, z0, order):
+    """-log x_θ(z0 ⊙ x^{<l})[x_l] for every mask of z0, from ONE pass over [masks of z0 ; x] (both in σ order,
+    the same RoPE positions: pitfall 3) through sequential_mask. `order` must put z0's masks last, left to
+    right (sequential_order). Returns (B, m): row r is the r-th mask in σ order, 0 past a row's last mask."""
+    B, L = x.shape
+    config = unwrap(model).config
+    n_clean = L - (z0 == config.mask_id).sum(1)
+    m = int((L - n_clean).max())  # the most masks of any row
+    slot = n_clean[:, None] + torch.arange(m, device=x.device)  # (B, m): the sorted slot of each z row
+    xs = permute(x, order)
+    targets = torch.where(slot < L, xs.gather(1, slot.clamp(max=L - 1)), -1)
+    idx = torch.cat([torch.full_like(slot, config.mask_id), xs], dim=1)
+    pos = torch.cat([order.gather(1, slot.clamp(max=L - 1)), order], dim=1)
+    return model(idx, pos, sequential_mask(config.denoiser, n_clean, m, L), out=slice(0, m), targets=targets)
 
 
 def sequential_loss(model, x, alpha_0):
@@ -304,9 +355,7 @@ def sequential_loss(model, x, alpha_0):
     -log p(x_l | clean part of z0, x_{<l}) summed over the masked l."""
     mask_id = unwrap(model).config.mask_id
     z0 = add_masks(x, 1 - alpha_0, mask_id)
-    order = sequential_order(z0 == mask_id)
-    logp = sequential_logprobs(model, x, z0, order)
-    return -(logp * permute(z0 == mask_id, order)).sum() / logp.numel()
+    return sequential_nll(model, x, z0, sequential_order(z0 == mask_id)).sum() / x.numel()
 
 
 def diffusion_rows(B, alpha_0, batch_split):
@@ -330,16 +379,24 @@ def nelbo(model, x, alpha_0, batch_split=0.5, loss_type="elbo", t=None):
     return sum(terms.values()), terms
 
 
+def has_likelihood(config):
+    """Only B has a one-pass likelihood: A's clean tokens see each other, so each of its conditionals needs
+    its own pass over a different clean set, and MDLM's as well (L passes per ordering, not one)."""
+    return config.denoiser == "B"
+
+
 def log_likelihood(model, x, order):
     """log p(x | σ) = Σ_l log p(x_σ(l) | x_σ(<l)) for each row, in one forward pass (Fig. 10): the
     sequential pass with z0 all masks, so slot l sees exactly x_σ(<l) and its own mask."""
-    z0 = torch.full_like(x, unwrap(model).config.mask_id)
-    return sequential_logprobs(model, x, z0, order).sum(dim=1)
+    config = unwrap(model).config
+    if not has_likelihood(config):
+        raise ValueError(f"denoiser {config.denoiser} has no one-pass likelihood; report its NELBO")
+    return -sequential_nll(model, x, torch.full_like(x, config.mask_id), order).sum(dim=1)
 
 
 def iw_nll(model, x, alpha_0, K=1):
-    """Importance-weighted NLL per token (§4): -log mean_k p(x | σ_k), σ_k ~ P_L^{α0}. K=1 equals the
-    NELBO in expectation; it decreases with K towards the exact -log p(x)."""
+    """Importance-weighted NLL per token (§4): -log mean_k p(x | σ_k), σ_k ~ P_L^{α0}. It is an upper bound
+    on -log p(x) that decreases with K towards it."""
     B, L = x.shape
     logp = torch.stack([log_likelihood(model, x, likelihood_order(B, L, alpha_0, x.device)) for _ in range(K)])
     return -(logp.logsumexp(dim=0) - math.log(K)) / L  # (B,)

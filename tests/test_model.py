@@ -6,12 +6,16 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from model import (Linear, causal_mask, diffusion_loss, diffusion_order, invert, iw_nll, likelihood_order,
-                   log_likelihood, nelbo, permute, sequential_logprobs, sequential_mask, sequential_order,
+from model import (Linear, add_masks, causal_mask, diffusion_loss, diffusion_order, invert, iw_nll,
+                   likelihood_order, log_likelihood, nelbo, permute, sequential_mask, sequential_nll, sequential_order,
                    stratified_times, unpermute)
 
 # The paper's example, 1-based positions: x = (A,B,C,D,E,F), z_t = (A,M,C,M,M,F).
 IS_MASK = torch.tensor([[False, True, False, True, True, False]])
+
+
+def token_nll(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 
 
 def mask_in_original_coordinates(mask, order):
@@ -48,8 +52,17 @@ def test_diffusion_order_puts_clean_first_in_every_order():
     assert len(seen_clean) == 6 and len(seen_masks) == 6, "clean tokens and masks must both be shuffled"
 
 
+def paper_sequential_mask(L):
+    """The paper's 2L x 2L mask over z0 ⊕ x in sorted coordinates (BD3-LM's block mask, block size 1): z_i sees
+    itself and x_j for j < i; x_i sees x_j for j <= i; x never sees z. The reference for the repo's packed mask."""
+    ones = torch.ones(L, L, dtype=torch.bool)
+    return torch.cat([torch.cat([torch.eye(L, dtype=torch.bool), ones.tril(-1)], 1),
+                      torch.cat([torch.zeros(L, L, dtype=torch.bool), ones.tril()], 1)], 0)
+
+
 def test_sequential_order_and_mask_reproduce_the_paper():
-    """σ = (3,1,6,2,4,5): clean shuffled, masks in natural order; the 2L mask of the paper's figure."""
+    """σ = (3,1,6,2,4,5): clean shuffled, masks in natural order; the 2L mask of the paper's figure; the repo's
+    mask is that mask without the z rows (and columns) of the clean tokens A, C, F."""
     noise = torch.tensor([[0.2, 0.0, 0.1, 0.0, 0.0, 0.3]])
     order = sequential_order(IS_MASK, noise)
     assert order.tolist() == [[2, 0, 5, 1, 3, 4]], order
@@ -72,18 +85,68 @@ def test_sequential_order_and_mask_reproduce_the_paper():
     ], dtype=torch.bool)
     inv = invert(order)[0]
     both = torch.cat([inv, inv + 6])
-    assert torch.equal(sequential_mask(6)[both][:, both], expected)
+    assert torch.equal(paper_sequential_mask(6)[both][:, both], expected)
+    packed = sequential_mask("B", torch.tensor([3]), 3, 6)[0, 0]  # z rows of M2, M4, M5 (slots 3, 4, 5), then x
+    keep = torch.tensor([3, 4, 5, 6, 7, 8, 9, 10, 11])  # those rows and columns of the paper's, sorted coordinates
+    assert torch.equal(packed, paper_sequential_mask(6)[keep][:, keep])
 
 
-def test_sequential_mask_in_sorted_coordinates():
-    """z_i sees itself and x_j for j < i (strict); x_i sees x_j for j <= i; x never sees z."""
-    expected = torch.tensor([[1, 0, 0, 0, 0, 0],
-                             [0, 1, 0, 1, 0, 0],
-                             [0, 0, 1, 1, 1, 0],
-                             [0, 0, 0, 1, 0, 0],
-                             [0, 0, 0, 1, 1, 0],
-                             [0, 0, 0, 1, 1, 1]], dtype=torch.bool)
-    assert torch.equal(sequential_mask(3), expected)
+def test_sequential_mask_rows_per_sample():
+    """Each row of a batch has its own clean prefix: z row r is the mask at slot n_clean + r; it sees itself and
+    x_j for j < n_clean + r (strict); x rows are causal; x never sees z."""
+    mask = sequential_mask("B", torch.tensor([1, 3]), 3, 4)[:, 0]  # 3 masks; 1 mask and 2 padded z rows
+    for b, n_clean in enumerate((1, 3)):
+        for r in range(3):
+            assert mask[b, r, :3].tolist() == [i == r for i in range(3)]
+            assert mask[b, r, 3:].tolist() == [j < n_clean + r for j in range(4)], (b, r)
+        assert torch.equal(mask[b, 3:, 3:], torch.ones(4, 4, dtype=torch.bool).tril()) and not mask[b, 3:, :3].any()
+
+
+def test_dropping_the_clean_z_rows_leaves_the_loss_unchanged():
+    """The sequential pass runs [masks of z0 ; x] instead of the paper's z0 ⊕ x (2L slots): the same draws give
+    the same per-token NLL and the same gradients as the paper's full 2L pass (fp32), for several masking rates
+    and with z0 all masks (the likelihood pass)."""
+    model = tiny_model(vocab_size=7, block_size=12, seed=2).train()
+    mask_id = model.config.mask_id
+    x = torch.randint(0, 7, (9, 12))
+    for p_mask in (0.25, 0.5, 0.75, 1.0):
+        torch.manual_seed(0)
+        z0 = add_masks(x, p_mask, mask_id)
+        order = sequential_order(z0 == mask_id)
+        model.zero_grad()
+        nll = sequential_nll(model, x, z0, order)
+        nll.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        idx = torch.cat([permute(z0, order), permute(x, order)], dim=1)
+        logits = model(idx, torch.cat([order, order], dim=1), paper_sequential_mask(12), out=slice(0, 12))
+        ref = token_nll(logits, permute(x, order)) * permute(z0 == mask_id, order)
+        ref.sum().backward()
+        n_masks = (z0 == mask_id).sum(1)
+        for b in range(9):  # z row r of the packed pass is slot n_clean + r; rows past the last mask score 0
+            assert torch.allclose(nll[b, : n_masks[b]], ref[b, 12 - n_masks[b]:], atol=1e-5), (p_mask, b)
+            assert nll[b, n_masks[b]:].eq(0).all()
+        assert all(torch.allclose(a, p.grad, atol=1e-5) for a, p in zip(grads, model.parameters())), p_mask
+
+
+def test_diffusion_loss_equals_the_full_pass():
+    """The diffusion pass computes last-layer queries and logits only from the first mask slot on (carry-over):
+    the same draws give the loss of a full pass with logits at every slot, masked to the masks, weighted by
+    α0 / (1 - α_t) (or 1: low_var), normalised by all tokens."""
+    model = tiny_model(vocab_size=7, block_size=12, seed=2)
+    x = torch.randint(0, 7, (8, 12))
+    for alpha_0, low_var in ((0.5, False), (0.25, True), (1.0, False), (1.0, True)):
+        torch.manual_seed(0)
+        loss = diffusion_loss(model, x, alpha_0, low_var=low_var)
+        torch.manual_seed(0)
+        t = stratified_times(8)
+        alpha_t = alpha_0 * (1 - t)
+        zt = add_masks(x, (1 - alpha_t)[:, None], model.config.mask_id)
+        order = diffusion_order(zt == model.config.mask_id)
+        nll = token_nll(model(permute(zt, order), order, causal_mask(12)), permute(x, order))
+        w = torch.ones_like(t) if low_var else alpha_0 / (1 - alpha_t)
+        ref = (w[:, None] * nll * permute(zt == model.config.mask_id, order)).sum() / x.numel()
+        assert torch.allclose(loss, ref, atol=1e-6), (alpha_0, loss, ref)
 
 
 def test_permutations_round_trip():
@@ -214,7 +277,7 @@ def test_first_mask_of_the_diffusion_pass_is_the_likelihood_conditional():
         logits = model(permute(zt, order), order, causal_mask(8))
         first_mask = logits[:, 5].log_softmax(-1).gather(1, permute(x, order)[:, 5:6])[:, 0]
         z0 = torch.full_like(x, model.config.mask_id)
-        assert torch.allclose(first_mask, sequential_logprobs(model, x, z0, order)[:, 5], atol=1e-6)
+        assert torch.allclose(first_mask, -sequential_nll(model, x, z0, order)[:, 5], atol=1e-6)
 
 
 def test_loss_is_finite_and_differentiable():
