@@ -3,37 +3,49 @@ The KV cache of the Eso-LM sampler (paper §5.3), in the gpt-fast spirit: per-la
 once for the batch and the sequence length, written by index, never grown by concatenation.
 
 Slots [0, committed) hold the post-RoPE K/V of clean tokens, in denoising order; they never change.
-A forward pass writes the K/V of the tokens it is fed at [committed, committed + T) and attends to
-[0, committed + T). Those writes are provisional until the sampler calls commit(n) for the first n of them:
-it commits the clean tokens it fed (the previous step's, now sampled) and never the current mask tokens,
-whose slots the next step overwrites with the same tokens' clean K/V (pitfall 14). The model reads and
-writes the cache it is handed but never advances it: only the sampler calls commit.
+Before each forward pass the sampler says how many tokens it feeds and how many slots attention reads
+(`feed(T, keys)`): the pass writes its T tokens' K/V at slots [committed, committed + T) and reads [0, keys). Those writes are provisional until the
+sampler calls commit(n) for the first n of them: it commits the clean tokens it fed (the previous step's, now
+sampled) and never the current mask tokens, whose slots the next step overwrites with the same tokens' clean
+K/V (pitfall 14). The model reads and writes the cache it is handed but never advances it.
+
+For CUDA graphs (torch.compile's reduce-overhead mode) every step must have the same shapes and the buffers
+the same addresses: the sampler then feeds a padded chunk and reads all max_len slots (static=True).
 """
 import torch
 
 
 class KVCache:
 
-    def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, device="cpu", dtype=torch.float32):
+    def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, device="cpu", dtype=torch.float32,
+                 static=False):
         shape = (n_layer, batch_size, n_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        if static:  # a graph replay writes these buffers in place: their address must never change
+            torch._dynamo.mark_static_address(self.k)
+            torch._dynamo.mark_static_address(self.v)
         self.committed = 0  # slots [0, committed) are final
         self.max_len = max_len
+        self.slots, self.keys = None, 0
 
     @classmethod
-    def for_model(cls, config, batch_size, max_len=None, device="cpu", dtype=torch.float32):
+    def for_model(cls, config, batch_size, max_len=None, device="cpu", dtype=torch.float32, static=False):
         return cls(config.n_layer, batch_size, config.n_head, max_len or config.block_size,
-                   config.n_embd // config.n_head, device, dtype)
+                   config.n_embd // config.n_head, device, dtype, static)
+
+    def feed(self, T, keys):
+        """The next forward pass is fed T tokens: it writes their K/V at slots [committed, committed + T) (a
+        tensor of indices, so that a captured graph can be replayed at any `committed`) and reads [0, keys)."""
+        assert self.committed + T <= self.max_len and keys <= self.max_len, f"cache of {self.max_len} slots"
+        self.slots = torch.arange(self.committed, self.committed + T, device=self.k.device)
+        self.keys = keys
 
     def update(self, layer, k, v):
-        """Write k, v (B, nh, T, hd) provisionally after the committed prefix; return K/V over the prefix
-        and them, (B, nh, committed + T, hd)."""
-        end = self.committed + k.size(2)
-        assert end <= self.max_len, f"cache of {self.max_len} slots cannot hold {end}"
-        self.k[layer, :, :, self.committed:end] = k
-        self.v[layer, :, :, self.committed:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        """Write k, v (B, nh, T, hd) provisionally at the fed slots; return K/V (B, nh, keys, hd)."""
+        self.k[layer].index_copy_(2, self.slots, k.to(self.k.dtype))  # (autocast may hand over fp32 keys)
+        self.v[layer].index_copy_(2, self.slots, v.to(self.v.dtype))
+        return self.k[layer, :, :, :self.keys], self.v[layer, :, :, :self.keys]
 
     def commit(self, n):
         """Make the first n provisional slots permanent: the clean tokens of the last forward pass."""

@@ -5,6 +5,7 @@ Sample from a trained Eso-LM with the exact KV cache (paper §5). Right after `p
     python sample.py --start "ROMEO:" --alpha_0 0.25  # a prompt; a quarter of the tokens by diffusion
     python sample.py --infill "ROMEO: ____________ JULIET:"   # each '_' is one token to generate
     python sample.py --kv_cache=False                 # the uncached reference path: the same tokens, slower
+    python sample.py --schedule=strided --steps 8     # the paper's improved sampler: far-apart tokens per step
 
 One loop serves both phases: a diffusion step reveals a chunk of tokens at once, a sequential step one.
 Each step feeds [the tokens revealed at the previous step, now clean; the masks to reveal now] with their
@@ -18,12 +19,13 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from configurator import UserError, parse_args, run_cli
 from data import Tokenizer
 from kvcache import KVCache
-from model import causal_mask, permute, unpermute, unwrap
+from model import attention_mask, permute, unpermute, unwrap
 
 GAP = "_"  # in --infill text, each '_' is one token to generate
 
@@ -43,19 +45,34 @@ def diffusion_counts(n, steps, alpha_0, generator=None):
     return counts[counts > 0].tolist()
 
 
-def plan(is_gen, num_samples, steps, alpha_0, generator=None):
+def plan(is_gen, num_samples, steps, alpha_0, generator=None, schedule="random"):
     """The unified schedule S = S_MDM ⊕ S_AR for a template whose positions `is_gen` (L,) are to be generated.
-    Returns order (B, L): given tokens first (ascending), then the diffusion positions in a random order per
-    sample, then the sequential positions ascending; and chunks: the tokens per step, shared by the batch
-    (pitfall 18). NFE = len(chunks)."""
+    Returns order (B, L): given tokens first (ascending), then the diffusion positions, then the sequential
+    positions ascending; chunks: the tokens per step, shared by the batch (pitfall 18), NFE = len(chunks); and
+    how many of them (the last ones) are sequential steps.
+    schedule='random' (Alg. 2): Binomial counts per step, diffusion positions in a random order per sample.
+    schedule='strided' (the paper's "improved" sampler, Suppl. E.10, the code's subcontext ordering): step r of
+    T' = min(steps, #generated) reveals every T'-th generated position from the r-th on, so that no step decodes
+    neighbours at once; the rows come in a random order shared by the batch, and the first int(α0 T') rows are
+    diffusion steps, the rest goes left to right. Within a step the order is random per sample."""
     given = torch.nonzero(~is_gen).flatten()
     gen = torch.nonzero(is_gen).flatten()
-    counts = diffusion_counts(len(gen), steps, alpha_0, generator)
+    n = len(gen)
+    if schedule == "strided":
+        rows = min(steps, n)
+        step = torch.randperm(rows, generator=generator)[torch.arange(n) % rows]  # the step of each position
+        in_diffusion = step < int(alpha_0 * rows)
+        counts = torch.bincount(step[in_diffusion], minlength=int(alpha_0 * rows)).tolist()
+        key = torch.where(in_diffusion, step + 0.5 * torch.rand(num_samples, n, generator=generator),
+                          rows + torch.arange(n) / n)  # by step, randomly within one; then left to right
+        order = torch.cat([given.expand(num_samples, -1), gen[key.argsort(dim=1)]], dim=1)
+        return order, counts + [1] * (n - sum(counts)), n - sum(counts)
+    counts = diffusion_counts(n, steps, alpha_0, generator)
     n_diff = sum(counts)
-    shuffled = gen[torch.rand(num_samples, len(gen), generator=generator).argsort(dim=1)]
+    shuffled = gen[torch.rand(num_samples, n, generator=generator).argsort(dim=1)]
     order = torch.cat([given.expand(num_samples, -1), shuffled[:, :n_diff],
                        shuffled[:, n_diff:].sort(dim=1).values], dim=1)
-    return order, counts + [1] * (len(gen) - n_diff)
+    return order, counts + [1] * (n - n_diff), n - n_diff
 
 
 def sample_tokens(logits, temperature=1.0, top_p=0.9, generator=None):
@@ -78,40 +95,64 @@ def sample_tokens(logits, temperature=1.0, top_p=0.9, generator=None):
 # the sampler loop (§5.3)
 
 def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, generator=None,
-            callback=None, ctx=contextlib.nullcontext(), progress=False):
-    """Fill the masks of x (B, L), original order, following `order` and `chunks` (see plan()).
-    kv_cache=False is the reference path: a full forward over [revealed tokens in σ order; current masks]
-    at every step, the cost an MDLM-style sampler pays. Both paths draw the same noise, so they give the
-    same tokens. After each step, callback(step, start, done, end, x, order, logits, cache) sees it: slots
-    [start, done) were fed clean, [done, end) as masks and now hold their samples; x is in σ order. The
-    loop runs in inference mode: tensors a callback keeps are inference tensors (clone() them for autograd)."""
-    with torch.inference_mode():  # no autograd bookkeeping: a few % of a sampling step's small ops
-        B, L = x.shape
+            callback=None, ctx=contextlib.nullcontext(), progress=False, static=False, sequential=0):
+    """Fill the masks of x (B, L), original order, following `order` and `chunks` (see plan()); the last
+    `sequential` chunks are the sequential phase. Each step feeds the tokens revealed at the previous step
+    (now clean) and the masks to reveal now, with the mask of the model's denoiser (model.attention_mask):
+      B     cached in both phases: each step feeds only what the cache lacks (§5.3);
+      A     its clean tokens see each other, so a diffusion step changes all of their K/V: it feeds every clean
+            token at every diffusion step, and caches from the sequential phase on (§3);
+      mdlm  feeds all L tokens, masks still to come included, at every step, and never caches.
+    kv_cache=False is the reference path: every step feeds everything from slot 0, as MDLM does. Both paths
+    draw the same noise, so they give the same tokens.
+    static=True gives every step one of a few shapes, for CUDA graphs (torch.compile's reduce-overhead): the
+    fed chunk is padded to a power of two with the slots that follow it (the causal mask hides them from the
+    real tokens; their K/V land in slots nobody has committed) and cached steps attend to all L slots.
+    After each step, callback(step, start, done, end, x, order, logits, cache) sees it: slots [start, done)
+    were fed clean, [done, end) as masks and now hold their samples; x is in σ order. The loop runs in
+    inference mode: tensors a callback keeps are inference tensors (clone() them for autograd)."""
+    config = unwrap(model).config
+    if config.denoiser == "mdlm" and sequential:
+        raise ValueError("MDLM has no sequential phase: sample it with alpha_0=1")
+    B, L = x.shape
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with torch.inference_mode(), sdpa_kernel(backends) if x.is_cuda else contextlib.nullcontext():
+        # (CUDA's default backend choice for bf16 with a boolean mask costs ~70 ms per new shape: gpu-notes.md)
         x = permute(x, order).clone()  # kept in σ order for the whole run
         done = L - sum(chunks)  # slots [0, done) are clean: the given tokens
+        seq_start = L - sum(chunks[len(chunks) - sequential:]) if sequential else L  # A: the prefix freezes here
         dtype = ctx.fast_dtype if isinstance(ctx, torch.autocast) else torch.float32  # K/V as the model makes them
-        cache = KVCache.for_model(unwrap(model).config, B, L, x.device, dtype) if kv_cache else None
-        causal = causal_mask(L, x.device)  # built once; every step attends through a slice of it
+        cache = (KVCache.for_model(config, B, L, x.device, dtype, static)
+                 if kv_cache and config.denoiser != "mdlm" else None)
+        slots = torch.arange(L, device=x.device)
         for step, k in enumerate(tqdm(chunks, disable=not progress, leave=False, desc="steps")):
             end = done + k
-            # cached: feed the uncommitted clean tokens and the k masks, which see all committed K/V;
-            # uncached: feed everything from slot 0. Either way, rows [c, end) of one causal mask over σ order.
-            c = cache.committed if kv_cache else 0
-            mask = causal[c:end, :end]
+            cached = cache is not None and (config.denoiser == "B" or done >= seq_start)
+            first = cache.committed if cached else 0  # cached: what the cache lacks; else everything
+            n = (L if config.denoiser == "mdlm" else end) - first  # tokens to feed
+            T = min(1 << (n - 1).bit_length(), L - first) if static else n  # static: a power of two
+            keys = (L if static else first + n) if cached else T
+            if cached:
+                cache.feed(T, keys)
+            mask = attention_mask(config.denoiser, slots[first:first + T, None], slots[:keys], min(done, seq_start))
+            rows = slice(done - first, end - first)  # the k masks to reveal
             with ctx:
-                logits = model(x[:, c:end], order[:, c:end], mask, cache, out=slice(-k, None))
+                logits = model(x[:, first:first + T], order[:, first:first + T], mask, cache if cached else None,
+                               out=slice(None) if static else rows)
+            logits = logits[:, rows] if static else logits
             x[:, done:end] = sample_tokens(logits, temperature, top_p, generator)
-            if kv_cache:
-                cache.commit(done - c)  # the clean tokens just fed, never the k masks (pitfall 14)
+            if cached:
+                cache.commit(done - first)  # the clean tokens just fed, never the k masks (pitfall 14)
             if callback:
-                callback(step=step, start=c, done=done, end=end, x=x, order=order, logits=logits, cache=cache)
+                callback(step=step, start=first, done=done, end=end, x=x, order=order, logits=logits, cache=cache)
             done = end
         x = unpermute(x, order)
     return x.clone()  # a normal tensor again, usable with autograd
 
 
 def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=1.0, top_p=0.9,
-             kv_cache=True, seed=1337, callback=None, ctx=contextlib.nullcontext(), progress=False):
+             kv_cache=True, seed=1337, callback=None, ctx=contextlib.nullcontext(), progress=False,
+             schedule="random", static=False):
     """Sample num_samples sequences that agree with `template` (L,): its mask tokens are generated, every
     other token is kept. Returns (tokens (B, L), NFE). The same seed gives the same samples."""
     mask_id = unwrap(model).config.mask_id
@@ -119,10 +160,10 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
     gen_cpu = torch.Generator().manual_seed(seed)  # schedule and orderings: the same on every device
     noise_device = "cpu" if device.type == "mps" else device  # MPS has no float64
     gen_noise = torch.Generator(device=noise_device).manual_seed(seed)
-    order, chunks = plan((template == mask_id).cpu(), num_samples, steps, alpha_0, gen_cpu)
+    order, chunks, sequential = plan((template == mask_id).cpu(), num_samples, steps, alpha_0, gen_cpu, schedule)
     x = template.expand(num_samples, -1)
     x = denoise(model, x, order.to(device), chunks, temperature, top_p, kv_cache, gen_noise, callback, ctx,
-                progress)
+                progress, static, sequential)
     return x, len(chunks)
 
 
@@ -144,6 +185,8 @@ class SampleConfig:
     device: str = "auto"
     dtype: str = "auto"
     kv_cache: bool = True
+    schedule: str = "random"  # random (Alg. 2) or strided (the paper's improved sampler, Suppl. E.10)
+    compile: bool = False  # torch.compile + CUDA graphs over static shapes; default True on CUDA
     trajectory: str = ""  # write the first sample's denoising trajectory as an SVG strip of frames here
 
 
@@ -215,34 +258,52 @@ class Trajectory:
 def main(argv=None):
     from train import autocast_context, load_checkpoint, model_from_checkpoint, pick_device
     cfg = SampleConfig()
-    parse_args(cfg, argv)
+    user_keys = parse_args(cfg, argv)
     checks = [(cfg.steps >= 1, f"--steps={cfg.steps} must be at least 1"),
               (cfg.alpha_0 == -1 or 0 <= cfg.alpha_0 <= 1, f"--alpha_0={cfg.alpha_0} must be in [0, 1]"),
               (0 < cfg.top_p <= 1, f"--top_p={cfg.top_p} must be in (0, 1]"),
               (cfg.temperature >= 0, f"--temperature={cfg.temperature} must be >= 0"),
               (cfg.num_samples >= 1, f"--num_samples={cfg.num_samples} must be at least 1"),
-              (cfg.length >= 0, f"--length={cfg.length} must be positive")]
+              (cfg.length >= 0, f"--length={cfg.length} must be positive"),
+              (cfg.schedule in ("random", "strided"), f"--schedule={cfg.schedule} must be random or strided")]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
     device = pick_device(cfg.device)
+    if "compile" not in user_keys:
+        cfg.compile = device.startswith("cuda")
     ctx, _ = autocast_context(device, cfg.dtype)
     out_dir = cfg.out_dir or find_checkpoint()
     ckpt = load_checkpoint(out_dir, device)
     model = model_from_checkpoint(ckpt, device).eval()
-    block_size = model.config.block_size
+    block_size, denoiser = model.config.block_size, model.config.denoiser
     alpha_0 = ckpt["config"]["alpha_0"] if cfg.alpha_0 == -1 else cfg.alpha_0
     if cfg.length > block_size:
         raise UserError(f"--length={cfg.length} is above the trained block size {block_size}")
+    if denoiser == "mdlm" and alpha_0 != 1:
+        raise UserError(f"--alpha_0={alpha_0}: an MDLM checkpoint has no sequential phase; use --alpha_0=1")
     tok = Tokenizer(ckpt["meta"])
     template = make_template(tok, model.config.mask_id, cfg.length, block_size, read_text(cfg.start),
-                             read_text(cfg.infill))
-    print(f"loaded {out_dir}/ckpt.pt (iter {ckpt['iter_num']}, trained with alpha_0={ckpt['config']['alpha_0']}); "
-          f"sampling with alpha_0={alpha_0}, steps={cfg.steps}, kv_cache={cfg.kv_cache}", file=sys.stderr)
+                             read_text(cfg.infill)).to(device)
+    print(f"loaded {out_dir}/ckpt.pt (iter {ckpt['iter_num']}, denoiser {denoiser}, trained with alpha_0="
+          f"{ckpt['config']['alpha_0']}); sampling with alpha_0={alpha_0}, steps={cfg.steps}, "
+          f"schedule={cfg.schedule}, kv_cache={cfg.kv_cache}", file=sys.stderr)
+    sample = lambda callback=None: generate(
+        net, template, cfg.num_samples, cfg.steps, alpha_0, cfg.temperature, cfg.top_p, cfg.kv_cache, cfg.seed,
+        callback, ctx, progress=sys.stderr.isatty(), schedule=cfg.schedule, static=cfg.compile)
+    net = model
+    if cfg.compile:  # one graph per step shape; a warm-up run with the same seed meets every shape once
+        print("compiling the model (torch.compile, CUDA graphs on a GPU): a warm-up run meets every step shape",
+              file=sys.stderr)
+        net = torch.compile(model, mode="reduce-overhead")
+        t0 = time.time()
+        sample()
+        print(f"warm-up (compilation and graph capture): {time.time() - t0:.2f} s", file=sys.stderr)
     trajectory = Trajectory(tok) if cfg.trajectory else None
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     t0 = time.time()
-    x, nfe = generate(model, template.to(device), cfg.num_samples, cfg.steps, alpha_0, cfg.temperature,
-                      cfg.top_p, cfg.kv_cache, cfg.seed, trajectory, ctx, progress=sys.stderr.isatty())
+    x, nfe = sample(trajectory)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.time() - t0

@@ -15,12 +15,12 @@ TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n
         "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 30
 
 
-def tiny_model(vocab_size=5, block_size=8, n_layer=2, n_head=2, n_embd=16, seed=0):
+def tiny_model(vocab_size=5, block_size=8, n_layer=2, n_head=2, n_embd=16, seed=0, denoiser="B"):
     """A random fp32 model. Its residual projections get random weights too (they start at zero in
     training), so that its predictions depend on the context, as a trained model's do."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                          n_embd=n_embd)).eval()
+                          n_embd=n_embd, denoiser=denoiser)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("c_proj.weight"):

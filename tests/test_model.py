@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from model import (Linear, add_masks, causal_mask, diffusion_loss, diffusion_order, invert, iw_nll,
+from model import (Linear, add_masks, attention_mask, causal_mask, diffusion_mask, diffusion_loss, diffusion_order, invert, iw_nll,
                    likelihood_order, log_likelihood, nelbo, permute, sequential_mask, sequential_nll, sequential_order,
                    stratified_times, unpermute)
 
@@ -38,6 +38,57 @@ def test_diffusion_order_reproduces_fig6():
         [1, 0, 1, 0, 0, 1],  # F sees C, A and itself
     ], dtype=torch.bool)
     assert torch.equal(mask_in_original_coordinates(causal_mask(6), order), expected)
+
+
+def test_eso_lm_a_and_mdlm_masks_on_the_paper_example():
+    """Same σ = (3,1,6,4,5,2). Eso-LM (A): the clean A, C, F also see each other (prefix-LM in sorted form,
+    Fig. 13); the masks are as in (B). MDLM: no mask at all, every position sees every other, masks included."""
+    order = diffusion_order(IS_MASK, torch.tensor([[0.2, 0.3, 0.1, 0.1, 0.2, 0.3]]))
+    n_clean = (~IS_MASK).sum(1)
+    expected = torch.tensor([
+        [1, 0, 1, 0, 0, 1],  # A sees C and F as well now: the clean tokens are bidirectional
+        [1, 1, 1, 1, 1, 1],  # M2 (last) sees everything
+        [1, 0, 1, 0, 0, 1],  # C
+        [1, 0, 1, 1, 0, 1],  # M4 sees the clean tokens and itself
+        [1, 0, 1, 1, 1, 1],  # M5 sees the clean tokens, M4 and itself
+        [1, 0, 1, 0, 0, 1],  # F
+    ], dtype=torch.bool)
+    a = diffusion_mask("A", n_clean, 6)
+    assert a.shape == (1, 1, 6, 6) and torch.equal(mask_in_original_coordinates(a[0, 0], order), expected)
+    assert diffusion_mask("mdlm", n_clean, 6) is None, "MDLM: SDPA's unmasked path, everything sees everything"
+    assert torch.equal(diffusion_mask("B", n_clean, 6), causal_mask(6))
+    # the sequential pass of (A): σ = (3,1,6,2,4,5); x rows A, C, F (slots 0-2) see each other, the masks' x
+    # rows are causal; the z rows (M2, M4, M5) see x strictly before their slot, as in (B)
+    seq = sequential_mask("A", torch.tensor([3]), 3, 6)[0, 0]
+    assert torch.equal(seq[:3], sequential_mask("B", torch.tensor([3]), 3, 6)[0, 0, :3])
+    x_rows = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+                           [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(seq[3:, 3:], x_rows) and not seq[3:, :3].any()
+
+
+def test_mdlm_sees_every_position():
+    """MDLM's forward has no mask: it is permutation-equivariant (any σ gives the same logits, un-sorted), and the
+    token first in σ, which under (B) sees only itself, changes its output when any other token changes."""
+    model = tiny_model(vocab_size=5, seed=1, denoiser="mdlm")
+    x = torch.randint(0, 5, (4, 8))
+    zt = torch.where(torch.arange(8) % 2 == 0, model.config.mask_id, x)
+    natural = torch.arange(8).expand(4, -1)
+    with torch.no_grad():
+        reference = model(zt, natural, None)
+        for _ in range(3):
+            order = diffusion_order(zt == model.config.mask_id)
+            logits = model(permute(zt, order), order, None)
+            assert torch.allclose(logits.gather(1, invert(order)[..., None].expand_as(logits)), reference, atol=1e-5)
+        order = torch.tensor([1, 3, 5, 7, 0, 2, 4, 6]).expand(4, -1)  # clean tokens first, position 1 leading
+        first = order[:, 0]
+        other = zt.clone()
+        other[:, 7] = (other[:, 7] + 1) % 5  # a clean token later in σ
+        rows = torch.arange(4)
+        assert not torch.allclose(model(other, natural, None)[rows, first], reference[rows, first])
+        b = tiny_model(vocab_size=5, seed=1)  # the same weights under (B): the first token sees only itself
+        b.load_state_dict(model.state_dict())
+        before = b(permute(zt, order), order, causal_mask(8))[:, 0]
+        assert torch.allclose(b(permute(other, order), order, causal_mask(8))[:, 0], before, atol=1e-6)
 
 
 def test_diffusion_order_puts_clean_first_in_every_order():

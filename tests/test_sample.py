@@ -6,16 +6,17 @@ import conftest
 from conftest import tiny_model
 
 from kvcache import KVCache
-from model import causal_mask
+from model import attention_mask, causal_mask
 from sample import denoise, diffusion_counts, generate, plan, sample_tokens
 
 V = 11
 
 
-def sharp_model(seed=0, block_size=24):
+def sharp_model(seed=0, block_size=24, denoiser="B"):
     """A random model with scaled-up weights: peaked, position-dependent predictions, so that sampling
     bugs change tokens."""
-    model = tiny_model(vocab_size=V, block_size=block_size, n_layer=2, n_head=2, n_embd=32, seed=seed)
+    model = tiny_model(vocab_size=V, block_size=block_size, n_layer=2, n_head=2, n_embd=32, seed=seed,
+                       denoiser=denoiser)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(3)
@@ -66,7 +67,7 @@ def test_schedule_counts_and_nfe():
     for alpha_0, steps in ((1.0, 8), (0.5, 8), (0.25, 64), (1.0, 10 ** 6)):
         counts = diffusion_counts(100, steps, alpha_0, torch.Generator().manual_seed(0))
         assert all(c > 0 for c in counts) and len(counts) <= steps and sum(counts) <= 100
-        order, chunks = plan(torch.ones(100, dtype=torch.bool), 2, steps, alpha_0, torch.Generator().manual_seed(0))
+        order, chunks, _ = plan(torch.ones(100, dtype=torch.bool), 2, steps, alpha_0, torch.Generator().manual_seed(0))
         assert chunks == counts + [1] * (100 - sum(counts))
         assert torch.equal(order.sort(dim=1).values, torch.arange(100).expand(2, -1))
         tail = order[:, sum(counts):]
@@ -172,6 +173,7 @@ def test_cache_is_preallocated_and_never_commits_masks():
     assert len(set(ptrs)) == 1 and ptrs[0][1] == (2, 2, 2, 20, 16)
     for n, x, order, k in prefixes[1:]:
         ref = KVCache.for_model(model.config, 2, 20)
+        ref.feed(n, n)
         model(x, order, causal_mask(n), ref)
         assert torch.allclose(ref.k[:, :, :, :n], k, atol=1e-5), "a committed slot differs from clean K"
         assert (x < V).all(), "a committed slot holds a mask token"
@@ -193,3 +195,99 @@ def test_bench_tables(tmp_path):
     r = conftest.run("bench.py", "--what=linear", "--iters=1", *tiny)
     assert r.returncode == 0, r.stderr
     assert [row["rows"] for row in json.loads(out.read_text())] == [1, 2, 4, 8, 16]
+
+
+@torch.no_grad()
+def test_static_shapes_give_the_same_logits_and_tokens():
+    """The static path (CUDA graphs) pads each step's chunk to a power of two with the slots after it and, when
+    cached, attends to all L slots: at every step its fp32 logits equal the exact-shape path's, with and without
+    the cache, and the tokens are identical. The shapes it feeds come from a few powers of two (and the chunks
+    that end exactly at L)."""
+    model = sharp_model(block_size=40)
+    template = masks(None, length=37)
+    template[:5] = torch.tensor([1, 2, 3, 4, 5])
+    shapes = []
+    model.transformer.wte.register_forward_hook(lambda m, i, o: shapes.append(i[0].shape[1]))
+    for alpha_0, steps in ((1.0, 5), (0.5, 6), (0.0, 3), (1.0, 10 ** 6)):
+        for kv_cache in (True, False):
+            x_d, _, dyn = run(model, template, kv_cache, alpha_0=alpha_0, steps=steps)
+            shapes.clear()
+            x_s, _, sta = run(model, template, kv_cache, alpha_0=alpha_0, steps=steps, static=True)
+            for a, b in zip(dyn, sta):
+                assert torch.allclose(a["logits"], b["logits"], atol=1e-4), (alpha_0, kv_cache, a["step"])
+            assert torch.equal(x_d, x_s), (alpha_0, kv_cache)
+            assert all(T & (T - 1) == 0 or s["start"] + T == 37 for T, s in zip(shapes, sta)), shapes
+
+
+@torch.no_grad()
+def test_eso_lm_a_caches_only_its_sequential_phase():
+    """Eso-LM (A): its clean tokens see each other, so every diffusion step feeds all of them from slot 0 and
+    nothing is cached; from the first sequential step on, the clean prefix is frozen and the cache is exact.
+    At every step the cached run's logits equal the uncached run's and a full forward with (A)'s prefix mask
+    over [clean tokens ; current masks]; the tokens are identical."""
+    model = sharp_model(denoiser="A")
+    template = masks(None)
+    template[:3] = torch.tensor([1, 2, 3])
+    for alpha_0 in (0.5, 1.0, 0.0):
+        seq_start = 20 - plan(template == V, 3, 6, alpha_0, torch.Generator().manual_seed(0))[2]
+        x_c, _, cached = run(model, template, True, alpha_0=alpha_0)
+        x_u, _, uncached = run(model, template, False, alpha_0=alpha_0)
+        assert torch.equal(x_c, x_u), alpha_0
+        for a, b in zip(cached, uncached):
+            assert a["start"] == 0 or a["done"] > seq_start, "a diffusion step must feed every clean token"
+            assert torch.allclose(a["logits"], b["logits"], atol=1e-4), (alpha_0, a["step"])
+            slots = torch.arange(a["end"])
+            mask = attention_mask("A", slots[:, None], slots, min(a["done"], seq_start))
+            full = model(clean_then_masks(a), a["order"][:, : a["end"]], mask)[:, a["done"]:]
+            assert torch.allclose(a["logits"], full, atol=1e-4), (alpha_0, a["step"])
+        if alpha_0 < 1:
+            assert any(a["start"] > 0 for a in cached), "the sequential phase must use the cache"
+
+
+@torch.no_grad()
+def test_mdlm_sampler_feeds_all_tokens_every_step():
+    """MDLM: every step is a full forward over all L tokens, the masks still to come included, with no mask
+    and no cache; NFE <= T; a sequential phase (α0 < 1) is refused."""
+    model = sharp_model(denoiser="mdlm")
+    x, nfe, steps = run(model, masks(None), True, alpha_0=1.0, steps=5)
+    assert nfe <= 5 and (x < V).all()
+    for s in steps:
+        assert s["start"] == 0, "MDLM feeds everything, every step"
+        z = s["x"].clone()
+        z[:, s["done"]:] = V  # everything not revealed before this step is a mask
+        full = model(z, s["order"], None)[:, s["done"]: s["end"]]
+        assert torch.allclose(s["logits"], full, atol=1e-4)
+    try:
+        generate(model, masks(None), 1, 4, 0.5)
+    except ValueError as e:
+        assert "no sequential phase" in str(e)
+    else:
+        raise AssertionError("MDLM with alpha_0 < 1 must be refused")
+
+
+@torch.no_grad()
+def test_strided_schedule():
+    """schedule='strided' (the paper's improved sampler): at α0 = 1, T' = min(T, n) steps, step r reveals the
+    generated positions of one residue class mod T' (far apart), in a row order shared by the batch; at α0 = .5,
+    int(α0 T') such steps, then the rest left to right. The cache gives the same tokens as the uncached path."""
+    is_gen = torch.ones(24, dtype=torch.bool)
+    is_gen[:4] = False  # a prompt: generated positions are 4..23
+    order, chunks, n_seq = plan(is_gen, 3, 5, 1.0, torch.Generator().manual_seed(0), "strided")
+    assert chunks == [4, 4, 4, 4, 4] and n_seq == 0
+    done = 4
+    for k in chunks:
+        step = order[:, done: done + k]
+        assert (step.sort(dim=1).values.diff(dim=1) == 5).all(), "one residue class: positions 5 apart"
+        assert torch.equal(step.sort(dim=1).values, step[:1].sort(dim=1).values.expand(3, -1)), "shared rows"
+        done += k
+    order, chunks, n_seq = plan(is_gen, 2, 8, 0.5, torch.Generator().manual_seed(0), "strided")
+    assert chunks[:4] == [3, 3, 2, 2] or sorted(chunks[:4]) == [2, 2, 3, 3]
+    assert n_seq == 20 - sum(chunks[:4]) and chunks[4:] == [1] * n_seq
+    tail = order[:, 4 + sum(chunks[:4]):]
+    assert (tail.diff(dim=1) > 0).all(), "the sequential part goes left to right"
+    model = sharp_model()
+    template = masks(None)
+    for alpha_0 in (1.0, 0.5):
+        x_c, _, _ = run(model, template, True, alpha_0=alpha_0, steps=4, schedule="strided")
+        x_u, _, _ = run(model, template, False, alpha_0=alpha_0, steps=4, schedule="strided")
+        assert torch.equal(x_c, x_u)
