@@ -1,20 +1,27 @@
 """
-Benchmarks that print tables (timings live here, never in tests). On a CPU, batch size 1 for sampling as in
-the paper's latency protocol (§5.6), a fixed randomly initialised model (speed does not depend on weights):
+Benchmarks that print tables (timings live here, never in tests). Sampling follows the paper's latency protocol
+(§5.6: batch 1, T = 10^6 so that NFE = L, nucleus off) on a fixed randomly initialised model (speed does not
+depend on the weights):
 
-    python bench.py                      # sampling: cached Eso-LM vs uncached vs AR decoding, L = 256, 1024
+    python bench.py                      # sampling: Eso-LM (B) cached vs MDLM vs AR decoding, L = 256, 1024
     python bench.py --what=train         # one training iteration: hybrid (α0=.5) vs diffusion (α0=1) vs AR
     python bench.py --what=frontier --out_dirs=out-a,out-b --scorer=out-ar   # speed-quality frontier
+    python bench.py --what=prepare       # data.prepare on a generated ~200 MB text: MB/s and peak memory
     python bench.py --what=linear        # why model.Linear exists: few-row products, F.linear vs (W xᵀ)ᵀ
+    python bench.py --what=gpu           # the whole GPU report: Table 11's protocol, throughput, training
 
+MDLM is the baseline the paper compares with: the same network with no attention mask (bidirectional), a full
+forward over all L tokens at every step, no cache. Every one of its steps costs the same, so with
+--mdlm_steps=N only N steps are timed and the total is their mean times NFE (said so in the table).
 The frontier samples from each trained checkpoint at several step counts, then scores the samples with the
 AR (α0=0) model: its mean NLL per token is a small "generative perplexity" (the paper uses GPT-2 Large),
 shown next to the samples' unigram entropy so that repetitive text cannot look good.
 """
 import json
+import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +35,11 @@ from train import autocast_context, load_checkpoint, model_from_checkpoint, pick
 
 @dataclass
 class BenchConfig:
-    what: str = "sample"  # sample, train, frontier or linear
+    what: str = "sample"  # sample, train, frontier, prepare, linear or gpu
     lengths: str = "256,1024"  # sequence lengths for --what=sample
     small_steps: int = 32  # the "small T" column
+    sample_batch: int = 1  # --what=sample: sequences sampled at once (the paper's latency protocol: 1)
+    mdlm_steps: int = 0  # --what=sample: time this many MDLM steps and scale to NFE (0: run them all)
     n_layer: int = 6  # the fixed model: nanoGPT's shakespeare_char size
     n_head: int = 6
     n_embd: int = 384
@@ -39,12 +48,14 @@ class BenchConfig:
     block_size: int = 64  # --what=train
     iters: int = 20  # --what=train: timed iterations per row and round
     rounds: int = 5  # --what=train: interleaved rounds; medians and the ratios' range are printed
-    compile: bool = False  # --what=train: torch.compile the model
+    compile: bool = False  # torch.compile the model (sampling: CUDA graphs over static shapes)
     out_dirs: str = ""  # --what=frontier: comma-separated checkpoints to sample from
     scorer: str = ""  # --what=frontier: the α0=0 checkpoint that scores samples
     steps_list: str = "8,16,32,64,L"  # --what=frontier
     num_samples: int = 64  # --what=frontier
-    device: str = "cpu"
+    schedules: str = "random,strided"  # --what=frontier: the sampler's position schedules
+    prepare_mb: int = 200  # --what=prepare: size of the generated text
+    device: str = "cpu"  # cuda for the GPU report
     seed: int = 1337
     json_out: str = ""  # also write the rows as JSON here
 
@@ -59,36 +70,103 @@ def timed(fn, device):
     return time.perf_counter() - t0, out
 
 
+def sample_run(model, template, batch, steps, alpha_0, cfg, device, kv_cache=True):
+    """(seconds, NFE) of one generate() call; with cfg.compile the static path, after a warm-up run of the
+    same schedule that meets every step shape (compilation and graph capture are not counted)."""
+    run = lambda: generate(model, template, batch, steps, alpha_0, top_p=1.0, kv_cache=kv_cache, seed=cfg.seed,
+                           ctx=autocast_context(device, "auto")[0], static=cfg.compile)
+    if cfg.compile:
+        run()
+    dt, (_, nfe) = timed(run, device)
+    return dt, nfe
+
+
+def mdlm_run(model, template, batch, steps, cfg, device):
+    """MDLM's (seconds, NFE): all steps, or --mdlm_steps of them scaled to NFE (every step is a full forward
+    over all L tokens, so they all cost the same)."""
+    L = len(template)
+    nfe = min(steps, L)
+    if not cfg.mdlm_steps or cfg.mdlm_steps >= nfe:
+        return (*sample_run(model, template, batch, steps, 1.0, cfg, device, kv_cache=False), "")
+    part = template.clone()
+    part[: L - cfg.mdlm_steps] = 0  # all but mdlm_steps positions given: the same full forwards, fewer of them
+    dt, n = sample_run(model, part, batch, 10 ** 6, 1.0, cfg, device, kv_cache=False)
+    return dt / n * nfe, nfe, f" ({n} steps timed)"
+
+
 def bench_sample(cfg, device):
+    """Eso-LM (B) with its KV cache, MDLM, and AR decoding through the same cache, at NFE = L and at a small T."""
     rows = []
-    print(f"sampling, batch 1, {cfg.n_layer} layers x {cfg.n_embd} wide, {device}, {torch.get_num_threads()} threads")
-    print(f"{'L':>5} {'sampler':<36} {'NFE':>5} {'seconds':>8} {'tokens/s':>9}")
+    dtype = autocast_context(device, "auto")[1]
+    print(f"sampling, batch {cfg.sample_batch}, {cfg.n_layer} layers x {cfg.n_embd} wide, {device} {dtype}"
+          f"{', compiled (CUDA graphs)' if cfg.compile else ''}, {torch.get_num_threads()} threads")
+    print(f"{'L':>5} {'sampler':<40} {'NFE':>5} {'seconds':>8} {'ms/step':>8} {'tokens/s':>9}")
     for L in map(int, cfg.lengths.split(",")):
         torch.manual_seed(0)
         model = GPT(GPTConfig(L, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd)).to(device).eval()
+        mdlm = GPT(GPTConfig(L, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, denoiser="mdlm")).to(device)
+        mdlm.load_state_dict(model.state_dict())
         template = torch.full((L,), model.config.mask_id, device=device)
-        generate(model, template[:64], 1, 10 ** 6, 1.0)  # warm-up: allocator, thread pool, caches
+        if cfg.compile:  # (sample_run warms up each compiled schedule itself)
+            model, mdlm = (torch.compile(m.eval(), mode="reduce-overhead") for m in (model, mdlm))
+        else:
+            generate(model, template[:64], 1, 10 ** 6, 1.0)  # warm-up: allocator, thread pool, caches
+        B = cfg.sample_batch
         for steps, label in ((10 ** 6, "NFE=L"), (cfg.small_steps, f"T={cfg.small_steps}")):
             res = {}
-            for name, alpha_0, kv in (("Eso-LM cached", 1.0, True), ("Eso-LM uncached (MDLM cost)", 1.0, False),
-                                      ("AR, same cache (α0=0)", 0.0, True)):
-                if name.startswith("AR") and label != "NFE=L":
-                    continue
-                dt, (_, nfe) = timed(lambda: generate(model, template, 1, steps, alpha_0, kv_cache=kv, seed=cfg.seed),
-                                     device)
+            runs = {"Eso-LM (B), KV cache": lambda: (*sample_run(model, template, B, steps, 1.0, cfg, device), ""),
+                    "MDLM, full forward every step": lambda: mdlm_run(mdlm, template, B, steps, cfg, device)}
+            if label == "NFE=L":
+                runs["AR decoding, same cache (α0=0)"] = lambda: (*sample_run(model, template, B, steps, 0.0, cfg,
+                                                                               device), "")
+            for name, fn in runs.items():
+                dt, nfe, note = fn()
                 res[name] = dt
-                rows.append(dict(L=L, schedule=label, sampler=name, nfe=nfe, seconds=dt, tokens_per_s=L / dt))
-                print(f"{L:>5} {name + ', ' + label:<36} {nfe:>5} {dt:>8.2f} {L / dt:>9.1f}", flush=True)
-            ratio = res["Eso-LM uncached (MDLM cost)"] / res["Eso-LM cached"]
-            extra = f", cached / AR {res['Eso-LM cached'] / res['AR, same cache (α0=0)']:.2f}x" if label == "NFE=L" else ""
-            print(f"{'':>5} -> {label}: cached is {ratio:.1f}x faster than uncached{extra}")
+                rows.append(dict(L=L, batch=B, n_layer=cfg.n_layer, n_embd=cfg.n_embd, schedule=label, sampler=name,
+                                 nfe=nfe, seconds=dt, ms_per_step=dt / nfe * 1000, tokens_per_s=B * L / dt,
+                                 extrapolated=bool(note)))
+                print(f"{L:>5} {name + ', ' + label:<40} {nfe:>5} {dt:>8.2f} {dt / nfe * 1000:>8.3f} "
+                      f"{B * L / dt:>9.1f}{note}", flush=True)
+            ratio = res["MDLM, full forward every step"] / res["Eso-LM (B), KV cache"]
+            ar = res.get("AR decoding, same cache (α0=0)")
+            extra = f", cached / AR {res['Eso-LM (B), KV cache'] / ar:.2f}" if ar else ""
+            print(f"{'':>5} -> {label}: Eso-LM (B) cached is {ratio:.1f}x faster than MDLM{extra}")
+    return rows
+
+
+def bench_gpu(cfg, device):
+    """One command, the whole GPU report: the paper's latency protocol (Table 11: batch 1, NFE = L) at its model
+    size (12 x 768) for L = 2048 and 8192 and at 6 x 384 for L = 1024; one batch-64 throughput row; the default
+    `sample.py --steps 32` workload (4 samples of 256 tokens); one training iteration at the GPU preset."""
+    if not device.startswith("cuda"):
+        print(f"note: --what=gpu is meant for a CUDA GPU; running it on {device}")
+    rows = []
+    for size, lengths, batch, mdlm_steps in (((6, 6, 384), "1024", 1, 0), ((12, 12, 768), "2048", 1, 0),
+                                              ((12, 12, 768), "8192", 1, 256), ((6, 6, 384), "1024", 64, 64)):
+        sub = replace(cfg, n_layer=size[0], n_head=size[1], n_embd=size[2], lengths=lengths, sample_batch=batch,
+                      mdlm_steps=mdlm_steps, compile=cfg.compile or device.startswith("cuda"))
+        rows += [dict(r, table="latency" if batch == 1 else "throughput") for r in bench_sample(sub, device)]
+    print("\nthe default `python sample.py --steps 32` workload: 4 samples of 256 tokens, 6 x 384, T = 32")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(256, cfg.vocab_size, 6, 6, 384)).to(device).eval()
+    sub = replace(cfg, compile=cfg.compile or device.startswith("cuda"))
+    net = torch.compile(model, mode="reduce-overhead") if sub.compile else model
+    template = torch.full((256,), model.config.mask_id, device=device)
+    t0 = time.perf_counter()
+    dt, nfe = sample_run(net, template, 4, 32, 0.5, sub, device)
+    print(f"  NFE {nfe}: {dt:.3f} s of sampling ({time.perf_counter() - t0 - dt:.1f} s of warm-up before it)")
+    rows.append(dict(table="sample.py default", nfe=nfe, seconds=dt))
+    print()
+    train = replace(cfg, batch_size=64, block_size=256, n_layer=6, n_head=6, n_embd=384,
+                    compile=cfg.compile or device.startswith("cuda"))
+    rows += [dict(r, table="train") for r in bench_train(train, device)]
     return rows
 
 
 def bench_train(cfg, device):
     torch.manual_seed(0)
     model = GPT(GPTConfig(cfg.block_size, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd)).to(device)
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.split(":")[0])
+    opts = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.split(":")[0])
     net = torch.compile(model) if cfg.compile else model
     ctx, dtype = autocast_context(device, "auto")
     x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size), device=device)
@@ -101,8 +179,9 @@ def bench_train(cfg, device):
         with ctx:
             loss, _ = nelbo(net, x, alpha_0)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     for alpha_0 in names:  # warm-up (and compilation)
         for _ in range(3 if not cfg.compile else 10):
             step(alpha_0)
@@ -142,27 +221,79 @@ def bench_frontier(cfg, device):
     with torch.no_grad():
         real_nll = iw_nll(scorer, real, 0.0).mean().item()
     real_ent = sum(unigram_entropy(r) for r in real.cpu()) / len(real)
-    rows = [dict(out_dir="val text", alpha_0=None, steps=None, nfe=None, seconds=None, seconds_uncached=None,
-                 same_tokens=None, gen_nll=real_nll, entropy=real_ent)]
+    rows = [dict(out_dir="val text", denoiser=None, alpha_0=None, schedule=None, steps=None, nfe=None, seconds=None,
+                 seconds_uncached=None, same_tokens=None, gen_nll=real_nll, entropy=real_ent)]
     print(f"reference, {cfg.num_samples} windows of real val text: NLL {real_nll:.3f}, entropy {real_ent:.3f}")
     print(f"{cfg.num_samples} samples each; seconds cached and uncached; gen NLL: nats/token under {cfg.scorer}")
-    print(f"{'checkpoint':<34} {'T':>5} {'NFE':>5} {'cached':>8} {'uncached':>9} {'gen NLL':>8} {'entropy':>8}")
+    print(f"{'checkpoint':<40} {'schedule':>8} {'T':>5} {'NFE':>5} {'cached':>8} {'uncached':>9} {'gen NLL':>8} "
+          f"{'entropy':>8}")
     for out_dir in cfg.out_dirs.split(","):
         ckpt = load_checkpoint(out_dir, device)
         model = model_from_checkpoint(ckpt, device).eval()
         L, alpha_0 = model.config.block_size, ckpt["config"]["alpha_0"]
         template = torch.full((L,), model.config.mask_id, device=device)
-        for steps in dict.fromkeys(L if s == "L" else int(s) for s in cfg.steps_list.split(",")):  # T = L once
-            dt, (x, nfe) = timed(lambda: generate(model, template, cfg.num_samples, steps, alpha_0, seed=cfg.seed),
-                                 device)
-            dt_u, (x_u, _) = timed(lambda: generate(model, template, cfg.num_samples, steps, alpha_0, kv_cache=False,
-                                                    seed=cfg.seed), device)
-            with torch.no_grad():
-                gen_nll = iw_nll(scorer, x, 0.0).mean().item()
-            ent = sum(unigram_entropy(r) for r in x.cpu()) / len(x)
-            rows.append(dict(out_dir=out_dir, alpha_0=alpha_0, steps=steps, nfe=nfe, seconds=dt, seconds_uncached=dt_u,
-                             same_tokens=bool(torch.equal(x, x_u)), gen_nll=gen_nll, entropy=ent))
-            print(f"{out_dir:<34} {steps:>5} {nfe:>5} {dt:>8.2f} {dt_u:>9.2f} {gen_nll:>8.3f} {ent:>8.3f}", flush=True)
+        for schedule in cfg.schedules.split(","):
+            if alpha_0 == 0 and schedule != "random":  # AR: one schedule only, left to right
+                continue
+            for steps in dict.fromkeys(L if s == "L" else int(s) for s in cfg.steps_list.split(",")):  # T = L once
+                run = lambda kv: generate(model, template, cfg.num_samples, steps, alpha_0, kv_cache=kv,
+                                          seed=cfg.seed, schedule=schedule)
+                dt, (x, nfe) = timed(lambda: run(True), device)
+                dt_u, (x_u, _) = timed(lambda: run(False), device)
+                with torch.no_grad():
+                    gen_nll = iw_nll(scorer, x, 0.0).mean().item()
+                ent = sum(unigram_entropy(r) for r in x.cpu()) / len(x)
+                rows.append(dict(out_dir=out_dir, denoiser=model.config.denoiser, alpha_0=alpha_0, schedule=schedule,
+                                 steps=steps, nfe=nfe, seconds=dt, seconds_uncached=dt_u,
+                                 same_tokens=bool(torch.equal(x, x_u)), gen_nll=gen_nll, entropy=ent))
+                print(f"{out_dir:<40} {schedule:>8} {steps:>5} {nfe:>5} {dt:>8.2f} {dt_u:>9.2f} {gen_nll:>8.3f} "
+                      f"{ent:>8.3f}", flush=True)
+    return rows
+
+
+def bench_prepare(cfg, device):
+    """data.prepare on a generated text of ~prepare_mb MB (Tiny Shakespeare's lines, shuffled), in a fresh
+    process: MB/s and its peak memory; beside it, tiktoken's own batch encoder on the same text, in memory and
+    cut into the same pieces, on all cores (the speed to compare with)."""
+    import random
+    import subprocess
+    import sys
+    import tempfile
+    from data import prepare
+    prepare("shakespeare")  # the lines to shuffle (downloaded if missing)
+    lines = open(os.path.join("data", "shakespeare", "input.txt"), encoding="utf-8").read().splitlines(keepends=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.makedirs(os.path.join(tmp, "big"))
+        path = os.path.join(tmp, "big", "input.txt")
+        rng, size = random.Random(cfg.seed), 0
+        with open(path, "w", encoding="utf-8") as f:
+            while size < cfg.prepare_mb * 1e6:
+                chunk = "".join(rng.choices(lines, k=10000))
+                f.write(chunk)
+                size += len(chunk.encode())
+        mb = size / 1e6
+        code = {"prepare": f"import time, data; t0 = time.perf_counter(); data.prepare('big', {tmp!r}); "
+                           "print(time.perf_counter() - t0)",
+                "tiktoken": f"import os, time, data; text = open({path!r}, encoding='utf-8').read(); "
+                            "enc = data.gpt2_encoding(); pieces = [text[i: i + data.PIECE] for i in "
+                            "range(0, len(text), data.PIECE)]; t0 = time.perf_counter(); "
+                            "enc.encode_ordinary_batch(pieces, num_threads=os.cpu_count()); "
+                            "print(time.perf_counter() - t0)"}
+        rows = []
+        print(f"a {mb:.0f} MB text (Tiny Shakespeare's lines, shuffled), {os.cpu_count()} cores")
+        for name, src in code.items():
+            out = subprocess.run([sys.executable, "-c", f"{src}\nimport resource; print(resource.getrusage("
+                                  "resource.RUSAGE_SELF).ru_maxrss)"], capture_output=True, text=True,
+                                 cwd=os.path.dirname(os.path.abspath(__file__)))
+            if out.returncode:
+                raise UserError(f"{name} failed: {out.stderr.strip().splitlines()[-1]}")
+            peak = int(out.stdout.split()[-1]) / 1024  # ru_maxrss is in KB on Linux
+            dt = float(out.stdout.split()[0])
+            rows.append(dict(what=name, mb=mb, seconds=dt, mb_per_s=mb / dt, peak_mb=peak))
+            label = ("data.prepare: read, count, encode, renumber, write" if name == "prepare" else
+                     "tiktoken encode_ordinary_batch alone (text already in memory)")
+            print(f"  {label:<66} {dt:7.1f} s {mb / dt:7.1f} MB/s, peak memory {peak:7.0f} MB", flush=True)
+        print(f"  -> prepare reaches {rows[0]['mb_per_s'] / rows[1]['mb_per_s']:.0%} of tiktoken's MB/s")
     return rows
 
 
@@ -200,7 +331,8 @@ def main(argv=None):
     cfg = BenchConfig()
     parse_args(cfg, argv)
     device = pick_device(cfg.device)
-    benches = {"sample": bench_sample, "train": bench_train, "frontier": bench_frontier, "linear": bench_linear}
+    benches = {"sample": bench_sample, "train": bench_train, "frontier": bench_frontier, "linear": bench_linear,
+               "prepare": bench_prepare, "gpu": bench_gpu}
     if cfg.what not in benches:
         raise UserError(f"--what={cfg.what} must be one of {', '.join(benches)}")
     rows = benches[cfg.what](cfg, device)

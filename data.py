@@ -10,12 +10,18 @@ Datasets in nanoGPT's layout, built on first use:
 `--dataset=<name>_char` tokenises the same text by characters (reading data/<name>_char/input.txt instead
 if that exists, as nanoGPT's `shakespeare_char` folder has one).
 """
+import codecs
+import collections
+import itertools
 import os
 import pickle
+import re
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from configurator import UserError
 
@@ -60,8 +66,69 @@ def gpt2_encoding():
                         "network once, or point TIKTOKEN_CACHE_DIR at a folder that holds them")
 
 
+PIECE = 1 << 20  # characters of text handed to the encoder at a time: memory stays bounded whatever the file
+SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")  # after a line break between two non-spaces: GPT-2's pre-tokenizer
+# always splits there (the break is a token of its own), so pieces cut there encode as the whole text does
+
+
+def text_pieces(path, split, cut=SAFE_CUT):
+    """Stream the text of `path` as (piece, is_val) pairs of about PIECE characters, cut where `cut` matches
+    (None: anywhere) and exactly at character `split`, nanoGPT's train/val boundary."""
+    done, buf = 0, ""  # characters yielded so far; text read but not yet yielded
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while True:
+            block = f.read(PIECE)
+            buf += block
+            if done < split <= done + len(buf):
+                yield buf[: split - done], False
+                buf, done = buf[split - done:], split
+            if not block:
+                if buf:
+                    yield buf, done >= split
+                return
+            if len(buf) >= PIECE:  # cut at the last safe place in the second half (none: read on)
+                at = len(buf) if cut is None else max((m.start() for m in cut.finditer(buf, len(buf) // 2)), default=0)
+                if at:
+                    yield buf[:at], done >= split
+                    buf, done = buf[at:], done + at
+
+
+def count_chars(path, chars=True):
+    """(number of characters, set of characters) of a UTF-8 text file, read in blocks. With chars=False the set
+    is None and only the bytes that start a character are counted, which numpy does at memory speed."""
+    n, seen = 0, set()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # as text_pieces reads the file
+    with open(path, "rb") as f:
+        while block := f.read(4 * PIECE):
+            if chars:
+                text = decoder.decode(block)
+                n += len(text)
+                seen.update(text)
+            else:
+                n += int(np.count_nonzero((np.frombuffer(block, dtype=np.uint8) & 0xC0) != 0x80))
+    return n, (seen if chars else None)
+
+
+def encoded(pieces, encode, threads=1):
+    """(uint16 token ids, is_val, characters) for each (piece, is_val), in order. With threads > 1 the pieces are
+    encoded in a pool (tiktoken releases the GIL), a few ahead of the one handed back, so the encoding runs on
+    every core while this thread converts and writes."""
+    with ThreadPoolExecutor(threads) as pool:
+        ahead = collections.deque()
+        for piece, is_val in itertools.chain(pieces, [(None, None)]):
+            if piece is not None:
+                ahead.append((pool.submit(encode, piece), is_val, len(piece)))
+            while ahead and (piece is None or len(ahead) > 2 * threads):
+                ids, is_val_, n = ahead.popleft()
+                yield np.asarray(ids.result(), dtype=np.uint16), is_val_, n
+
+
 def prepare(dataset, data_dir="data"):
-    """Build data/<dataset>/{train,val}.bin and meta.pkl if missing; return the meta dict."""
+    """Build data/<dataset>/{train,val}.bin and meta.pkl if missing; return the meta dict. The text is streamed:
+    memory stays bounded (a few pieces of PIECE characters) however large input.txt is. BPE datasets keep only
+    the GPT-2 tokens that occur in the text, renumbered densely (meta['gpt2_ids'] maps them back): Tiny
+    Shakespeare uses 11,706 of GPT-2's 50,257, so the output layer is 4x smaller and the token sequences are
+    nanoGPT's, relabelled."""
     out = os.path.join(data_dir, dataset)
     meta_path = os.path.join(out, "meta.pkl")
     bins = [os.path.join(out, f"{s}.bin") for s in ("train", "val")]
@@ -71,28 +138,64 @@ def prepare(dataset, data_dir="data"):
             if os.path.basename(os.path.dirname(src)) != "shakespeare":
                 raise UserError(f"dataset '{dataset}' needs its text at {src}")
             _download_shakespeare(src)
-        with open(src, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-        n = len(text)
+        char_level = dataset.endswith("_char")
+        n, chars = count_chars(src, chars=char_level)
         if n < 100:
             raise UserError(f"{src} holds {n} characters; a dataset needs at least a few thousand")
-        if dataset.endswith("_char"):
-            chars = sorted(set(text))
+        os.makedirs(out, exist_ok=True)
+        bar = tqdm(total=n, unit="char", unit_scale=True, desc=f"preparing {dataset}", leave=False,
+                   disable=n < 50_000_000)
+        if char_level:
+            chars = sorted(chars)
             meta = {"vocab_size": len(chars), "tokenizer": "char",
                     "stoi": {ch: i for i, ch in enumerate(chars)}, "itos": {i: ch for i, ch in enumerate(chars)}}
-            encode = lambda s: [meta["stoi"][c] for c in s]
+            lut = np.zeros(max(map(ord, chars)) + 1, dtype=np.uint16)
+            lut[[ord(c) for c in chars]] = np.arange(len(chars))
+            encode = lambda piece: lut[np.frombuffer(piece.encode("utf-32-le"), dtype=np.uint32)]
+            write_bins(bins, encoded(text_pieces(src, int(n * 0.9), cut=None), encode), bar)
         else:
             enc = gpt2_encoding()
-            meta = {"vocab_size": enc.n_vocab, "tokenizer": "gpt2"}
-            encode = enc.encode_ordinary
-        os.makedirs(out, exist_ok=True)
-        for path, part in zip(bins, (text[: int(n * 0.9)], text[int(n * 0.9):])):
-            atomic_write(path, np.array(encode(part), dtype=np.uint16).tofile)
+            gpt2_bins = [f"{b}.gpt2.{os.getpid()}.tmp" for b in bins]  # GPT-2 ids first, renumbered below
+            counts = write_bins(gpt2_bins, encoded(text_pieces(src, int(n * 0.9)), enc.encode_ordinary,
+                                                   os.cpu_count() or 1), bar)
+            used = np.flatnonzero(counts)
+            lut = np.zeros(enc.n_vocab, dtype=np.uint16)
+            lut[used] = np.arange(len(used))
+            for tmp, path in zip(gpt2_bins, bins):
+                ids = np.memmap(tmp, dtype=np.uint16, mode="r")
+                atomic_write(path, lambda f: [f.write(lut[ids[i: i + PIECE]].tobytes())
+                                              for i in range(0, len(ids), PIECE)])
+                del ids
+                os.remove(tmp)
+            meta = {"vocab_size": len(used), "tokenizer": "gpt2", "gpt2_ids": used.tolist()}
+        bar.close()
         atomic_write(meta_path, lambda f: pickle.dump(meta, f))
     with open(meta_path, "rb") as f:
         meta = pickle.load(f)
     meta.setdefault("tokenizer", "char" if "stoi" in meta else "gpt2")  # a meta.pkl written by nanoGPT
     return meta
+
+
+def write_bins(paths, tokens, bar):
+    """Write (ids, is_val, characters) token arrays, train to paths[0] and val to paths[1], each atomically.
+    Returns how often every token id occurs."""
+    counts = np.zeros(1 << 16, dtype=np.int64)
+    tmps = [f"{p}.{os.getpid()}.tmp" for p in paths]
+    files = [open(t, "wb") for t in tmps]
+    try:
+        for ids, is_val, n in tokens:
+            files[is_val].write(ids.tobytes())
+            counts += np.bincount(ids, minlength=1 << 16)
+            bar.update(n)
+        for f in files:
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        for f in files:
+            f.close()
+    for tmp, path in zip(tmps, paths):
+        os.replace(tmp, path)
+    return counts
 
 
 def load_split(dataset, split, data_dir="data"):
@@ -122,7 +225,9 @@ def eval_batches(data, batch_size, block_size, device="cpu", max_windows=0):
 
 
 class Tokenizer:
-    """encode/decode for a meta dict: characters (with a clear error for unknown ones) or GPT-2 BPE."""
+    """encode/decode for a meta dict: characters, or GPT-2 BPE, renumbered to the dataset's compact vocabulary
+    when meta['gpt2_ids'] is there (a meta.pkl without it, e.g. nanoGPT's, means raw GPT-2 ids). Text the
+    model has no token for is a UserError that names it."""
 
     def __init__(self, meta):
         self.meta = meta
@@ -130,16 +235,26 @@ class Tokenizer:
         self.is_char = meta["tokenizer"] == "char"
         if not self.is_char:
             self.enc = gpt2_encoding()
+            self.gpt2_ids = meta.get("gpt2_ids")  # compact id -> GPT-2 id
+            self.compact = None if self.gpt2_ids is None else {g: i for i, g in enumerate(self.gpt2_ids)}
 
     def encode(self, text):
-        if not self.is_char:
-            return self.enc.encode(text, allowed_special={"<|endoftext|>"})
-        unknown = sorted(set(text) - set(self.meta["stoi"]))
+        if self.is_char:
+            unknown = sorted(set(text) - set(self.meta["stoi"]))
+            if unknown:
+                raise UserError(f"characters not in this model's vocabulary: {''.join(unknown)!r}")
+            return [self.meta["stoi"][c] for c in text]
+        ids = self.enc.encode(text, allowed_special={"<|endoftext|>"})
+        if self.compact is None:
+            return ids
+        unknown = [g for g in dict.fromkeys(ids) if g not in self.compact]
         if unknown:
-            raise UserError(f"characters not in this model's vocabulary: {''.join(unknown)!r}")
-        return [self.meta["stoi"][c] for c in text]
+            pieces = ", ".join(repr(self.enc.decode([g])) for g in unknown[:5])
+            raise UserError(f"the text needs GPT-2 tokens this model never saw in training: {pieces}"
+                            f"{' ...' if len(unknown) > 5 else ''}; rephrase it")
+        return [self.compact[g] for g in ids]
 
     def decode(self, ids):
-        if not self.is_char:
-            return self.enc.decode(list(ids))
-        return "".join(self.meta["itos"][i] for i in ids)
+        if self.is_char:
+            return "".join(self.meta["itos"][i] for i in ids)
+        return self.enc.decode([self.gpt2_ids[i] for i in ids] if self.gpt2_ids is not None else list(ids))

@@ -18,7 +18,6 @@ The second half of the file is the method: orderings, masks, the hybrid NELBO (e
 likelihood (§4). The sampler lives in sample.py, the KV cache in kvcache.py.
 """
 import functools
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -193,12 +192,26 @@ class GPT(nn.Module):
         logits[..., self.config.mask_id] = -1e6  # zero masking (pitfall 8); -1e6, not -inf, stays NaN-free
         return logits
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw"):
+        """A list of optimizers. adamw: AdamW on everything, weight decay on the matrices (nanoGPT). muon: Muon
+        on the matrices of the blocks (modded-nanogpt, nanochat), with Moonshot's RMS matching so that it takes
+        AdamW's learning rate and weight decay; AdamW on the embedding (tied to the head) and the gains."""
+        hidden = [p for n, p in self.named_parameters() if p.dim() == 2 and n.startswith("transformer.h.")]
+        other = [p for p in self.parameters() if p.dim() < 2 or all(p is not q for q in hidden)]
+        fused = device_type in ("cuda", "cpu")  # one kernel per step instead of a Python loop over parameters
+        if optimizer == "muon":
+            opts = [torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay,
+                                     adjust_lr_fn="match_rms_adamw"),
+                    torch.optim.AdamW([{"params": [p for p in other if p.dim() >= 2], "weight_decay": weight_decay},
+                                       {"params": [p for p in other if p.dim() < 2], "weight_decay": 0.0}],
+                                      lr=learning_rate, betas=betas, fused=fused)]
+        else:
+            matrices = [p for p in self.parameters() if p.dim() >= 2]
+            gains = [p for p in self.parameters() if p.dim() < 2]
+            opts = [torch.optim.AdamW([{"params": matrices, "weight_decay": weight_decay},
+                                       {"params": gains, "weight_decay": 0.0}], lr=learning_rate, betas=betas,
+                                      fused=fused)]
+        return opts
 
 
 def unwrap(model):

@@ -38,14 +38,15 @@ def test_same_seed_same_losses_and_samples(data_dir, tmp_path):
 
 
 def test_ddp_two_processes_match_one_process(data_dir, tmp_path):
-    """torchrun with 2 CPU ranks (gloo), 1 micro-batch each, equals one process with 2 micro-batches:
-    same data, same noise, stratified t over the global batch, averaged gradients."""
+    """torchrun with 2 CPU ranks, typed as on a GPU (no --backend: it follows the device, gloo here), 1 micro-batch
+    each, equals one process with 2 micro-batches: same data, same noise, stratified t over the global batch,
+    averaged gradients."""
     common = [*TINY_TRAIN, f"--data_dir={data_dir}", "--max_iters=3", "--eval_interval=3",
               "--gradient_accumulation_steps=2", "--alpha_0=0.5"]
     single = run("train.py", *common, f"--out_dir={tmp_path / 'single'}")
     assert single.returncode == 0, single.stderr
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          os.path.join(ROOT, "train.py"), *common, f"--out_dir={tmp_path / 'ddp'}", "--backend=gloo"],
+                          os.path.join(ROOT, "train.py"), *common, f"--out_dir={tmp_path / 'ddp'}"],
                          capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stdout.count("saving checkpoint") + ddp.stderr.count("saving checkpoint") == 1, "rank 0 alone saves"
@@ -56,34 +57,38 @@ def test_ddp_two_processes_match_one_process(data_dir, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
-def test_sigkill_while_checkpointing_leaves_a_complete_checkpoint(data_dir, tmp_path):
-    """SIGKILL at arbitrary moments of a run that saves every iteration: ckpt.pt always loads, and resuming
-    from it continues the loss curve of an uninterrupted run exactly (optimizer state, data position)."""
+def test_sigkill_while_checkpointing_leaves_complete_checkpoints(data_dir, tmp_path):
+    """SIGKILL at arbitrary moments of a run that evaluates and saves every iteration: ckpt.pt (the best weights)
+    and last.pt (the state to resume from) always load, and resuming from last.pt continues the loss curve of
+    an uninterrupted run exactly (optimizer state, data position) and ends with the same best checkpoint."""
     common = [*TINY_TRAIN, f"--data_dir={data_dir}", "--max_iters=60", "--eval_interval=1"]
     ref = run("train.py", *common, f"--out_dir={tmp_path / 'ref'}")
     assert ref.returncode == 0
     out = tmp_path / "killed"
     for delay in (0.0, 0.15, 0.4):
-        p = start(*common, f"--out_dir={out}", *(["--init_from=resume"] if (out / "ckpt.pt").exists() else []))
-        while not (out / "ckpt.pt").exists() and p.poll() is None:
+        p = start(*common, f"--out_dir={out}", *(["--init_from=resume"] if (out / "last.pt").exists() else []))
+        while not (out / "last.pt").exists() and p.poll() is None:
             time.sleep(0.01)
         time.sleep(delay)
         p.send_signal(signal.SIGKILL)
         p.wait()
-        ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # complete, whatever moment the kill hit
-        assert ckpt["format"] == "eso-lm/1" and 0 < ckpt["iter_num"] < 60
-    it = ckpt["iter_num"]
+        best, last = (torch.load(out / name, weights_only=True) for name in ("ckpt.pt", "last.pt"))
+        assert best["format"] == last["format"] == "eso-lm/1" and 0 < last["iter_num"] < 60
+        assert best["iter_num"] <= last["iter_num"] + 1 and "optimizer" in last
+    it = last["iter_num"]
     resumed = run("train.py", *common, f"--out_dir={out}", "--init_from=resume")
     assert resumed.returncode == 0, resumed.stderr
     after, before = losses(resumed.stdout), losses(ref.stdout)
     assert after and min(after) == it + 1 and all(abs(after[k] - before[k]) < 1e-6 for k in after), (after, before)
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (out, tmp_path / "ref"))
+    assert a["iter_num"] == b["iter_num"] and all(torch.allclose(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_ctrl_c_saves_and_stops_cleanly(data_dir, tmp_path):
     out = tmp_path / "o"
     p = start(*TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=100000", "--eval_interval=1000")
     deadline = time.time() + 120
-    while not (out / "ckpt.pt").exists():
+    while not (out / "last.pt").exists():
         assert p.poll() is None and time.time() < deadline, p.communicate(timeout=30)[0][-3000:]
         time.sleep(0.05)
     time.sleep(0.3)
@@ -91,7 +96,7 @@ def test_ctrl_c_saves_and_stops_cleanly(data_dir, tmp_path):
     output, _ = p.communicate(timeout=60)
     assert p.returncode == 130 and "Traceback" not in output, output[-2000:]
     it = int(re.search(r"interrupted at iter (\d+)", output)[1])
-    assert it > 0 and torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == it
+    assert it > 0 and torch.load(out / "last.pt", weights_only=True)["iter_num"] == it
 
 
 def test_non_finite_loss_stops_without_saving(data_dir, tmp_path):
@@ -100,11 +105,11 @@ def test_non_finite_loss_stops_without_saving(data_dir, tmp_path):
     out = tmp_path / "o"
     common = [*TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--eval_interval=1"]
     assert run("train.py", *common, "--max_iters=2").returncode == 0
-    good = (out / "ckpt.pt").read_bytes()
+    good = [(out / name).read_bytes() for name in ("ckpt.pt", "last.pt")]
     r = run("train.py", *common, "--max_iters=50", "--init_from=resume", "--learning_rate=1e30", "--grad_clip=0")
     assert r.returncode == 1 and re.search(r"not finite at iter \d+; stopped without saving", r.stderr), r.stderr
     assert r.stderr.strip().count("\n") == 0
-    assert (out / "ckpt.pt").read_bytes() == good
+    assert [(out / name).read_bytes() for name in ("ckpt.pt", "last.pt")] == good
 
 
 def test_no_network_says_where_to_put_the_file(tmp_path, monkeypatch):
@@ -183,16 +188,17 @@ def test_ctrl_c_under_ddp_stops_every_rank_and_saves(data_dir, tmp_path):
     out = tmp_path / "o"
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           os.path.join(ROOT, "train.py"), *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}",
-                          "--max_iters=100000", "--eval_interval=1000", "--backend=gloo",
+                          "--max_iters=100000", "--eval_interval=1000",
                           "--gradient_accumulation_steps=2"],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 120
-    while not (out / "ckpt.pt").exists():
+    while not (out / "last.pt").exists():
         assert p.poll() is None and time.time() < deadline, p.communicate(timeout=30)[0][-3000:]
         time.sleep(0.05)
     time.sleep(0.5)
     os.killpg(p.pid, signal.SIGINT)
     output, _ = p.communicate(timeout=120)
-    it = int(re.search(r"interrupted at iter (\d+)", output)[1])
-    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == it > 0
+    stopped = re.search(r"interrupted at iter (\d+)", output)
+    assert stopped, output[-3000:]
+    assert torch.load(out / "last.pt", weights_only=True)["iter_num"] == int(stopped[1]) > 0
     assert "train.py" not in output.split("interrupted at iter")[1], "a worker raised after the stop"

@@ -1,5 +1,6 @@
 """train.py and data.py as a user runs them: checkpoints, resume, eval.json, and bad input."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -33,27 +34,45 @@ def test_batches(data_dir):
 
 
 def test_train_writes_checkpoint_and_eval_json_then_resumes(data_dir, tmp_path):
+    """ckpt.pt holds the weights of the best periodic val loss (what sample.py and --eval_only read) and the final
+    eval measures them, saying which iteration they come from; last.pt holds the latest state, optimizer
+    included, and --init_from=resume continues from it."""
     out = tmp_path / "out"
     r = run("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4",
             "--eval_interval=2", "--alpha_0=0.5")
     assert r.returncode == 0, r.stderr
     assert "saving checkpoint" in r.stdout + r.stderr and "exact NLL, K=4" in r.stdout + r.stderr
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["iter_num"] == 4 and ckpt["config"]["alpha_0"] == 0.5 and "optimizer" in ckpt
+    best, last = (torch.load(out / name, weights_only=True) for name in ("ckpt.pt", "last.pt"))
+    assert last["iter_num"] == 4 and last["config"]["alpha_0"] == 0.5 and "optimizer" in last
+    vals = {int(m[1]): float(m[2]) for m in re.finditer(r"step (\d+): .*val nelbo ([0-9.]+)", r.stdout)}
+    assert best["iter_num"] == min((i for i in vals if i > 0), key=vals.get) and "optimizer" not in best
     metrics = json.loads((out / "eval.json").read_text())
-    assert set(metrics) >= {"nelbo", "nll_k1", "nll_k4", "alpha_0", "iter"} and metrics["iter"] == 4
+    assert set(metrics) >= {"nelbo", "nll_k1", "nll_k4", "alpha_0", "iter", "trained_iters"}
+    assert metrics["iter"] == best["iter_num"] and metrics["trained_iters"] == 4
+    assert f"weights of iter {best['iter_num']}" in r.stdout
     assert metrics["nll_k4"] <= metrics["nll_k1"] + 1e-3
 
     r = run("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=6",
             "--eval_interval=2", "--init_from=resume")
     assert r.returncode == 0, r.stderr
-    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 6
-    assert json.loads((out / "eval.json").read_text())["iter"] == 6
+    assert min(int(i) for i in re.findall(r"iter (\d+): loss", r.stdout)) == 5, "resumes after iteration 4"
+    assert torch.load(out / "last.pt", weights_only=True)["iter_num"] == 6
+    assert json.loads((out / "eval.json").read_text())["trained_iters"] == 6
 
     r = run("train.py", f"--out_dir={out}", f"--data_dir={data_dir}", "--eval_only=True", "--eval_windows=8",
             "--eval_k=4", "--device=cpu", "--batch_size=4")
     assert r.returncode == 0, r.stderr
-    assert "NELBO" in r.stderr + r.stdout and json.loads((out / "eval.json").read_text())["iter"] == 6
+    best = torch.load(out / "ckpt.pt", weights_only=True)
+    assert "NELBO" in r.stderr + r.stdout and json.loads((out / "eval.json").read_text())["iter"] == best["iter_num"]
+
+
+def test_always_save_checkpoint_keeps_the_latest(data_dir, tmp_path):
+    """--always_save_checkpoint=True (nanoGPT's flag): ckpt.pt follows every eval, best or not."""
+    out = tmp_path / "out"
+    r = run("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=3",
+            "--eval_interval=1", "--learning_rate=0.5", "--always_save_checkpoint=True")
+    assert r.returncode == 0, r.stderr
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 3
 
 
 @pytest.mark.parametrize("flag, message", [
@@ -108,9 +127,48 @@ def test_sample_cli(data_dir, tmp_path):
 
 
 def test_bpe_dataset(data_dir):
-    """--dataset=<name> is GPT-2 BPE (nanoGPT's 'shakespeare'); tiktoken needs its files once (CI seeds them)."""
+    """--dataset=<name> is GPT-2 BPE (nanoGPT's 'shakespeare') over a compact vocabulary: the GPT-2 tokens that
+    occur in the text, renumbered densely. The token sequences are GPT-2's (mapped back, they equal tiktoken's
+    encoding of each split), encode -> decode is the identity, and a prompt that needs a token the model never
+    had is one clear error naming it. (tiktoken needs its files once: CI seeds them.)"""
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
     meta = prepare("tiny", str(data_dir))
     tok = Tokenizer(meta)
     train, val = load_split("tiny", "train", str(data_dir)), load_split("tiny", "val", str(data_dir))
-    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
-    assert tok.decode(list(train) + list(val)) == TEXT[: int(len(TEXT) * 0.9)] + TEXT[int(len(TEXT) * 0.9):]
+    split = int(len(TEXT) * 0.9)
+    gpt2 = np.array(meta["gpt2_ids"])
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == len(set(enc.encode_ordinary(TEXT[:split])) |
+                                                                     set(enc.encode_ordinary(TEXT[split:])))
+    assert gpt2[train].tolist() == enc.encode_ordinary(TEXT[:split]) and gpt2[val].tolist() == enc.encode_ordinary(TEXT[split:])
+    assert train.max() < meta["vocab_size"] and (np.diff(gpt2) > 0).all()
+    assert tok.decode(tok.encode(TEXT)) == TEXT and tok.decode(list(train) + list(val)) == TEXT
+    with pytest.raises(ValueError, match="never saw in training: ' z', 'ebra'"):
+        tok.encode("First Citizen: zebra")
+
+
+def test_prepare_streams_in_pieces(data_dir, monkeypatch):
+    """prepare() encodes the text piece by piece (bounded memory), cutting only between a line break and a line
+    start, where GPT-2's pre-tokenizer always splits: with tiny pieces (many cuts) it writes exactly the bins of
+    the whole text, for BPE and for characters."""
+    import data
+    whole = {name: (prepare(name, str(data_dir)), [load_split(name, s, str(data_dir)).tolist() for s in ("train", "val")])
+             for name in ("tiny", "tiny_char")}
+    text = TEXT.replace("\n\n", "\n\n\n    ") + "x" * 3000  # runs of line breaks, indents, a long line
+    (data_dir / "tiny" / "input.txt").write_text(text)
+    for name in ("tiny", "tiny_char"):
+        for f in (data_dir / name).glob("*.bin"):
+            f.unlink()
+    monkeypatch.setattr(data, "PIECE", 97)
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    meta = prepare("tiny", str(data_dir))
+    gpt2 = np.array(meta["gpt2_ids"])
+    split = int(len(text) * 0.9)
+    assert gpt2[load_split("tiny", "train", str(data_dir))].tolist() == enc.encode_ordinary(text[:split])
+    assert gpt2[load_split("tiny", "val", str(data_dir))].tolist() == enc.encode_ordinary(text[split:])
+    meta = prepare("tiny_char", str(data_dir))
+    chars = "".join(meta["itos"][i] for s in ("train", "val") for i in load_split("tiny_char", s, str(data_dir)).tolist())
+    assert chars == text and len(load_split("tiny_char", "train", str(data_dir))) == split
+    assert not list(data_dir.glob("**/*.tmp")), "no temporary file is left behind"
+    assert whole["tiny"][0]["vocab_size"] > 0
