@@ -134,32 +134,39 @@ def bench_sample(cfg, device):
     return rows
 
 
+GPU_LATENCY = [((6, 6, 384), 1024, 1, 0), ((12, 12, 768), 2048, 1, 0), ((12, 12, 768), 8192, 1, 256),
+               ((6, 6, 384), 1024, 64, 64)]  # (layers, heads, width), L, batch, MDLM steps timed (0: all)
+GPU_SAMPLE_DEFAULTS = dict(L=256, size=(6, 6, 384), num_samples=4, steps=32, alpha_0=0.5)  # sample.py's defaults
+GPU_TRAIN = dict(batch_size=64, block_size=256, n_layer=6, n_head=6, n_embd=384)  # the GPU preset
+
+
 def bench_gpu(cfg, device):
     """One command, the whole GPU report: the paper's latency protocol (Table 11: batch 1, NFE = L) at its model
     size (12 x 768) for L = 2048 and 8192 and at 6 x 384 for L = 1024; one batch-64 throughput row; the default
-    `sample.py --steps 32` workload (4 samples of 256 tokens); one training iteration at the GPU preset."""
+    `sample.py --steps 32` workload (4 samples of 256 tokens); one training iteration at the GPU preset. On CUDA
+    everything is compiled (CUDA graphs for sampling), as train.py and sample.py do by default."""
     if not device.startswith("cuda"):
         print(f"note: --what=gpu is meant for a CUDA GPU; running it on {device}")
+    compiled = cfg.compile or device.startswith("cuda")
     rows = []
-    for size, lengths, batch, mdlm_steps in (((6, 6, 384), "1024", 1, 0), ((12, 12, 768), "2048", 1, 0),
-                                              ((12, 12, 768), "8192", 1, 256), ((6, 6, 384), "1024", 64, 64)):
-        sub = replace(cfg, n_layer=size[0], n_head=size[1], n_embd=size[2], lengths=lengths, sample_batch=batch,
-                      mdlm_steps=mdlm_steps, compile=cfg.compile or device.startswith("cuda"))
+    for (n_layer, n_head, n_embd), L, batch, mdlm_steps in GPU_LATENCY:
+        sub = replace(cfg, n_layer=n_layer, n_head=n_head, n_embd=n_embd, lengths=str(L), sample_batch=batch,
+                      mdlm_steps=mdlm_steps, compile=compiled)
         rows += [dict(r, table="latency" if batch == 1 else "throughput") for r in bench_sample(sub, device)]
-    print("\nthe default `python sample.py --steps 32` workload: 4 samples of 256 tokens, 6 x 384, T = 32")
+    d = GPU_SAMPLE_DEFAULTS
+    print(f"\nthe default `python sample.py --steps {d['steps']}` workload: {d['num_samples']} samples of {d['L']} "
+          f"tokens, {d['size'][0]} x {d['size'][2]}, alpha_0={d['alpha_0']}")
     torch.manual_seed(0)
-    model = GPT(GPTConfig(256, cfg.vocab_size, 6, 6, 384)).to(device).eval()
-    sub = replace(cfg, compile=cfg.compile or device.startswith("cuda"))
-    net = torch.compile(model, mode="reduce-overhead") if sub.compile else model
-    template = torch.full((256,), model.config.mask_id, device=device)
+    model = GPT(GPTConfig(d["L"], cfg.vocab_size, *d["size"])).to(device).eval()
+    template = torch.full((d["L"],), model.config.mask_id, device=device)
+    net = torch.compile(model, mode="reduce-overhead") if compiled else model
     t0 = time.perf_counter()
-    dt, nfe = sample_run(net, template, 4, 32, 0.5, sub, device)
+    dt, nfe = sample_run(net, template, d["num_samples"], d["steps"], d["alpha_0"], replace(cfg, compile=compiled),
+                         device)
     print(f"  NFE {nfe}: {dt:.3f} s of sampling ({time.perf_counter() - t0 - dt:.1f} s of warm-up before it)")
-    rows.append(dict(table="sample.py default", nfe=nfe, seconds=dt))
+    rows.append(dict(table="sample.py defaults", nfe=nfe, seconds=dt))
     print()
-    train = replace(cfg, batch_size=64, block_size=256, n_layer=6, n_head=6, n_embd=384,
-                    compile=cfg.compile or device.startswith("cuda"))
-    rows += [dict(r, table="train") for r in bench_train(train, device)]
+    rows += [dict(r, table="train") for r in bench_train(replace(cfg, **GPU_TRAIN, compile=compiled), device)]
     return rows
 
 

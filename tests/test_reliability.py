@@ -179,6 +179,13 @@ def test_gpu_code_path_runs_on_cpu(data_dir, tmp_path):
     for kv in ("True", "False"):
         s = run("sample.py", f"--out_dir={out}", "--dtype=bfloat16", f"--kv_cache={kv}", "--steps=4", "--device=cpu")
         assert s.returncode == 0 and s.stdout.count("---------------") == 4 and "_" not in s.stdout, s.stderr
+    # sample.py's CUDA default, --compile: torch.compile over the static-shape path (CUDA graphs on a GPU), with
+    # a warm-up run reported apart; in fp32 it prints the very samples of the eager exact-shape path
+    eager, compiled = (run("sample.py", f"--out_dir={out}", "--dtype=float32", "--steps=4", "--device=cpu",
+                           f"--compile={c}", "--start=First") for c in ("False", "True"))
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    assert "warm-up (compilation and graph capture)" in compiled.stderr
+    assert compiled.stdout.split("NFE")[0] == eager.stdout.split("NFE")[0]
 
 
 def test_ctrl_c_under_ddp_stops_every_rank_and_saves(data_dir, tmp_path):

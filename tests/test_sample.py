@@ -291,3 +291,20 @@ def test_strided_schedule():
         x_c, _, _ = run(model, template, True, alpha_0=alpha_0, steps=4, schedule="strided")
         x_u, _, _ = run(model, template, False, alpha_0=alpha_0, steps=4, schedule="strided")
         assert torch.equal(x_c, x_u)
+
+
+def test_bench_gpu_report_runs_on_a_tiny_model(monkeypatch, capsys):
+    """The code of `bench.py --what=gpu` (latency, throughput, sample.py's defaults, training), on the CPU with
+    tiny sizes: every table is there, MDLM's extrapolated rows say so, and AR makes exactly L forward passes."""
+    import bench
+    monkeypatch.setattr(bench, "GPU_LATENCY", [((1, 2, 16), 16, 1, 0), ((1, 2, 16), 32, 1, 8), ((1, 2, 16), 16, 4, 4)])
+    monkeypatch.setattr(bench, "GPU_SAMPLE_DEFAULTS", dict(L=16, size=(1, 2, 16), num_samples=4, steps=4, alpha_0=0.5))
+    monkeypatch.setattr(bench, "GPU_TRAIN", dict(batch_size=4, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    rows = bench.bench_gpu(bench.BenchConfig(iters=1, rounds=1, small_steps=4), "cpu")
+    tables = [r["table"] for r in rows]
+    assert tables.count("latency") == 10 and tables.count("throughput") == 5 and tables.count("train") == 3
+    assert "sample.py defaults" in tables
+    assert [r["extrapolated"] for r in rows if r["table"] == "latency" and r["sampler"].startswith("MDLM")] == [
+        False, False, True, False], "only the L=32 NFE=L MDLM row is timed on 8 steps and scaled"
+    assert all(r["nfe"] == r["L"] for r in rows if r.get("sampler", "").startswith("AR"))
+    assert "(8 steps timed)" in capsys.readouterr().out
