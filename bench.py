@@ -49,6 +49,7 @@ class BenchConfig:
     iters: int = 20  # --what=train: timed iterations per row and round
     rounds: int = 5  # --what=train: interleaved rounds; medians and the ratios' range are printed
     compile: bool = False  # torch.compile the model (sampling: CUDA graphs over static shapes)
+    optimizer: str = "muon"  # --what=train: the recipe's (muon) or adamw
     out_dirs: str = ""  # --what=frontier: comma-separated checkpoints to sample from
     scorer: str = ""  # --what=frontier: the α0=0 checkpoint that scores samples
     steps_list: str = "8,16,32,64,L"  # --what=frontier
@@ -173,11 +174,11 @@ def bench_gpu(cfg, device):
 def bench_train(cfg, device):
     torch.manual_seed(0)
     model = GPT(GPTConfig(cfg.block_size, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd)).to(device)
-    opts = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.split(":")[0])
+    opts = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.split(":")[0], cfg.optimizer)
     net = torch.compile(model) if cfg.compile else model
     ctx, dtype = autocast_context(device, "auto")
     x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size), device=device)
-    print(f"one training iteration (forward, backward, AdamW), batch {cfg.batch_size} x {cfg.block_size}, "
+    print(f"one training iteration (forward, backward, {cfg.optimizer}), batch {cfg.batch_size} x {cfg.block_size}, "
           f"{cfg.n_layer} layers x {cfg.n_embd} wide, {device} {dtype}{', compiled' if cfg.compile else ''}; "
           f"median of {cfg.rounds} interleaved rounds of {cfg.iters} iterations, ratio range in brackets")
     names = {1.0: "diffusion, α0=1", 0.5: "hybrid, α0=0.5", 0.0: "AR, α0=0"}

@@ -4,13 +4,16 @@ The Eso-LM network and method (Esoteric Language Models, arXiv 2506.01928), in o
 The network is nanoGPT's pre-LayerNorm causal transformer. Changes the method needs:
   - rotary position embeddings at *explicit* positions `pos` (B, T): a token keeps the angle of its
     original place after the sequence is sorted into its denoising order; no learned positions;
-  - the attention mask is an argument (a boolean tensor, True = may attend), so AR, diffusion and the
-    hybrid differ only in the ordering and mask they pass in;
+  - the attention mask is an argument (a boolean tensor, True = may attend, or None = everything), so AR,
+    diffusion and the hybrid differ only in the ordering and mask they pass in, and the three denoisers
+    (Eso-LM (B), Eso-LM (A), MDLM) only in the mask (`attention_mask`);
   - one extra embedding row for the mask token `mask_id = vocab_size`, whose logit is pushed to -1e6
-    before any softmax ("zero masking"): the mask is never predicted.
+    before any softmax ("zero masking"): the mask is never predicted;
+  - `out` and `targets`: the last layer computes queries only for the rows that get an output, and lm_head
+    runs only on the tokens that are scored (the masks: carry-over), the rest only gives keys and values.
 Changes that make small models train faster (modded-nanoGPT's); while building this repo they took the
 README's CPU recipe at α0 = 0 from 1.83 (nanoGPT's GELU block) to 1.81 (+ QK-norm, zero-initialised residual
-projections) to 1.70 (+ ReLU²) nats/char of exact val NLL:
+projections) to 1.70 (+ ReLU²) to 1.62 (+ Muon, in configure_optimizers) nats/char of exact val NLL:
   - q and k are RMS-normalised per head before RoPE (QK-norm);
   - the MLP is Linear -> ReLU(x)² -> Linear;
   - every residual projection (c_proj) starts at zero, so each block starts as the identity.
