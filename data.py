@@ -10,7 +10,6 @@ Datasets in nanoGPT's layout, built on first use:
 `--dataset=<name>_char` tokenises the same text by characters (reading data/<name>_char/input.txt instead
 if that exists, as nanoGPT's `shakespeare_char` folder has one).
 """
-import codecs
 import collections
 import itertools
 import os
@@ -67,13 +66,15 @@ def gpt2_encoding():
 
 
 PIECE = 1 << 20  # characters of text handed to the encoder at a time: memory stays bounded whatever the file
-SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")  # after a line break between two non-spaces: GPT-2's pre-tokenizer
-# always splits there (the break is a token of its own), so pieces cut there encode as the whole text does
+SAFE_CUT = re.compile(r"(?=[\n ]\S)")  # before a line break or space that precedes a non-space: GPT-2's
+# pre-tokenizer ends a token there whatever follows (a word takes its leading space, a run of whitespace ends
+# before its last character), so pieces cut there encode exactly as the whole text does (tested)
 
 
 def text_pieces(path, split, cut=SAFE_CUT):
     """Stream the text of `path` as (piece, is_val) pairs of about PIECE characters, cut where `cut` matches
-    (None: anywhere) and exactly at character `split`, nanoGPT's train/val boundary."""
+    (None: anywhere) and exactly at character `split`, nanoGPT's train/val boundary. A text with no place to
+    cut in 8 pieces' worth is cut anyway (then a token or two may differ from encoding it whole)."""
     done, buf = 0, ""  # characters yielded so far; text read but not yet yielded
     with open(path, encoding="utf-8", errors="replace") as f:
         while True:
@@ -86,26 +87,24 @@ def text_pieces(path, split, cut=SAFE_CUT):
                 if buf:
                     yield buf, done >= split
                 return
-            if len(buf) >= PIECE:  # cut at the last safe place in the second half (none: read on)
-                at = len(buf) if cut is None else max((m.start() for m in cut.finditer(buf, len(buf) // 2)), default=0)
+            if len(buf) >= PIECE:  # cut at the last safe place in the new block
+                fresh = cut.finditer(buf, max(0, len(buf) - len(block) - 1)) if cut else []
+                at = len(buf) if cut is None else max((m.start() for m in fresh),
+                                                      default=len(buf) if len(buf) >= 8 * PIECE else 0)
                 if at:
                     yield buf[:at], done >= split
                     buf, done = buf[at:], done + at
 
 
 def count_chars(path, chars=True):
-    """(number of characters, set of characters) of a UTF-8 text file, read in blocks. With chars=False the set
-    is None and only the bytes that start a character are counted, which numpy does at memory speed."""
+    """(number of characters, set of characters or None) of a text file, read exactly as text_pieces reads it
+    (UTF-8 with replacement characters, universal newlines)."""
     n, seen = 0, set()
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # as text_pieces reads the file
-    with open(path, "rb") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         while block := f.read(4 * PIECE):
+            n += len(block)
             if chars:
-                text = decoder.decode(block)
-                n += len(text)
-                seen.update(text)
-            else:
-                n += int(np.count_nonzero((np.frombuffer(block, dtype=np.uint8) & 0xC0) != 0x80))
+                seen.update(block)
     return n, (seen if chars else None)
 
 

@@ -154,7 +154,7 @@ def test_prepare_streams_in_pieces(data_dir, monkeypatch):
     import data
     whole = {name: (prepare(name, str(data_dir)), [load_split(name, s, str(data_dir)).tolist() for s in ("train", "val")])
              for name in ("tiny", "tiny_char")}
-    text = TEXT.replace("\n\n", "\n\n\n    ") + "x" * 3000  # runs of line breaks, indents, a long line
+    text = TEXT.replace("\n\n", "\n\n\n    ") + "x" * 500  # runs of line breaks, indents, a long line
     (data_dir / "tiny" / "input.txt").write_text(text)
     for name in ("tiny", "tiny_char"):
         for f in (data_dir / name).glob("*.bin"):
@@ -171,4 +171,22 @@ def test_prepare_streams_in_pieces(data_dir, monkeypatch):
     chars = "".join(meta["itos"][i] for s in ("train", "val") for i in load_split("tiny_char", s, str(data_dir)).tolist())
     assert chars == text and len(load_split("tiny_char", "train", str(data_dir))) == split
     assert not list(data_dir.glob("**/*.tmp")), "no temporary file is left behind"
+    long_line = data_dir / "long.txt"
+    long_line.write_text("y" * 5000)  # nowhere to cut: pieces stay bounded all the same
+    assert max(len(p) for p, _ in data.text_pieces(str(long_line), 4500)) <= 9 * 97
     assert whole["tiny"][0]["vocab_size"] > 0
+
+
+def test_prepare_reads_any_bytes_as_it_counts_them(tmp_path):
+    """Windows line endings, a stray Latin-1 byte and a file cut inside a UTF-8 character: the text is read with
+    universal newlines and replacement characters, counted the same way, split 90/10 by those characters,
+    and decodes back to exactly that text (for characters and for BPE)."""
+    raw = ("First Citizen:\r\nBefore we proceed any further, hear me speak caf\u00e9.\r\n\r\n".encode() +
+           b"All:\r\nSpeak, speak \xa0 now.\r\n") * 40 + "\u00e9".encode()[:1]
+    (tmp_path / "crlf").mkdir()
+    (tmp_path / "crlf" / "input.txt").write_bytes(raw)
+    text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n")
+    for name in ("crlf_char", "crlf"):
+        tok = Tokenizer(prepare(name, str(tmp_path)))
+        train, val = (load_split(name, s, str(tmp_path)).tolist() for s in ("train", "val"))
+        assert tok.decode(train) == text[: int(len(text) * 0.9)] and tok.decode(val) == text[int(len(text) * 0.9):]
