@@ -15,6 +15,11 @@ TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n
         "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 30
 
 
+def causal_mask(T):
+    """(T, T) bool, True on and below the diagonal: Eso-LM (B)'s mask over a whole sorted sequence."""
+    return torch.ones(T, T, dtype=torch.bool).tril()
+
+
 def tiny_model(vocab_size=5, block_size=8, n_layer=2, n_head=2, n_embd=16, seed=0, denoiser="B"):
     """A random fp32 model. Its residual projections get random weights too (they start at zero in
     training), so that its predictions depend on the context, as a trained model's do."""

@@ -4,9 +4,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import causal_mask, tiny_model
 
-from model import (Linear, add_masks, attention_mask, causal_mask, diffusion_mask, diffusion_loss, diffusion_order, invert, iw_nll,
+from model import (Linear, add_masks, attention_mask, diffusion_mask, diffusion_loss, diffusion_order, invert, iw_nll,
                    likelihood_order, log_likelihood, nelbo, permute, sequential_mask, sequential_nll, sequential_order,
                    stratified_times, unpermute)
 
@@ -375,3 +375,21 @@ def test_small_row_linear_is_f_linear():
             y = lin(x)
             assert y.shape == (*x.shape[:-1], 40) and y.is_contiguous()
             assert torch.allclose(y, F.linear(x, lin.weight, lin.bias), atol=1e-6)
+
+
+def test_batched_muon_is_torch_muon():
+    """model.Muon orthogonalises the matrices of one shape in one batched product; it must give exactly the
+    parameters of torch.optim.Muon (RMS-matched to AdamW), step after step."""
+    from model import Muon
+    torch.manual_seed(0)
+    ours = [torch.randn(s) * 0.1 for s in ((24, 8), (24, 8), (8, 8), (8, 32))]
+    ref = [p.clone() for p in ours]
+    opt = Muon(ours, lr=1e-2, weight_decay=0.1)
+    opt_ref = torch.optim.Muon(ref, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for _ in range(4):
+        for p, q in zip(ours, ref):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        opt_ref.step()
+        assert all(torch.equal(p, q) for p, q in zip(ours, ref))

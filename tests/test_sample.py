@@ -3,10 +3,10 @@ import json
 
 import torch
 import conftest
-from conftest import tiny_model
+from conftest import causal_mask, tiny_model
 
 from kvcache import KVCache
-from model import attention_mask, causal_mask
+from model import attention_mask
 from sample import denoise, diffusion_counts, generate, plan, sample_tokens
 
 V = 11
