@@ -158,7 +158,7 @@ def model_from_checkpoint(ckpt, device):
 
 class Objective(nn.Module):
     """The training loss as one module, so DDP sees one forward per micro-step (the hybrid calls the
-    network twice: once at length L for the diffusion rows, once at 2L for the sequential rows)."""
+    network twice: at length L for the diffusion rows, at m + L for the sequential rows)."""
 
     def __init__(self, model, cfg):
         super().__init__()
@@ -276,8 +276,9 @@ def train(cfg, user_keys=()):
         out_dir = cfg.out_dir or default_out_dir(cfg)
         resume = cfg.init_from == "resume" and not cfg.eval_only and os.path.exists(os.path.join(out_dir, "last.pt"))
         ckpt = load_checkpoint(out_dir, device, "last.pt" if resume else "ckpt.pt")
+        before = {"optimizer": "adamw"}  # what checkpoints older than a key meant by leaving it out
         for k in KEPT_ON_RESUME:  # the model and the method come from the checkpoint
-            saved = ckpt["config"].get(k, getattr(TrainConfig, k))  # (older checkpoints lack newer keys)
+            saved = ckpt["config"].get(k, before.get(k, getattr(TrainConfig, k)))
             if k in user_keys and getattr(cfg, k) != saved:
                 raise UserError(f"--{k}={getattr(cfg, k)} differs from the checkpoint's {saved}; "
                                 "a resumed or evaluated run keeps it")
@@ -320,6 +321,8 @@ def train(cfg, user_keys=()):
         if "optimizer" not in ckpt:
             raise UserError(f"{cfg.out_dir}/last.pt, the state to resume from, is missing; train from scratch")
         states = ckpt["optimizer"] if isinstance(ckpt["optimizer"], list) else [ckpt["optimizer"]]
+        if len(states) != len(optimizers):
+            raise UserError(f"the optimizer state in {cfg.out_dir}/last.pt does not fit --optimizer={cfg.optimizer}")
         for opt, state in zip(optimizers, states):
             opt.load_state_dict(state)
     del ckpt
@@ -342,7 +345,7 @@ def train(cfg, user_keys=()):
                  "best_val_loss": best_val, "best_iter": best_iter, "config": asdict(cfg), "meta": meta}
         if best:
             save_checkpoint(state, cfg.out_dir)
-            log(f"saving checkpoint to {cfg.out_dir} (iter {it}, val nelbo {best_val:.4f})")
+            log(f"saving checkpoint to {cfg.out_dir} (iter {it}{', best val so far' if best_iter == it else ''})")
         save_checkpoint({**state, "optimizer": [opt.state_dict() for opt in optimizers]}, cfg.out_dir, "last.pt")
 
     stop = []  # SIGINT/SIGTERM set it; the loop stops at the next iteration boundary, rank 0 saves
@@ -367,23 +370,30 @@ def train(cfg, user_keys=()):
             lr = get_lr(it, cfg)
             for group in (g for opt in optimizers for g in opt.param_groups):
                 group["lr"] = lr
-            if master and (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not cfg.eval_only:
-                gen = torch.Generator().manual_seed(cfg.seed)  # the same eval batches every time
-                batches = lambda data: (get_batch(data, cfg.batch_size, cfg.block_size, device, gen)
-                                        for _ in range(cfg.eval_iters))
-                tr = evaluate(model, batches(train_data), cfg, ctx)
-                va = evaluate(model, batches(val_data), cfg, ctx)
-                nll = f", val nll {va['nll_k1']:.4f} (K=1)" if "nll_k1" in va else ""
-                log(f"step {it}: train nelbo {tr['nelbo']:.4f}, val nelbo {va['nelbo']:.4f}{nll}")
-                history["eval"].append((it, tr["nelbo"], va["nelbo"], va.get("nll_k1", math.nan)))
-                if not all(map(math.isfinite, (*tr.values(), *va.values()))):
+            if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not cfg.eval_only:
+                finite = True
+                if master:
+                    gen = torch.Generator().manual_seed(cfg.seed)  # the same eval batches every time
+                    batches = lambda data: (get_batch(data, cfg.batch_size, cfg.block_size, device, gen)
+                                            for _ in range(cfg.eval_iters))
+                    tr = evaluate(model, batches(train_data), cfg, ctx)
+                    va = evaluate(model, batches(val_data), cfg, ctx)
+                    nll = f", val nll {va['nll_k1']:.4f} (K=1)" if "nll_k1" in va else ""
+                    log(f"step {it}: train nelbo {tr['nelbo']:.4f}, val nelbo {va['nelbo']:.4f}{nll}")
+                    history["eval"].append((it, tr["nelbo"], va["nelbo"], va.get("nll_k1", math.nan)))
+                    finite = all(map(math.isfinite, (*tr.values(), *va.values())))
+                    improved = finite and va["nelbo"] < best_val  # (a run's first eval always improves)
+                    if improved:
+                        best_val, best_iter = va["nelbo"], it
+                    if finite and (improved or it > iter_num or it == cfg.max_iters):
+                        checkpoint(it, best=improved or cfg.always_save_checkpoint)
+                if ddp:  # every rank stops if rank 0's eval was not finite
+                    flag = torch.tensor(float(not finite), device=device)
+                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                    finite = not flag.item()
+                if not finite:
                     raise UserError(f"the eval loss is not finite at iter {it}; stopped without saving; "
                                     "lower --learning_rate or check the data")
-                improved = va["nelbo"] < best_val
-                if improved:
-                    best_val, best_iter = va["nelbo"], it
-                if it > iter_num or it == cfg.max_iters:
-                    checkpoint(it, best=improved or cfg.always_save_checkpoint)
             if it >= cfg.max_iters or cfg.eval_only:
                 break
             t0 = time.time()
@@ -425,10 +435,13 @@ def train(cfg, user_keys=()):
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
 
+    if ddp:  # the other ranks leave; rank 0 alone runs the final eval
+        torch.distributed.barrier()
+        destroy_process_group()
     metrics = None
     if master and (not stop or cfg.eval_only):  # the final eval measures what sample.py reads: ckpt.pt
         weights_iter = it
-        if not cfg.eval_only and os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):
+        if not cfg.eval_only:  # (every run writes ckpt.pt at its first eval: it is never another run's)
             best = load_checkpoint(cfg.out_dir, device)
             model.load_state_dict(best["model"])
             weights_iter = best["iter_num"]
@@ -439,9 +452,6 @@ def train(cfg, user_keys=()):
         metrics.update(alpha_0=cfg.alpha_0, denoiser=cfg.denoiser, iter=weights_iter, trained_iters=it,
                        dataset=cfg.dataset, tokenizer=meta["tokenizer"])
         atomic_write(os.path.join(cfg.out_dir, "eval.json"), lambda f: json.dump(metrics, f, indent=2), "w")
-    if ddp:
-        torch.distributed.barrier()  # leave together: no rank tears down while rank 0 still evaluates
-        destroy_process_group()
     if stop:
         raise KeyboardInterrupt
     return metrics and {**metrics, "history": history}

@@ -49,7 +49,9 @@ def test_ddp_two_processes_match_one_process(data_dir, tmp_path):
                           os.path.join(ROOT, "train.py"), *common, f"--out_dir={tmp_path / 'ddp'}"],
                          capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert ddp.stdout.count("saving checkpoint") + ddp.stderr.count("saving checkpoint") == 1, "rank 0 alone saves"
+    saves = single.stdout.count("saving checkpoint")
+    assert saves >= 1 and ddp.stdout.count("saving checkpoint") + ddp.stderr.count("saving checkpoint") == saves, \
+        "rank 0 alone saves"
     a, b = losses(single.stdout), losses(ddp.stdout)
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)
     wa = torch.load(tmp_path / "single" / "ckpt.pt", weights_only=True)["model"]
@@ -73,7 +75,7 @@ def test_sigkill_while_checkpointing_leaves_complete_checkpoints(data_dir, tmp_p
         p.send_signal(signal.SIGKILL)
         p.wait()
         best, last = (torch.load(out / name, weights_only=True) for name in ("ckpt.pt", "last.pt"))
-        assert best["format"] == last["format"] == "eso-lm/1" and 0 < last["iter_num"] < 60
+        assert best["format"] == last["format"] == "eso-lm/1" and 0 <= last["iter_num"] < 60
         assert best["iter_num"] <= last["iter_num"] + 1 and "optimizer" in last
     it = last["iter_num"]
     resumed = run("train.py", *common, f"--out_dir={out}", "--init_from=resume")
