@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from configurator import UserError, parse_args, run_cli
 from data import get_batch, load_split
-from model import GPT, GPTConfig, Linear, iw_nll, nelbo
+from kvcache import KVCache
+from model import GPT, GPTConfig, Linear, iw_nll, nelbo, unwrap
 from sample import generate
 from train import autocast_context, load_checkpoint, model_from_checkpoint, pick_device
 
@@ -74,8 +75,12 @@ def timed(fn, device):
 def sample_run(model, template, batch, steps, alpha_0, cfg, device, kv_cache=True):
     """(seconds, NFE) of one generate() call; with cfg.compile the static path, after a warm-up run of the
     same schedule that meets every step shape (compilation and graph capture are not counted)."""
+    ctx = autocast_context(device, "auto")[0]
+    config = unwrap(model).config
+    cache = (KVCache.for_model(config, batch, len(template), device, ctx.fast_dtype if isinstance(ctx, torch.autocast)
+                               else torch.float32, static=True) if cfg.compile and config.denoiser != "mdlm" else None)
     run = lambda: generate(model, template, batch, steps, alpha_0, top_p=1.0, kv_cache=kv_cache, seed=cfg.seed,
-                           ctx=autocast_context(device, "auto")[0], static=cfg.compile)
+                           ctx=ctx, static=cfg.compile, cache=cache)
     if cfg.compile:
         run()
     dt, (_, nfe) = timed(run, device)

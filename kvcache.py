@@ -4,13 +4,15 @@ once for the batch and the sequence length, written by index, never grown by con
 
 Slots [0, committed) hold the post-RoPE K/V of clean tokens, in denoising order; they never change.
 Before each forward pass the sampler says how many tokens it feeds and how many slots attention reads
-(`feed(T, keys)`): the pass writes its T tokens' K/V at slots [committed, committed + T) and reads [0, keys). Those writes are provisional until the
-sampler calls commit(n) for the first n of them: it commits the clean tokens it fed (the previous step's, now
-sampled) and never the current mask tokens, whose slots the next step overwrites with the same tokens' clean
-K/V (pitfall 14). The model reads and writes the cache it is handed but never advances it.
+(`feed(T, keys)`): the pass writes its T tokens' K/V at slots [committed, committed + T) and reads [0, keys).
+Those writes are provisional until the sampler calls commit(n) for the first n of them: it commits the clean
+tokens it fed (the previous step's, now sampled) and never the current mask tokens, whose slots the next step
+overwrites with the same tokens' clean K/V (pitfall 14). The model reads and writes the cache it is handed
+but never advances it.
 
 For CUDA graphs (torch.compile's reduce-overhead mode) every step must have the same shapes and the buffers
-the same addresses: the sampler then feeds a padded chunk and reads all max_len slots (static=True).
+the same addresses: the sampler then feeds a padded chunk and reads all max_len slots, and a caller that
+samples more than once hands the same cache to every run (static=True).
 """
 import torch
 
@@ -46,6 +48,10 @@ class KVCache:
         self.k[layer].index_copy_(2, self.slots, k.to(self.k.dtype))  # (autocast may hand over fp32 keys)
         self.v[layer].index_copy_(2, self.slots, v.to(self.v.dtype))
         return self.k[layer, :, :, :self.keys], self.v[layer, :, :, :self.keys]
+
+    def reset(self):
+        """Empty the cache for a new run (the buffers stay where they are)."""
+        self.committed, self.slots, self.keys = 0, None, 0
 
     def commit(self, n):
         """Make the first n provisional slots permanent: the clean tokens of the last forward pass."""

@@ -95,19 +95,21 @@ def sample_tokens(logits, temperature=1.0, top_p=0.9, generator=None):
 # the sampler loop (§5.3)
 
 def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, generator=None,
-            callback=None, ctx=contextlib.nullcontext(), progress=False, static=False, sequential=0):
+            callback=None, ctx=contextlib.nullcontext(), progress=False, static=False, sequential=0, cache=None):
     """Fill the masks of x (B, L), original order, following `order` and `chunks` (see plan()); the last
-    `sequential` chunks are the sequential phase. Each step feeds the tokens revealed at the previous step
-    (now clean) and the masks to reveal now, with the mask of the model's denoiser (model.attention_mask):
+    `sequential` chunks (of one token each) are the sequential phase. Each step feeds the tokens revealed at
+    the previous step (now clean) and the masks to reveal now, with the mask of the model's denoiser
+    (attention_mask in model.py):
       B     cached in both phases: each step feeds only what the cache lacks (§5.3);
       A     its clean tokens see each other, so a diffusion step changes all of their K/V: it feeds every clean
             token at every diffusion step, and caches from the sequential phase on (§3);
       mdlm  feeds all L tokens, masks still to come included, at every step, and never caches.
-    kv_cache=False is the reference path: every step feeds everything from slot 0, as MDLM does. Both paths
-    draw the same noise, so they give the same tokens.
+    kv_cache=False is the reference path: every step feeds every revealed token and the current masks from
+    slot 0. Both paths draw the same noise, so they give the same tokens.
     static=True gives every step one of a few shapes, for CUDA graphs (torch.compile's reduce-overhead): the
     fed chunk is padded to a power of two with the slots that follow it (the causal mask hides them from the
     real tokens; their K/V land in slots nobody has committed) and cached steps attend to all L slots.
+    cache: a KVCache to reuse (reset here), so that graphs captured in one call replay in the next.
     After each step, callback(step, start, done, end, x, order, logits, cache) sees it: slots [start, done)
     were fed clean, [done, end) as masks and now hold their samples; x is in σ order. The loop runs in
     inference mode: tensors a callback keeps are inference tensors (clone() them for autograd)."""
@@ -120,10 +122,14 @@ def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, 
         # (CUDA's default backend choice for bf16 with a boolean mask costs ~70 ms per new shape: gpu-notes.md)
         x = permute(x, order).clone()  # kept in σ order for the whole run
         done = L - sum(chunks)  # slots [0, done) are clean: the given tokens
-        seq_start = L - sum(chunks[len(chunks) - sequential:]) if sequential else L  # A: the prefix freezes here
-        dtype = ctx.fast_dtype if isinstance(ctx, torch.autocast) else torch.float32  # K/V as the model makes them
-        cache = (KVCache.for_model(config, B, L, x.device, dtype, static)
-                 if kv_cache and config.denoiser != "mdlm" else None)
+        seq_start = L - sequential  # A: from this slot on, the clean prefix is frozen
+        if kv_cache and config.denoiser != "mdlm":
+            dtype = ctx.fast_dtype if isinstance(ctx, torch.autocast) else torch.float32  # K/V as the model makes
+            cache = cache or KVCache.for_model(config, B, L, x.device, dtype, static)
+            assert cache.k.shape[1] == B and cache.max_len == L and cache.k.dtype == dtype, "cache does not fit"
+            cache.reset()
+        else:
+            cache = None
         slots = torch.arange(L, device=x.device)
         for step, k in enumerate(tqdm(chunks, disable=not progress, leave=False, desc="steps")):
             end = done + k
@@ -152,7 +158,7 @@ def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, 
 
 def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=1.0, top_p=0.9,
              kv_cache=True, seed=1337, callback=None, ctx=contextlib.nullcontext(), progress=False,
-             schedule="random", static=False):
+             schedule="random", static=False, cache=None):
     """Sample num_samples sequences that agree with `template` (L,): its mask tokens are generated, every
     other token is kept. Returns (tokens (B, L), NFE). The same seed gives the same samples."""
     mask_id = unwrap(model).config.mask_id
@@ -163,7 +169,7 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
     order, chunks, sequential = plan((template == mask_id).cpu(), num_samples, steps, alpha_0, gen_cpu, schedule)
     x = template.expand(num_samples, -1)
     x = denoise(model, x, order.to(device), chunks, temperature, top_p, kv_cache, gen_noise, callback, ctx,
-                progress, static, sequential)
+                progress, static, sequential, cache)
     return x, len(chunks)
 
 
@@ -288,9 +294,13 @@ def main(argv=None):
     print(f"loaded {out_dir}/ckpt.pt (iter {ckpt['iter_num']}, denoiser {denoiser}, trained with alpha_0="
           f"{ckpt['config']['alpha_0']}); sampling with alpha_0={alpha_0}, steps={cfg.steps}, "
           f"schedule={cfg.schedule}, kv_cache={cfg.kv_cache}", file=sys.stderr)
+    cache = None
+    if cfg.compile and cfg.kv_cache and denoiser != "mdlm":  # one cache for both runs: graphs keep its address
+        cache = KVCache.for_model(model.config, cfg.num_samples, len(template), device,
+                                  ctx.fast_dtype if isinstance(ctx, torch.autocast) else torch.float32, static=True)
     sample = lambda callback=None: generate(
         net, template, cfg.num_samples, cfg.steps, alpha_0, cfg.temperature, cfg.top_p, cfg.kv_cache, cfg.seed,
-        callback, ctx, progress=sys.stderr.isatty(), schedule=cfg.schedule, static=cfg.compile)
+        callback, ctx, progress=sys.stderr.isatty(), schedule=cfg.schedule, static=cfg.compile, cache=cache)
     net = model
     if cfg.compile:  # one graph per step shape; a warm-up run with the same seed meets every shape once
         print("compiling the model (torch.compile, CUDA graphs on a GPU): a warm-up run meets every step shape",
