@@ -28,9 +28,8 @@ import torch.nn.functional as F
 
 from configurator import UserError, parse_args, run_cli
 from data import get_batch, load_split
-from kvcache import KVCache
-from model import GPT, GPTConfig, Linear, iw_nll, nelbo, unwrap
-from sample import generate
+from model import GPT, GPTConfig, Linear, iw_nll, nelbo
+from sample import generate, new_cache
 from train import autocast_context, load_checkpoint, model_from_checkpoint, pick_device
 
 
@@ -76,9 +75,7 @@ def sample_run(model, template, batch, steps, alpha_0, cfg, device, kv_cache=Tru
     """(seconds, NFE) of one generate() call; with cfg.compile the static path, after a warm-up run of the
     same schedule that meets every step shape (compilation and graph capture are not counted)."""
     ctx = autocast_context(device, "auto")[0]
-    config = unwrap(model).config
-    cache = (KVCache.for_model(config, batch, len(template), device, ctx.fast_dtype if isinstance(ctx, torch.autocast)
-                               else torch.float32, static=True) if cfg.compile and config.denoiser != "mdlm" else None)
+    cache = new_cache(model, batch, len(template), device, ctx, static=True) if cfg.compile and kv_cache else None
     run = lambda: generate(model, template, batch, steps, alpha_0, top_p=1.0, kv_cache=kv_cache, seed=cfg.seed,
                            ctx=ctx, static=cfg.compile, cache=cache)
     if cfg.compile:

@@ -94,6 +94,14 @@ def sample_tokens(logits, temperature=1.0, top_p=0.9, generator=None):
 # -----------------------------------------------------------------------------
 # the sampler loop (§5.3)
 
+def new_cache(model, batch_size, L, device, ctx=contextlib.nullcontext(), static=False):
+    """A KVCache for `model`, its K/V in the dtype the model makes them (autocast's, else fp32); None for MDLM,
+    which never caches. A caller that samples more than once with static shapes hands the same one to every run."""
+    config = unwrap(model).config
+    dtype = ctx.fast_dtype if isinstance(ctx, torch.autocast) else torch.float32
+    return None if config.denoiser == "mdlm" else KVCache.for_model(config, batch_size, L, device, dtype, static)
+
+
 def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, generator=None,
             callback=None, ctx=contextlib.nullcontext(), progress=False, static=False, sequential=0, cache=None):
     """Fill the masks of x (B, L), original order, following `order` and `chunks` (see plan()); the last
@@ -123,13 +131,10 @@ def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, 
         x = permute(x, order).clone()  # kept in σ order for the whole run
         done = L - sum(chunks)  # slots [0, done) are clean: the given tokens
         seq_start = L - sequential  # A: from this slot on, the clean prefix is frozen
-        if kv_cache and config.denoiser != "mdlm":
-            dtype = ctx.fast_dtype if isinstance(ctx, torch.autocast) else torch.float32  # K/V as the model makes
-            cache = cache or KVCache.for_model(config, B, L, x.device, dtype, static)
-            assert cache.k.shape[1] == B and cache.max_len == L and cache.k.dtype == dtype, "cache does not fit"
+        cache = (cache or new_cache(model, B, L, x.device, ctx, static)) if kv_cache else None
+        if cache is not None:
+            assert cache.k.shape[1] == B and cache.max_len == L, "the cache does not fit this run"
             cache.reset()
-        else:
-            cache = None
         slots = torch.arange(L, device=x.device)
         for step, k in enumerate(tqdm(chunks, disable=not progress, leave=False, desc="steps")):
             end = done + k
@@ -294,10 +299,8 @@ def main(argv=None):
     print(f"loaded {out_dir}/ckpt.pt (iter {ckpt['iter_num']}, denoiser {denoiser}, trained with alpha_0="
           f"{ckpt['config']['alpha_0']}); sampling with alpha_0={alpha_0}, steps={cfg.steps}, "
           f"schedule={cfg.schedule}, kv_cache={cfg.kv_cache}", file=sys.stderr)
-    cache = None
-    if cfg.compile and cfg.kv_cache and denoiser != "mdlm":  # one cache for both runs: graphs keep its address
-        cache = KVCache.for_model(model.config, cfg.num_samples, len(template), device,
-                                  ctx.fast_dtype if isinstance(ctx, torch.autocast) else torch.float32, static=True)
+    # compiled: one cache for the warm-up and the real run, so that the captured graphs keep its address
+    cache = new_cache(model, cfg.num_samples, len(template), device, ctx, static=True) if cfg.compile else None
     sample = lambda callback=None: generate(
         net, template, cfg.num_samples, cfg.steps, alpha_0, cfg.temperature, cfg.top_p, cfg.kv_cache, cfg.seed,
         callback, ctx, progress=sys.stderr.isatty(), schedule=cfg.schedule, static=cfg.compile, cache=cache)
