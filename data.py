@@ -87,10 +87,11 @@ def text_pieces(path, split, cut=SAFE_CUT):
                 if buf:
                     yield buf, done >= split
                 return
-            if len(buf) >= PIECE:  # cut at the last safe place in the new block
-                fresh = cut.finditer(buf, max(0, len(buf) - len(block) - 1)) if cut else []
-                at = len(buf) if cut is None else max((m.start() for m in fresh),
-                                                      default=len(buf) if len(buf) >= 8 * PIECE else 0)
+            if len(buf) >= PIECE:
+                at = len(buf)  # cut=None: anywhere
+                if cut is not None:  # the last safe place in the new block (none: read on, up to 8 pieces)
+                    fresh = (m.start() for m in cut.finditer(buf, max(0, len(buf) - len(block) - 1)))
+                    at = max(fresh, default=at if at >= 8 * PIECE else 0)
                 if at:
                     yield buf[:at], done >= split
                     buf, done = buf[at:], done + at
