@@ -8,6 +8,7 @@ depend on the weights):
     python bench.py --what=frontier --out_dirs=out-a,out-b --scorer=out-ar   # speed-quality frontier
     python bench.py --what=prepare       # data.prepare on a generated ~200 MB text: MB/s and peak memory
     python bench.py --what=linear        # why model.Linear exists: few-row products, F.linear vs (W xᵀ)ᵀ
+    python bench.py --what=profile --lengths=1024   # where a cached sampling step's time goes (torch.profiler)
     python bench.py --what=gpu           # the whole GPU report: Table 11's protocol, throughput, training
 
 MDLM is the baseline the paper compares with: the same network with no attention mask (bidirectional), a full
@@ -35,7 +36,7 @@ from train import autocast_context, load_checkpoint, model_from_checkpoint, pick
 
 @dataclass
 class BenchConfig:
-    what: str = "sample"  # sample, train, frontier, prepare, linear or gpu
+    what: str = "sample"  # sample, train, frontier, prepare, linear, profile or gpu
     lengths: str = "256,1024"  # sequence lengths for --what=sample
     small_steps: int = 32  # the "small T" column
     sample_batch: int = 1  # --what=sample: sequences sampled at once (the paper's latency protocol: 1)
@@ -307,6 +308,35 @@ def bench_prepare(cfg, device):
     return rows
 
 
+def bench_profile(cfg, device):
+    """Where the time of a cached sampling step goes: torch.profiler over one generate() call of Eso-LM (B) at
+    NFE = L (L: the last of --lengths), the ops by self time (CPU-side: on a GPU that is launch overhead),
+    in ms per step, grouped as matrix products, attention and the rest."""
+    L = int(cfg.lengths.split(",")[-1])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(L, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd)).to(device).eval()
+    template = torch.full((L,), model.config.mask_id, device=device)
+    generate(model, template[:64], 1, 10 ** 6, 1.0)  # warm-up, as bench_sample
+    with torch.profiler.profile() as prof:
+        _, nfe = generate(model, template, 1, 10 ** 6, 1.0, top_p=1.0)
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    per_step = {e.key: e.self_cpu_time_total / 1000 / nfe for e in ops}  # ms per step
+    group = lambda key: ("matrix products" if key in ("aten::mm", "aten::addmm", "aten::bmm") else
+                         "attention" if "scaled_dot_product" in key else "everything else")
+    groups = {}
+    for key, ms in per_step.items():
+        groups[group(key)] = groups.get(group(key), 0) + ms
+    print(f"one cached sampling step, L={L}, NFE={nfe}, {cfg.n_layer} x {cfg.n_embd}, {device}, "
+          f"{torch.get_num_threads()} threads, under torch.profiler: {sum(per_step.values()):.2f} ms per step")
+    for name, ms in groups.items():
+        print(f"  {name:<20} {ms:7.3f} ms")
+    print(f"  {'op':<52} {'ms/step':>8} {'calls/step':>10}")
+    for e in ops[:12]:
+        print(f"  {e.key[:52]:<52} {per_step[e.key]:8.3f} {e.count / nfe:10.1f}")
+    products = sum(e.count for e in ops if group(e.key) == "matrix products") / nfe  # 4 per layer + lm_head
+    return [dict(L=L, nfe=nfe, products_per_step=products, **{f"{k} ms": v for k, v in groups.items()})]
+
+
 def bench_linear(cfg, device):
     """The products of one cached sampling step (a few rows through every weight matrix of the fixed model),
     three ways: F.linear; model.Linear, i.e. (W xᵀ)ᵀ on contiguous x; and the raw (W xᵀ)ᵀ of a transposed x,
@@ -342,7 +372,7 @@ def main(argv=None):
     parse_args(cfg, argv)
     device = pick_device(cfg.device)
     benches = {"sample": bench_sample, "train": bench_train, "frontier": bench_frontier, "linear": bench_linear,
-               "prepare": bench_prepare, "gpu": bench_gpu}
+               "prepare": bench_prepare, "gpu": bench_gpu, "profile": bench_profile}
     if cfg.what not in benches:
         raise UserError(f"--what={cfg.what} must be one of {', '.join(benches)}")
     rows = benches[cfg.what](cfg, device)

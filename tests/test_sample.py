@@ -180,8 +180,9 @@ def test_cache_is_preallocated_and_never_commits_masks():
 
 
 def test_bench_tables(tmp_path):
-    """bench.py's sampling and linear tables on a tiny model (timings are printed, never asserted): every
-    sampler row is there, AR decoding makes exactly L forward passes, and T = 4 at most 4."""
+    """bench.py's sampling, linear and profile tables on a tiny model (timings are printed, never asserted):
+    every sampler row is there, AR decoding makes exactly L forward passes, T = 4 at most 4, and a cached step
+    runs each weight matrix once (4 per layer and the output layer: no logits computed and thrown away)."""
     out = tmp_path / "rows.json"
     tiny = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--device=cpu", f"--json_out={out}"]
     r = conftest.run("bench.py", "--lengths=16,32", "--small_steps=4", *tiny)
@@ -195,6 +196,10 @@ def test_bench_tables(tmp_path):
     r = conftest.run("bench.py", "--what=linear", "--iters=1", *tiny)
     assert r.returncode == 0, r.stderr
     assert [row["rows"] for row in json.loads(out.read_text())] == [1, 2, 4, 8, 16]
+    r = conftest.run("bench.py", "--what=profile", "--lengths=32", *tiny)
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(out.read_text())
+    assert row["nfe"] == 32 and row["products_per_step"] == 4 * 1 + 1, "each step: every weight matrix once"
 
 
 @torch.no_grad()
