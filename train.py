@@ -358,11 +358,14 @@ def train(cfg, user_keys=()):
     try:
         it = iter_num
         while True:
-            if ddp:  # every rank stops at the same iteration if any rank was signalled
-                flag = torch.tensor(float(bool(stop)), device=device)
+            stopping = bool(stop)  # read once: a signal landing after this is seen at the next iteration
+            if ddp:  # every rank stops at the same iteration if any rank was signalled (the reduced flag alone
+                # decides, or a signal between the all-reduce and this test would stop one rank and hang the rest)
+                flag = torch.tensor(float(stopping), device=device)
                 torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                stop += [1] if flag.item() and not stop else []
-            if stop:
+                stopping = bool(flag.item())
+                stop += [1] if stopping and not stop else []
+            if stopping:
                 if master:
                     checkpoint(it, best=False)
                 log(f"interrupted at iter {it}; resume with --init_from=resume --out_dir={cfg.out_dir}")
