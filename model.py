@@ -21,6 +21,7 @@ The second half of the file is the method: orderings, masks, the hybrid NELBO (e
 likelihood (§4). The sampler lives in sample.py, the KV cache in kvcache.py.
 """
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -41,18 +42,44 @@ class LayerNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear, except that 2 to 8 rows on the CPU (a batch-1 sampling step feeds 2 tokens) are computed as
-    (W xᵀ)ᵀ: the same product, which BLAS runs 2-3x faster at 2 rows on the README's 2-core CPU (W read at
-    16-19 GB/s instead of 6-7.5; `python bench.py --what=linear`). One row, and more than 8, gain nothing and
-    keep F.linear. x and the result are made contiguous: given a transposed x (the raw (W xᵀ)ᵀ of the layer
-    before), the product falls back to F.linear's speed."""
+    """nn.Linear, except that a product of 2 to 8 rows on the CPU (a batch-1 sampling step feeds 2 tokens) may
+    run as (W xᵀ)ᵀ: the same product in the other layout. Which layout BLAS runs faster at so few rows depends on
+    the machine (`python bench.py --what=linear`): on one of our 2-core VMs (W xᵀ)ᵀ read the weights at
+    16-19 GB/s against 6-7.5 for F.linear, on another F.linear was about 2.5x the faster. So, as cudnn.benchmark
+    does, the first product of each shape times both ways and the process keeps the faster one."""
+    transposed_is_faster = {}  # (rows, in_features, out_features) -> bool, filled on first use
 
     def forward(self, x):
-        if x.device.type != "cpu" or not 2 <= x.numel() // x.size(-1) <= 8:
+        rows = x.numel() // x.size(-1)
+        if x.device.type != "cpu" or not 2 <= rows <= 8 or torch.compiler.is_compiling():
             return super().forward(x)
+        key = (rows, self.in_features, self.out_features)
+        if key not in self.transposed_is_faster:
+            with torch.no_grad():
+                self.transposed_is_faster[key] = fastest([super().forward, self.transposed], x) == 1
+        return self.transposed(x) if self.transposed_is_faster[key] else super().forward(x)
+
+    def transposed(self, x):
+        """(W xᵀ)ᵀ on a contiguous x, made contiguous: a transposed x (the raw (W xᵀ)ᵀ of the layer before) would
+        fall back to F.linear's speed."""
         y = (self.weight @ x.reshape(-1, x.size(-1)).contiguous().t()).t().contiguous()
         y = y.view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
+
+
+def fastest(fns, x, repeats=5):
+    """The index of the fastest of fns on x: the best of `repeats` interleaved timings each, every call preceded
+    by writing 8 MB, which evicts x and the weights from the core's L2 cache as a forward pass does (it reads
+    each weight once, from L3 or memory); timed hot, a 2 MB matrix can favour the other layout."""
+    scratch = torch.empty(2 << 20)
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            scratch.fill_(0.0)
+            t0 = time.perf_counter()
+            fn(x)
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best.index(min(best))
 
 
 def apply_rotary(x, cos, sin):

@@ -364,17 +364,29 @@ def test_tiny_model_overfits_one_batch():
 
 
 def test_small_row_linear_is_f_linear():
-    """The (W xᵀ)ᵀ path that sampling steps take on the CPU (2 to 8 rows) computes F.linear, for contiguous and
-    transposed inputs (the raw output of the layer before), and returns a contiguous tensor of the same shape;
-    so do 1 row and 9 (F.linear itself)."""
+    """Both ways a CPU product of 2 to 8 rows may run, (W xᵀ)ᵀ and F.linear, compute F.linear, for contiguous and
+    transposed inputs (the raw output of the layer before), and return a contiguous tensor of the same shape; so
+    do 1 row and 9 (F.linear itself). The first product of each shape records which way was faster."""
     torch.manual_seed(0)
-    for bias in (False, True):
-        lin = Linear(24, 40, bias=bias)
-        for x in (torch.randn(1, 2, 24), torch.randn(24, 3).t(), torch.randn(8, 24), torch.randn(1, 1, 24),
-                  torch.randn(3, 3, 24)):
-            y = lin(x)
-            assert y.shape == (*x.shape[:-1], 40) and y.is_contiguous()
-            assert torch.allclose(y, F.linear(x, lin.weight, lin.bias), atol=1e-6)
+    faster = Linear.transposed_is_faster
+    saved = dict(faster)
+    try:
+        for transposed in (None, True, False):  # None: whatever the timing picks
+            faster.clear()
+            for bias in (False, True):
+                lin = Linear(24, 40, bias=bias)
+                for x in (torch.randn(1, 2, 24), torch.randn(24, 3).t(), torch.randn(8, 24),
+                          torch.randn(1, 1, 24), torch.randn(3, 3, 24)):
+                    rows = x.numel() // 24
+                    if transposed is not None and 2 <= rows <= 8:
+                        faster[(rows, 24, 40)] = transposed
+                    y = lin(x)
+                    assert y.shape == (*x.shape[:-1], 40) and y.is_contiguous()
+                    assert torch.allclose(y, F.linear(x, lin.weight, lin.bias), atol=1e-6)
+            assert sorted(k[0] for k in faster) == [2, 3, 8], "timed once per row count, 2 to 8 rows only"
+    finally:
+        faster.clear()
+        faster.update(saved)
 
 
 def test_batched_muon_is_torch_muon():
