@@ -12,8 +12,8 @@ depend on the weights):
     python bench.py --what=gpu           # the whole GPU report: Table 11's protocol, throughput, training
 
 MDLM is the baseline the paper compares with: the same network with no attention mask (bidirectional), a full
-forward over all L tokens at every step, no cache. Every one of its steps costs the same, so with
---mdlm_steps=N only N steps are timed and the total is their mean times NFE (said so in the table).
+forward over all L tokens at every step, no cache. Every one of its steps costs the same, so only --mdlm_steps
+of them (128; 0: all) are timed and the total is their mean times NFE (said so in the table).
 The frontier samples from each trained checkpoint at several step counts, then scores the samples with the
 AR (α0=0) model: its mean NLL per token is a small "generative perplexity" (the paper uses GPT-2 Large),
 shown next to the samples' unigram entropy so that repetitive text cannot look good.
@@ -40,7 +40,7 @@ class BenchConfig:
     lengths: str = "256,1024"  # sequence lengths for --what=sample
     small_steps: int = 32  # the "small T" column
     sample_batch: int = 1  # --what=sample: sequences sampled at once (the paper's latency protocol: 1)
-    mdlm_steps: int = 0  # --what=sample: time this many MDLM steps and scale to NFE (0: run them all)
+    mdlm_steps: int = 128  # --what=sample: time this many MDLM steps and scale to NFE (0: run them all)
     n_layer: int = 6  # the fixed model: nanoGPT's shakespeare_char size
     n_head: int = 6
     n_embd: int = 384
@@ -48,7 +48,7 @@ class BenchConfig:
     batch_size: int = 12  # --what=train
     block_size: int = 64  # --what=train
     iters: int = 20  # --what=train: timed iterations per row and round
-    rounds: int = 5  # --what=train: interleaved rounds; medians and the ratios' range are printed
+    rounds: int = 3  # --what=sample and train: interleaved rounds; medians and the ratios' range are printed
     compile: bool = False  # torch.compile the model (sampling: CUDA graphs over static shapes)
     optimizer: str = "muon"  # --what=train: the recipe's (muon) or adamw
     out_dirs: str = ""  # --what=frontier: comma-separated checkpoints to sample from
@@ -99,12 +99,17 @@ def mdlm_run(model, template, batch, steps, cfg, device):
 
 
 def bench_sample(cfg, device):
-    """Eso-LM (B) with its KV cache, MDLM, and AR decoding through the same cache, at NFE = L and at a small T."""
+    """Eso-LM (B) with its KV cache, MDLM, and AR decoding through the same cache, at NFE = L and at a small T.
+    The samplers take turns for --rounds rounds, so that drift on a shared machine hits them alike: each row is
+    the median of its rounds, and the speed-up over MDLM the median of the rounds' ratios, with their range."""
     rows = []
     dtype = autocast_context(device, "auto")[1]
     print(f"sampling, batch {cfg.sample_batch}, {cfg.n_layer} layers x {cfg.n_embd} wide, {device} {dtype}"
-          f"{', compiled (CUDA graphs)' if cfg.compile else ''}, {torch.get_num_threads()} threads")
+          f"{', compiled (CUDA graphs)' if cfg.compile else ''}, {torch.get_num_threads()} threads, median of "
+          f"{cfg.rounds} interleaved rounds")
     print(f"{'L':>5} {'sampler':<40} {'NFE':>5} {'seconds':>8} {'ms/step':>8} {'tokens/s':>9}")
+    cached, mdlm_name = "Eso-LM (B), KV cache", "MDLM, full forward every step"
+    ar_name = "AR decoding, same cache (α0=0)"
     for L in map(int, cfg.lengths.split(",")):
         torch.manual_seed(0)
         model = GPT(GPTConfig(L, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd)).to(device).eval()
@@ -117,24 +122,28 @@ def bench_sample(cfg, device):
             generate(model, template[:64], 1, 10 ** 6, 1.0)  # warm-up: allocator, thread pool, caches
         B = cfg.sample_batch
         for steps, label in ((10 ** 6, "NFE=L"), (cfg.small_steps, f"T={cfg.small_steps}")):
-            res = {}
-            runs = {"Eso-LM (B), KV cache": lambda: (*sample_run(model, template, B, steps, 1.0, cfg, device), ""),
-                    "MDLM, full forward every step": lambda: mdlm_run(mdlm, template, B, steps, cfg, device)}
+            runs = {cached: lambda: (*sample_run(model, template, B, steps, 1.0, cfg, device), ""),
+                    mdlm_name: lambda: mdlm_run(mdlm, template, B, steps, cfg, device)}
             if label == "NFE=L":
-                runs["AR decoding, same cache (α0=0)"] = lambda: (*sample_run(model, template, B, steps, 0.0, cfg,
-                                                                               device), "")
-            for name, fn in runs.items():
-                dt, nfe, note = fn()
-                res[name] = dt
+                runs[ar_name] = lambda: (*sample_run(model, template, B, steps, 0.0, cfg, device), "")
+            times, info = {name: [] for name in runs}, {}
+            for _ in range(cfg.rounds):
+                for name, fn in runs.items():
+                    dt, *info[name] = fn()  # (NFE, note) are the same every round
+                    times[name].append(dt)
+            for name, dts in times.items():
+                (nfe, note), dt = info[name], statistics.median(dts)
                 rows.append(dict(L=L, batch=B, n_layer=cfg.n_layer, n_embd=cfg.n_embd, schedule=label, sampler=name,
-                                 nfe=nfe, seconds=dt, ms_per_step=dt / nfe * 1000, tokens_per_s=B * L / dt,
-                                 extrapolated=bool(note)))
+                                 nfe=nfe, seconds=dt, seconds_rounds=dts, ms_per_step=dt / nfe * 1000,
+                                 tokens_per_s=B * L / dt, extrapolated=bool(note)))
                 print(f"{L:>5} {name + ', ' + label:<40} {nfe:>5} {dt:>8.2f} {dt / nfe * 1000:>8.3f} "
                       f"{B * L / dt:>9.1f}{note}", flush=True)
-            ratio = res["MDLM, full forward every step"] / res["Eso-LM (B), KV cache"]
-            ar = res.get("AR decoding, same cache (α0=0)")
-            extra = f", cached / AR {res['Eso-LM (B), KV cache'] / ar:.2f}" if ar else ""
-            print(f"{'':>5} -> {label}: Eso-LM (B) cached is {ratio:.1f}x faster than MDLM{extra}")
+            ratios = sorted(m / c for m, c in zip(times[mdlm_name], times[cached]))
+            rows[-len(runs)].update(speedup=statistics.median(ratios), speedup_min=ratios[0], speedup_max=ratios[-1])
+            extra = (f", cached / AR {statistics.median(times[cached]) / statistics.median(times[ar_name]):.2f}"
+                     if ar_name in times else "")
+            print(f"{'':>5} -> {label}: Eso-LM (B) cached is {statistics.median(ratios):.1f}x faster than MDLM "
+                  f"[{ratios[0]:.1f}-{ratios[-1]:.1f}]{extra}")
     return rows
 
 
@@ -339,15 +348,15 @@ def bench_profile(cfg, device):
 
 def bench_linear(cfg, device):
     """The products of one cached sampling step (a few rows through every weight matrix of the fixed model),
-    three ways: F.linear; model.Linear, i.e. (W xᵀ)ᵀ on contiguous x; and the raw (W xᵀ)ᵀ of a transposed x,
-    which is what the MLP's second product received before Linear made its output contiguous."""
+    three ways: F.linear; (W xᵀ)ᵀ on a contiguous x; and model.Linear, which times both on its first product of
+    each shape and keeps the faster. Which of the first two wins at 2 to 8 rows depends on the machine."""
     torch.manual_seed(0)
     C = cfg.n_embd
     lins = [Linear(i, o, bias=False).to(device) for _ in range(cfg.n_layer) for o, i in
             ((3 * C, C), (C, C), (4 * C, C), (C, 4 * C))]  # c_attn, attn c_proj, c_fc, mlp c_proj per layer
     mb = sum(lin.weight.numel() * lin.weight.element_size() for lin in lins) / 1e6
-    ways = {"F.linear": lambda lin, x: F.linear(x, lin.weight), "model.Linear": lambda lin, x: lin(x),
-            "(W xT)T, x transposed": lambda lin, x: lin.weight @ x.t().contiguous().t().t()}
+    ways = {"F.linear": lambda lin, x: F.linear(x, lin.weight), "(W xT)T": lambda lin, x: lin.transposed(x),
+            "model.Linear": lambda lin, x: lin(x)}
     print(f"few-row products through all {len(lins)} weight matrices ({mb:.1f} MB) of a {cfg.n_layer} x {C} "
           f"model, {device}, {torch.get_num_threads()} threads; ms per pass and GB/s of weights read")
     print(f"{'rows':>4} " + " ".join(f"{w:>26}" for w in ways))

@@ -181,8 +181,9 @@ def test_cache_is_preallocated_and_never_commits_masks():
 
 def test_bench_tables(tmp_path):
     """bench.py's sampling, linear and profile tables on a tiny model (timings are printed, never asserted):
-    every sampler row is there, AR decoding makes exactly L forward passes, T = 4 at most 4, and a cached step
-    runs each weight matrix once (4 per layer and the output layer: no logits computed and thrown away)."""
+    every sampler row is there with its three rounds, AR decoding makes exactly L forward passes, T = 4 at most
+    4, and a cached step runs each weight matrix once (4 per layer and the output layer: no logits computed and
+    thrown away)."""
     out = tmp_path / "rows.json"
     tiny = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--device=cpu", f"--json_out={out}"]
     r = conftest.run("bench.py", "--lengths=16,32", "--small_steps=4", *tiny)
@@ -193,6 +194,9 @@ def test_bench_tables(tmp_path):
     assert all(row["nfe"] == row["L"] for row in rows if row["sampler"].startswith("AR"))
     assert all(row["nfe"] <= 4 for row in rows if row["schedule"] == "T=4")
     assert r.stdout.count("cached is") == 4
+    for row in rows:  # the speed-up over MDLM: on the cached row, the median of the rounds' ratios
+        if row["sampler"].startswith("Eso-LM"):
+            assert len(row["seconds_rounds"]) == 3 and row["speedup_min"] <= row["speedup"] <= row["speedup_max"]
     r = conftest.run("bench.py", "--what=linear", "--iters=1", *tiny)
     assert r.returncode == 0, r.stderr
     assert [row["rows"] for row in json.loads(out.read_text())] == [1, 2, 4, 8, 16]
