@@ -139,7 +139,8 @@ def bench_sample(cfg, device):
                 print(f"{L:>5} {name + ', ' + label:<40} {nfe:>5} {dt:>8.2f} {dt / nfe * 1000:>8.3f} "
                       f"{B * L / dt:>9.1f}{note}", flush=True)
             ratios = sorted(m / c for m, c in zip(times[mdlm_name], times[cached]))
-            rows[-len(runs)].update(speedup=statistics.median(ratios), speedup_min=ratios[0], speedup_max=ratios[-1])
+            cached_row = rows[-len(runs)]  # the first of these rows
+            cached_row.update(speedup=statistics.median(ratios), speedup_min=ratios[0], speedup_max=ratios[-1])
             extra = (f", cached / AR {statistics.median(times[cached]) / statistics.median(times[ar_name]):.2f}"
                      if ar_name in times else "")
             print(f"{'':>5} -> {label}: Eso-LM (B) cached is {statistics.median(ratios):.1f}x faster than MDLM "
@@ -164,7 +165,7 @@ def bench_gpu(cfg, device):
     rows = []
     for (n_layer, n_head, n_embd), L, batch, mdlm_steps in GPU_LATENCY:
         sub = replace(cfg, n_layer=n_layer, n_head=n_head, n_embd=n_embd, lengths=str(L), sample_batch=batch,
-                      mdlm_steps=mdlm_steps, compile=compiled)
+                      mdlm_steps=mdlm_steps, compile=compiled, rounds=1)  # one round: a device lease is short
         rows += [dict(r, table="latency" if batch == 1 else "throughput") for r in bench_sample(sub, device)]
     d = GPU_SAMPLE_DEFAULTS
     print(f"\nthe default `python sample.py --steps {d['steps']}` workload: {d['num_samples']} samples of {d['L']} "
