@@ -46,7 +46,9 @@ class Linear(nn.Linear):
     run as (W xᵀ)ᵀ: the same product in the other layout. Which layout BLAS runs faster at so few rows depends on
     the machine (`python bench.py --what=linear`): on one of our 2-core VMs (W xᵀ)ᵀ read the weights at
     16-19 GB/s against 6-7.5 for F.linear, on another F.linear was about 2.5x the faster. So, as cudnn.benchmark
-    does, the first product of each shape times both ways and the process keeps the faster one."""
+    does, the first product of each shape times both ways and the process keeps the faster one. As with
+    cudnn.benchmark, the price is bitwise reproducibility across processes: the two layouts round differently, so
+    where they are about as fast, two runs may pick differently and, rarely, sample a different token."""
     transposed_is_faster = {}  # (rows, in_features, out_features) -> bool, filled on first use
 
     def forward(self, x):

@@ -165,7 +165,8 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
              kv_cache=True, seed=1337, callback=None, ctx=contextlib.nullcontext(), progress=False,
              schedule="random", static=False, cache=None):
     """Sample num_samples sequences that agree with `template` (L,): its mask tokens are generated, every
-    other token is kept. Returns (tokens (B, L), NFE). The same seed gives the same samples."""
+    other token is kept. Returns (tokens (B, L), NFE). The same seed gives the same samples (across
+    processes, see model.Linear)."""
     mask_id = unwrap(model).config.mask_id
     device = template.device
     gen_cpu = torch.Generator().manual_seed(seed)  # schedule and orderings: the same on every device
