@@ -105,7 +105,8 @@ def bench_sample(cfg, device):
     rows = []
     dtype = autocast_context(device, "auto")[1]
     print(f"sampling, batch {cfg.sample_batch}, {cfg.n_layer} layers x {cfg.n_embd} wide, {device} {dtype}"
-          f"{', compiled (CUDA graphs)' if cfg.compile else ''}, {torch.get_num_threads()} threads, median of "
+          f"{', compiled' if cfg.compile else ''}{' (CUDA graphs)' if cfg.compile and 'cuda' in device else ''}, "
+          f"{torch.get_num_threads()} threads, median of "
           f"{cfg.rounds} interleaved rounds")
     print(f"{'L':>5} {'sampler':<40} {'NFE':>5} {'seconds':>8} {'ms/step':>8} {'tokens/s':>9}")
     cached, mdlm_name = "Eso-LM (B), KV cache", "MDLM, full forward every step"
@@ -350,7 +351,8 @@ def bench_profile(cfg, device):
 def bench_linear(cfg, device):
     """The products of one cached sampling step (a few rows through every weight matrix of the fixed model),
     three ways: F.linear; (W xᵀ)ᵀ on a contiguous x; and model.Linear, which times both on its first product of
-    each shape and keeps the faster. Which of the first two wins at 2 to 8 rows depends on the machine."""
+    each shape and keeps the faster. Which of the first two wins at 2 to 8 rows depends on the machine. Then a
+    whole cached sampling step at L (the last of --lengths) with every such product forced into each layout."""
     torch.manual_seed(0)
     C = cfg.n_embd
     lins = [Linear(i, o, bias=False).to(device) for _ in range(cfg.n_layer) for o, i in
@@ -374,6 +376,23 @@ def bench_linear(cfg, device):
             rows.append(dict(rows=n, **{k: v * 1000 for k, v in res.items()}))
             print(f"{n:>4} " + " ".join(f"{t * 1000:>12.2f} ms {mb / 1000 / t:>7.1f} GB/s" for t in res.values()),
                   flush=True)
+    # what the layout does to a whole cached sampling step (Eso-LM (B), batch 1, NFE = L): each layout forced
+    L = int(cfg.lengths.split(",")[-1])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(L, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd)).to(device).eval()
+    template = torch.full((L,), model.config.mask_id, device=device)
+    generate(model, template, 1, 10 ** 6, 1.0)  # meets (and times) every product shape of a step
+    chosen = dict(Linear.transposed_is_faster)
+    ms = {"F.linear": [], "(W xT)T": []}
+    for _ in range(cfg.rounds):
+        for name, transposed in zip(ms, (False, True)):
+            Linear.transposed_is_faster.update(dict.fromkeys(chosen, transposed))
+            dt, (_, nfe) = timed(lambda: generate(model, template, 1, 10 ** 6, 1.0, top_p=1.0), device)
+            ms[name].append(dt / nfe * 1000)
+    Linear.transposed_is_faster.update(chosen)
+    print(f"a cached sampling step, L={L}, every few-row product in one layout, {cfg.rounds} interleaved rounds: "
+          + ", ".join(f"{name} {statistics.median(v):.2f} ms [{min(v):.2f}-{max(v):.2f}]" for name, v in ms.items()))
+    rows += [dict(rows="sampling step", L=L, layout=name, ms_per_step=v) for name, v in ms.items()]
     return rows
 
 

@@ -197,9 +197,9 @@ def test_bench_tables(tmp_path):
     for row in rows:  # the speed-up over MDLM: on the cached row, the median of the rounds' ratios
         if row["sampler"].startswith("Eso-LM"):
             assert len(row["seconds_rounds"]) == 3 and row["speedup_min"] <= row["speedup"] <= row["speedup_max"]
-    r = conftest.run("bench.py", "--what=linear", "--iters=1", *tiny)
+    r = conftest.run("bench.py", "--what=linear", "--iters=1", "--lengths=32", *tiny)
     assert r.returncode == 0, r.stderr
-    assert [row["rows"] for row in json.loads(out.read_text())] == [1, 2, 4, 8, 16]
+    assert [row["rows"] for row in json.loads(out.read_text())] == [1, 2, 4, 8, 16] + ["sampling step"] * 2
     r = conftest.run("bench.py", "--what=profile", "--lengths=32", *tiny)
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(out.read_text())
