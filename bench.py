@@ -7,7 +7,7 @@ depend on the weights):
     python bench.py --what=train         # one training iteration: hybrid (α0=.5) vs diffusion (α0=1) vs AR
     python bench.py --what=frontier --out_dirs=out-a,out-b --scorer=out-ar   # speed-quality frontier
     python bench.py --what=prepare       # data.prepare on a generated ~200 MB text: MB/s and peak memory
-    python bench.py --what=linear        # why model.Linear exists: few-row products, F.linear vs (W xᵀ)ᵀ
+    python bench.py --what=linear        # few-row products, F.linear vs (W xᵀ)ᵀ, and the layout sampling picks
     python bench.py --what=profile --lengths=1024   # where a cached sampling step's time goes (torch.profiler)
     python bench.py --what=gpu           # the whole GPU report: Table 11's protocol, throughput, training
 
@@ -27,11 +27,10 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from configurator import UserError, parse_args, run_cli
-from data import get_batch, load_split
+from configurator import UserError, autocast_context, parse_args, pick_device, run_cli
+from data import get_batch, load_checkpoint, load_split
 from model import GPT, GPTConfig, Linear, iw_nll, nelbo
 from sample import generate, new_cache
-from train import autocast_context, load_checkpoint, model_from_checkpoint, pick_device
 
 
 @dataclass
@@ -236,7 +235,7 @@ def bench_frontier(cfg, device):
     if scorer_ckpt["config"]["alpha_0"] != 0:
         raise UserError(f"--scorer={cfg.scorer} was trained with alpha_0={scorer_ckpt['config']['alpha_0']}; "
                         "the scorer must be an AR model (alpha_0=0)")
-    scorer = model_from_checkpoint(scorer_ckpt, device).eval()
+    scorer = GPT.from_checkpoint(scorer_ckpt, device).eval()
     scfg = scorer_ckpt["config"]
     val = load_split(scfg["dataset"], "val", scfg["data_dir"])
     real = get_batch(val, cfg.num_samples, scorer.config.block_size, device, torch.Generator().manual_seed(cfg.seed))
@@ -251,7 +250,7 @@ def bench_frontier(cfg, device):
           f"{'entropy':>8}")
     for out_dir in cfg.out_dirs.split(","):
         ckpt = load_checkpoint(out_dir, device)
-        model = model_from_checkpoint(ckpt, device).eval()
+        model = GPT.from_checkpoint(ckpt, device).eval()
         L, alpha_0 = model.config.block_size, ckpt["config"]["alpha_0"]
         template = torch.full((L,), model.config.mask_id, device=device)
         for schedule in cfg.schedules.split(","):
@@ -349,17 +348,17 @@ def bench_profile(cfg, device):
 
 
 def bench_linear(cfg, device):
-    """The products of one cached sampling step (a few rows through every weight matrix of the fixed model),
-    three ways: F.linear; (W xᵀ)ᵀ on a contiguous x; and model.Linear, which times both on its first product of
-    each shape and keeps the faster. Which of the first two wins at 2 to 8 rows depends on the machine. Then a
-    whole cached sampling step at L (the last of --lengths) with every such product forced into each layout."""
+    """The products of one cached sampling step (a few rows through every weight matrix of the fixed model) as
+    F.linear and as (W xᵀ)ᵀ, which round differently and whose speed at 2 to 8 rows depends on the machine;
+    the choice model.Linear makes for sampling in this process (the timed probe); then a whole cached sampling
+    step at L (the last of --lengths) with every such product in each layout."""
+    import model as model_module
     torch.manual_seed(0)
     C = cfg.n_embd
     lins = [Linear(i, o, bias=False).to(device) for _ in range(cfg.n_layer) for o, i in
             ((3 * C, C), (C, C), (4 * C, C), (C, 4 * C))]  # c_attn, attn c_proj, c_fc, mlp c_proj per layer
     mb = sum(lin.weight.numel() * lin.weight.element_size() for lin in lins) / 1e6
-    ways = {"F.linear": lambda lin, x: F.linear(x, lin.weight), "(W xT)T": lambda lin, x: lin.transposed(x),
-            "model.Linear": lambda lin, x: lin(x)}
+    ways = {"F.linear": lambda lin, x: F.linear(x, lin.weight), "(W xT)T": lambda lin, x: lin.transposed(x)}
     print(f"few-row products through all {len(lins)} weight matrices ({mb:.1f} MB) of a {cfg.n_layer} x {C} "
           f"model, {device}, {torch.get_num_threads()} threads; ms per pass and GB/s of weights read")
     print(f"{'rows':>4} " + " ".join(f"{w:>26}" for w in ways))
@@ -376,22 +375,25 @@ def bench_linear(cfg, device):
             rows.append(dict(rows=n, **{k: v * 1000 for k, v in res.items()}))
             print(f"{n:>4} " + " ".join(f"{t * 1000:>12.2f} ms {mb / 1000 / t:>7.1f} GB/s" for t in res.values()),
                   flush=True)
-    # what the layout does to a whole cached sampling step (Eso-LM (B), batch 1, NFE = L): each layout forced
+    t_linear, t_transposed = model_module._time_few_row_products()
+    choice = model_module.few_rows_transposed_is_faster(timings=lambda: (t_linear, t_transposed))
+    print(f"the probe model.Linear times: (W xT)T is {t_linear / t_transposed:.2f}x as fast as F.linear at 2 rows, "
+          f"so sampling in this process uses {'(W xT)T' if choice else 'F.linear'} (it needs 1.5x)")
     L = int(cfg.lengths.split(",")[-1])
     torch.manual_seed(0)
     model = GPT(GPTConfig(L, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd)).to(device).eval()
     template = torch.full((L,), model.config.mask_id, device=device)
-    generate(model, template, 1, 10 ** 6, 1.0)  # meets (and times) every product shape of a step
-    chosen = dict(Linear.transposed_is_faster)
-    ms = {"F.linear": [], "(W xT)T": []}
+    generate(model, template, 1, 10 ** 6, 1.0)  # warm-up
+    saved, ms = Linear.transposed_is_faster, {"F.linear": [], "(W xT)T": []}
     for _ in range(cfg.rounds):
         for name, transposed in zip(ms, (False, True)):
-            Linear.transposed_is_faster.update(dict.fromkeys(chosen, transposed))
+            Linear.transposed_is_faster = transposed
             dt, (_, nfe) = timed(lambda: generate(model, template, 1, 10 ** 6, 1.0, top_p=1.0), device)
             ms[name].append(dt / nfe * 1000)
-    Linear.transposed_is_faster.update(chosen)
+    Linear.transposed_is_faster = saved
     print(f"a cached sampling step, L={L}, every few-row product in one layout, {cfg.rounds} interleaved rounds: "
           + ", ".join(f"{name} {statistics.median(v):.2f} ms [{min(v):.2f}-{max(v):.2f}]" for name, v in ms.items()))
+    rows.append(dict(rows="probe", ratio=t_linear / t_transposed, transposed=choice))
     rows += [dict(rows="sampling step", L=L, layout=name, ms_per_step=v) for name, v in ms.items()]
     return rows
 

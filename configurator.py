@@ -1,5 +1,5 @@
 """
-The command line of every script, nanoGPT-style but importable and strict.
+What every script shares: the command line (nanoGPT-style but importable and strict), the device and the precision.
 
     python train.py [config/file.py] --key=value --key value ...
 
@@ -8,8 +8,11 @@ strings). Unknown keys, wrong types and files that don't exist are a `UserError`
 one line and exit 1, with no traceback.
 """
 import ast
+import contextlib
 import dataclasses
 import sys
+
+import torch
 
 
 class UserError(ValueError):
@@ -79,3 +82,28 @@ def run_cli(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def pick_device(name):
+    """'auto' -> cuda, mps or cpu; an explicit device that isn't there is a UserError."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind = name.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={name} but no CUDA GPU is visible; use --device=cpu (or auto)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device={name} but MPS is not available; use --device=cpu (or auto)")
+    if kind not in ("cuda", "mps", "cpu"):
+        raise UserError(f"--device={name} is not one of auto, cuda, cuda:N, mps, cpu")
+    return name
+
+
+def autocast_context(device, dtype):
+    """(context, dtype name): bf16 autocast on CUDA, plain fp32 elsewhere, unless --dtype says otherwise."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    if dtype not in ("float32", "bfloat16"):
+        raise UserError(f"--dtype={dtype} is not supported; use float32 or bfloat16")
+    if dtype == "float32":
+        return contextlib.nullcontext(), dtype
+    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16), dtype

@@ -9,6 +9,8 @@ Datasets in nanoGPT's layout, built on first use:
 `--dataset=<name>` tokenises data/<name>/input.txt with GPT-2 BPE (tiktoken), as nanoGPT's `shakespeare`;
 `--dataset=<name>_char` tokenises the same text by characters (reading data/<name>_char/input.txt instead
 if that exists, as nanoGPT's `shakespeare_char` folder has one).
+
+Checkpoints are files too: train.py writes them and every script reads them through load_checkpoint.
 """
 import collections
 import itertools
@@ -258,3 +260,27 @@ class Tokenizer:
         if self.is_char:
             return "".join(self.meta["itos"][i] for i in ids)
         return self.enc.decode([self.gpt2_ids[i] for i in ids] if self.gpt2_ids is not None else list(ids))
+
+
+CHECKPOINT_FORMAT = "eso-lm/2"
+
+
+def load_checkpoint(out_dir, device="cpu", name="ckpt.pt"):
+    """Load out_dir/ckpt.pt (the best-val weights) or another file there, or raise a UserError saying what is
+    wrong with it. GPT.from_checkpoint builds the network it holds."""
+    path = os.path.join(out_dir, name)
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}; train one first (python train.py --out_dir={out_dir})")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated or "
+                        "foreign: delete it and train again")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not an Eso-LM checkpoint of this version of the repo; train again")
+    return ckpt
+
+
+def save_checkpoint(ckpt, out_dir, name="ckpt.pt"):
+    """Write out_dir/<name> atomically: a crash leaves the previous complete file in place."""
+    atomic_write(os.path.join(out_dir, name), lambda f: torch.save({**ckpt, "format": CHECKPOINT_FORMAT}, f))

@@ -7,7 +7,8 @@ Before each forward pass the sampler says how many tokens it feeds and how many 
 (`feed(T, keys)`): the pass writes its T tokens' K/V at slots [committed, committed + T) and reads [0, keys).
 Those writes are provisional until the sampler calls commit(n) for the first n of them: it commits the clean
 tokens it fed (the previous step's, now sampled) and never the current mask tokens, whose slots the next step
-overwrites with the same tokens' clean K/V (pitfall 14). The model reads and writes the cache it is handed
+overwrites with the same tokens' clean K/V (a mask's K/V, committed, would be attended by every later
+token as if it were context). The model reads and writes the cache it is handed
 but never advances it.
 
 For CUDA graphs (torch.compile's reduce-overhead mode) every step must have the same shapes and the buffers

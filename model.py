@@ -11,12 +11,12 @@ The network is nanoGPT's pre-LayerNorm causal transformer. Changes the method ne
     before any softmax ("zero masking"): the mask is never predicted;
   - `out` and `targets`: the last layer computes queries only for the rows that get an output, and lm_head
     runs only on the tokens that are scored (the masks: carry-over), the rest only gives keys and values.
-Changes that make small models train faster (modded-nanoGPT's); while building this repo they took the
-README's CPU recipe at α0 = 0 from 1.83 (nanoGPT's GELU block) to 1.81 (+ QK-norm, zero-initialised residual
-projections) to 1.70 (+ ReLU²) to 1.62 (+ Muon, in configure_optimizers) nats/char of exact val NLL:
+Changes that make small models train faster (from modded-nanoGPT; each lowers the README's CPU recipe's val
+loss at the same number of iterations):
   - q and k are RMS-normalised per head before RoPE (QK-norm);
   - the MLP is Linear -> ReLU(x)² -> Linear;
-  - every residual projection (c_proj) starts at zero, so each block starts as the identity.
+  - every residual projection (c_proj) starts at zero, so each block starts as the identity;
+  - the blocks' matrices are trained with Muon (configure_optimizers).
 The second half of the file is the method: orderings, masks, the hybrid NELBO (eq. 7) and the exact
 likelihood (§4). The sampler lives in sample.py, the KV cache in kvcache.py.
 """
@@ -29,59 +29,55 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
-
-    def __init__(self, ndim, bias):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
 class Linear(nn.Linear):
-    """nn.Linear, except that a product of 2 to 8 rows on the CPU (a batch-1 sampling step feeds 2 tokens) may
-    run as (W xᵀ)ᵀ: the same product in the other layout. Which layout BLAS runs faster at so few rows depends on
-    the machine (`python bench.py --what=linear`): on one of our 2-core VMs (W xᵀ)ᵀ read the weights at
-    16-19 GB/s against 6-7.5 for F.linear, on another F.linear was about 2.5x the faster. So, as cudnn.benchmark
-    does, the first product of each shape times both ways and the process keeps the faster one. As with
-    cudnn.benchmark, the price is bitwise reproducibility across processes: the two layouts round differently, so
-    where they are about as fast, two runs may pick differently and, rarely, sample a different token."""
-    transposed_is_faster = {}  # (rows, in_features, out_features) -> bool, filled on first use
+    """nn.Linear, except in a sampling step on the CPU. A cached step feeds 2 to 8 tokens, and how fast BLAS
+    multiplies so few rows depends on the machine (`python bench.py --what=linear`): the same product written as
+    (W xᵀ)ᵀ can be several times faster than F.linear, or half as fast. The two round differently, so the
+    choice is made once per process, on the first such product in inference mode (the sampler's), by timing
+    both layouts on a fixed probe (few_rows_transposed_is_faster), and (W xᵀ)ᵀ is taken only if it is at least
+    1.5x faster: a machine where one layout is clearly faster always picks it, and a near tie always keeps
+    F.linear, so the same seed samples the same tokens in every process. Training and eval never run it."""
+    transposed_is_faster = None  # the process's choice, made on first use
 
     def forward(self, x):
-        rows = x.numel() // x.size(-1)
-        if x.device.type != "cpu" or not 2 <= rows <= 8 or torch.compiler.is_compiling():
-            return super().forward(x)
-        key = (rows, self.in_features, self.out_features)
-        if key not in self.transposed_is_faster:
-            with torch.no_grad():
-                self.transposed_is_faster[key] = fastest([super().forward, self.transposed], x) == 1
-        return self.transposed(x) if self.transposed_is_faster[key] else super().forward(x)
+        if (x.device.type == "cpu" and 2 <= x.numel() // x.size(-1) <= 8 and torch.is_inference_mode_enabled()
+                and not torch.compiler.is_compiling()):
+            if Linear.transposed_is_faster is None:
+                Linear.transposed_is_faster = few_rows_transposed_is_faster()
+            if Linear.transposed_is_faster:
+                return self.transposed(x)
+        return super().forward(x)
 
     def transposed(self, x):
-        """(W xᵀ)ᵀ on a contiguous x, made contiguous: a transposed x (the raw (W xᵀ)ᵀ of the layer before) would
-        fall back to F.linear's speed."""
-        y = (self.weight @ x.reshape(-1, x.size(-1)).contiguous().t()).t().contiguous()
-        y = y.view(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
+        """F.linear as (W xᵀ)ᵀ, with x made contiguous (the raw output of a layer before may be transposed, and
+        MKL is fast here only with a contiguous x read as xᵀ), returned contiguous; addmm puts the bias in, so
+        that under autocast it returns F.linear's dtype."""
+        xt = x.reshape(-1, x.size(-1)).contiguous().t()
+        y = torch.mm(self.weight, xt) if self.bias is None else torch.addmm(self.bias[:, None], self.weight, xt)
+        return y.t().contiguous().view(*x.shape[:-1], -1)
 
 
-def fastest(fns, x, repeats=5):
-    """The index of the fastest of fns on x: the best of `repeats` interleaved timings each, every call preceded
-    by writing 8 MB, which evicts x and the weights from the core's L2 cache as a forward pass does (it reads
-    each weight once, from L3 or memory); timed hot, a 2 MB matrix can favour the other layout."""
-    scratch = torch.empty(2 << 20)
-    best = [float("inf")] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            scratch.fill_(0.0)
-            t0 = time.perf_counter()
-            fn(x)
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best.index(min(best))
+def few_rows_transposed_is_faster(margin=1.5, timings=None):
+    """Is (W xᵀ)ᵀ at least `margin` times faster than F.linear for 2 rows on this machine? Timed on a fixed probe
+    of 8 matrices of 1536 x 384 (19 MB, more than a core's L2, as a model's weights are), the best of 7
+    interleaved runs each. `timings`: a function returning (F.linear seconds, (W xᵀ)ᵀ seconds), for tests."""
+    t_linear, t_transposed = (timings or _time_few_row_products)()
+    return t_linear >= margin * t_transposed
+
+
+def _time_few_row_products(repeats=7):
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(1536, 384, generator=gen) for _ in range(8)]
+    x = torch.randn(2, 384, generator=gen)
+    ways = [lambda: [F.linear(x, w) for w in weights], lambda: [torch.mm(w, x.t()).t() for w in weights]]
+    best = [float("inf")] * 2
+    with torch.no_grad():
+        for _ in range(repeats):
+            for i, fn in enumerate(ways):
+                t0 = time.perf_counter()
+                fn()
+                best[i] = min(best[i], time.perf_counter() - t0)
+    return tuple(best)
 
 
 def apply_rotary(x, cos, sin):
@@ -107,7 +103,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
         qk = F.rms_norm(qkv[:, :, :2], (C // self.n_head,))  # QK-norm, q and k at once
-        qk = apply_rotary(qk, cos, sin)  # keys are cached post-RoPE (pitfall 16)
+        qk = apply_rotary(qk, cos, sin)  # the cache holds rotated keys: no positions needed at read time
         q = qk[:, rows, 0].transpose(1, 2)  # (B, nh, rows, hd)
         k, v = qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)  # (B, nh, T, hd)
         if kv_cache is not None:
@@ -134,9 +130,9 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, attn_mask, kv_cache=None, layer=0, rows=slice(None)):
@@ -170,7 +166,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size + 1, config.n_embd),  # + the mask token
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = Linear(config.n_embd, config.vocab_size + 1, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as nanoGPT
@@ -223,13 +219,13 @@ class GPT(nn.Module):
         return nll
 
     def head(self, x):
-        logits = self.lm_head(x).float()  # softmax and CE in fp32 (pitfall 12)
-        logits[..., self.config.mask_id] = -1e6  # zero masking (pitfall 8); -1e6, not -inf, stays NaN-free
+        logits = self.lm_head(x).float()  # softmax and CE in fp32, whatever autocast ran the network in
+        logits[..., self.config.mask_id] = -1e6  # zero masking; -1e6, not -inf, stays NaN-free in bf16
         return logits
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="muon"):
-        """A list of optimizers. muon: Muon on the matrices of the blocks (modded-nanogpt, nanochat), with
-        Moonshot's RMS matching so that it takes AdamW's learning rate and weight decay, and AdamW on the
+        """A list of optimizers. muon: torch.optim.Muon on the matrices of the blocks (modded-nanogpt, nanochat),
+        with Moonshot's RMS matching so that it takes AdamW's learning rate and weight decay, and AdamW on the
         embedding (tied to the head) and the gains. adamw: AdamW on everything, decay on the matrices (nanoGPT)."""
         hidden = [p for n, p in self.named_parameters() if p.dim() == 2 and n.startswith("transformer.h.")]
         fused = device_type in ("cuda", "cpu")  # one kernel per step instead of a Python loop over parameters
@@ -238,41 +234,16 @@ class GPT(nn.Module):
              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=learning_rate, betas=betas,
             fused=fused)
         if optimizer == "muon":
-            return [Muon(hidden, lr=learning_rate, weight_decay=weight_decay),
+            return [torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"),
                     adamw([p for p in self.parameters() if all(p is not q for q in hidden)])]
         return [adamw(list(self.parameters()))]
 
-
-class Muon(torch.optim.Optimizer):
-    """torch.optim.Muon(adjust_lr_fn="match_rms_adamw") (Keller Jordan's Muon: Nesterov momentum, 5 quintic
-    Newton-Schulz steps in bf16; Moonshot's step of lr * 0.2 sqrt(max(A, B)); decoupled weight decay), with the
-    matrices of one shape orthogonalised in one batched product instead of one at a time (fewer, larger
-    products): the same parameters bit for bit (a test checks it)."""
-
-    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
-
-    @torch.no_grad()
-    def step(self):
-        a, b, c = 3.4445, -4.775, 2.0315  # the quintic's coefficients (torch.optim.Muon's defaults)
-        for group in self.param_groups:
-            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-            by_shape = {}
-            for p in (p for p in group["params"] if p.grad is not None):
-                by_shape.setdefault(p.shape, []).append(p)
-            for (A, B), ps in by_shape.items():
-                grads = [p.grad for p in ps]
-                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in ps]
-                torch._foreach_lerp_(bufs, grads, 1 - mu)
-                X = torch.stack(torch._foreach_lerp(grads, bufs, mu)).bfloat16()  # (n, A, B), Nesterov
-                X = X.mT if A > B else X  # the Gram matrix on the short side
-                X = X / X.norm(dim=(1, 2), keepdim=True).clamp(min=1e-7)  # spectral norm <= 1
-                for _ in range(5):  # X <- a X + (b G + c G²) X, G = X Xᵀ: pushes singular values towards 1
-                    G = X @ X.mT
-                    X = torch.baddbmm(X, torch.baddbmm(G, G, G, beta=b, alpha=c), X, beta=a)
-                X = (X.mT if A > B else X).to(ps[0].dtype)
-                torch._foreach_mul_(ps, 1 - lr * wd)
-                torch._foreach_add_(ps, list(X.unbind()), alpha=-lr * 0.2 * math.sqrt(max(A, B)))
+    @classmethod
+    def from_checkpoint(cls, ckpt, device="cpu"):
+        """The network a checkpoint of train.py holds (data.load_checkpoint reads one)."""
+        model = cls(GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+        return model.to(device)
 
 
 def unwrap(model):
@@ -286,7 +257,7 @@ def unwrap(model):
 # Orderings and attention masks (§1.3, §2.2-2.3 and §3 of the digest; paper Figs. 6, 9, 13)
 # An ordering `order` (B, L) lists original positions in processing order: order[b, j] is the position
 # of the token processed j-th, so permute(x, order)[b, j] = x[b, order[b, j]], and that token's RoPE
-# position is order[b, j] (pitfall 1). Sorted, every sequence is [clean tokens ; masks].
+# position is order[b, j], not j. Sorted, every sequence is [clean tokens ; masks].
 
 def permute(x, order):
     return torch.gather(x, 1, order)
@@ -308,7 +279,8 @@ def diffusion_order(is_mask, noise=None):
 
 
 def sequential_order(is_mask, noise=None):
-    """Sequential phase: clean tokens first in random order, then the masks left to right (pitfall 4)."""
+    """Sequential phase: clean tokens first in random order (the order a diffusion phase leaves them in the
+    cache), then the masks left to right (they are filled left to right)."""
     noise = torch.rand(is_mask.shape, device=is_mask.device) if noise is None else noise
     L = is_mask.size(1)
     natural = 1 + torch.arange(L, device=is_mask.device) / L  # masks: keys in [1, 2), ascending
@@ -353,7 +325,7 @@ def sequential_mask(denoiser, n_clean, m, L):
     attends to those, and the x copy already holds the same tokens at the same slots, so they would only be
     computed and thrown away (about a fifth of the pass at α0 = 0.5, the z rows being padded to the row with
     the most masks). z row r is the mask at slot s = n_clean + r:
-    it sees itself and x_j for j < s (strict: pitfall 6). x_j sees x as the denoiser's clean tokens see each
+    it sees itself and x_j for j < s (strict: x_s is its answer). x_j sees x as the denoiser's clean tokens see each
     other (B: causal). x never sees z."""
     B, dev = n_clean.size(0), n_clean.device
     slot = n_clean[:, None, None] + torch.arange(m, device=dev)[:, None]  # (B, m, 1)
@@ -367,7 +339,7 @@ def sequential_mask(denoiser, n_clean, m, L):
 # -----------------------------------------------------------------------------
 # The hybrid NELBO (eq. 7) and the exact likelihood (§4). All in nats.
 
-EPS_T = 1e-3  # diffusion times live in [EPS_T, 1]: the weight α0/(1-α_t) stays below 1/EPS_T (pitfall 10)
+EPS_T = 1e-3  # diffusion times live in [EPS_T, 1]: the weight α0/(1-α_t) stays below 1/EPS_T
 
 
 def add_masks(x, p_mask, mask_id):
@@ -405,7 +377,7 @@ def diffusion_loss(model, x, alpha_0, t=None, low_var=False):
 
 def sequential_nll(model, x, z0, order):
     """-log x_θ(z0 ⊙ x^{<l})[x_l] for every mask of z0, from ONE pass over [masks of z0 ; x] (both in σ order,
-    the same RoPE positions: pitfall 3) through sequential_mask. `order` must put z0's clean tokens first
+    the same RoPE positions: x is not given positions L..2L-1) through sequential_mask. `order` must put z0's clean tokens first
     (sequential_order: then the masks left to right). Returns (B, m): row r is the r-th mask in σ order, 0 past
     a row's last mask."""
     B, L = x.shape
@@ -434,9 +406,17 @@ def diffusion_rows(B, alpha_0, batch_split):
 
 
 def nelbo(model, x, alpha_0, batch_split=0.5, loss_type="elbo", t=None):
-    """Hybrid NELBO, nats per token (eq. 7). Rows [:split] get the MDM term, rows [split:] the AR term,
-    each half normalised by its own token count and then added (pitfall 9). `t`: the diffusion rows'
-    times (default: stratified over them). Returns (loss, dict of the terms)."""
+    """Hybrid NELBO, nats per token (eq. 7). Rows [:split] get the MDM term, rows [split:] the AR term, each
+    half normalised by its own token count and then added (averaging over both halves' tokens would halve each
+    term). `t`: the diffusion rows' times (default: stratified over them). Returns (loss, dict of the terms)."""
+    config = unwrap(model).config
+    check_tokens(x, config)
+    if not 0 <= alpha_0 <= 1:
+        raise ValueError(f"alpha_0={alpha_0} must be in [0, 1]")
+    if config.denoiser == "mdlm" and alpha_0 != 1:
+        raise ValueError(f"alpha_0={alpha_0}: MDLM is a pure diffusion model and has no sequential term; use alpha_0=1")
+    if loss_type not in ("elbo", "low_var"):
+        raise ValueError(f"loss_type={loss_type!r} must be 'elbo' or 'low_var'")
     B = x.size(0)
     split = diffusion_rows(B, alpha_0, batch_split)
     if 0 < alpha_0 < 1 and not 0 < split < B:
@@ -447,6 +427,18 @@ def nelbo(model, x, alpha_0, batch_split=0.5, loss_type="elbo", t=None):
     if split < B:
         terms["sequential"] = sequential_loss(model, x[split:], alpha_0)
     return sum(terms.values()), terms
+
+
+def check_tokens(x, config):
+    """A ValueError that names the problem, for token batches the network cannot take (RoPE has block_size
+    positions; the mask token is not data)."""
+    if x.dim() != 2:
+        raise ValueError(f"expected a (batch, length) tensor of token ids, got shape {tuple(x.shape)}")
+    if x.size(1) > config.block_size:
+        raise ValueError(f"sequences of {x.size(1)} tokens are longer than the block size {config.block_size}")
+    lo, hi = torch.aminmax(x) if x.numel() else (0, 0)
+    if not 0 <= int(lo) <= int(hi) < config.vocab_size:
+        raise ValueError(f"token ids must be in [0, {config.vocab_size}), got {int(lo)}..{int(hi)}")
 
 
 def has_likelihood(config):
@@ -461,6 +453,7 @@ def log_likelihood(model, x, order):
     config = unwrap(model).config
     if not has_likelihood(config):
         raise ValueError(f"denoiser {config.denoiser} has no one-pass likelihood; report its NELBO")
+    check_tokens(x, config)
     return -sequential_nll(model, x, torch.full_like(x, config.mask_id), order).sum(dim=1)
 
 

@@ -22,10 +22,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from configurator import UserError, parse_args, run_cli
-from data import Tokenizer
+from configurator import UserError, autocast_context, parse_args, pick_device, run_cli
+from data import Tokenizer, load_checkpoint
 from kvcache import KVCache
-from model import attention_mask, permute, unpermute, unwrap
+from model import GPT, attention_mask, permute, unpermute, unwrap
 
 GAP = "_"  # in --infill text, each '_' is one token to generate
 
@@ -48,21 +48,25 @@ def diffusion_counts(n, steps, alpha_0, generator=None):
 def plan(is_gen, num_samples, steps, alpha_0, generator=None, schedule="random"):
     """The unified schedule S = S_MDM ⊕ S_AR for a template whose positions `is_gen` (L,) are to be generated.
     Returns order (B, L): given tokens first (ascending), then the diffusion positions, then the sequential
-    positions ascending; chunks: the tokens per step, shared by the batch (pitfall 18), NFE = len(chunks); and
+    positions ascending; chunks: the tokens per step, shared by the batch (the cache is one rectangle), NFE =
+    len(chunks); and
     how many of them (the last ones) are sequential steps.
     schedule='random' (Alg. 2): Binomial counts per step, diffusion positions in a random order per sample.
     schedule='strided' (the paper's "improved" sampler, Suppl. E.10, the code's subcontext ordering): step r of
     T' = min(steps, #generated) reveals every T'-th generated position from the r-th on, so that no step decodes
-    neighbours at once; the rows come in a random order shared by the batch, and the first int(α0 T') rows are
-    diffusion steps, the rest goes left to right. Within a step the order is random per sample."""
+    neighbours at once; the rows come in a random order shared by the batch, and the first α0 T' rows, rounded
+    up or down at random with the odds that make their expected number α0 T' (so every token is made by
+    diffusion with probability α0), are diffusion steps; the rest goes left to right. Within a step the order is
+    random per sample."""
     given = torch.nonzero(~is_gen).flatten()
     gen = torch.nonzero(is_gen).flatten()
     n = len(gen)
     if schedule == "strided":
         rows = min(steps, n)
         step = torch.randperm(rows, generator=generator)[torch.arange(n) % rows]  # the step of each position
-        in_diffusion = step < int(alpha_0 * rows)
-        counts = torch.bincount(step[in_diffusion], minlength=int(alpha_0 * rows)).tolist()
+        n_diff = int(alpha_0 * rows + torch.rand((), generator=generator))  # randomised rounding of α0 T'
+        in_diffusion = step < n_diff
+        counts = torch.bincount(step[in_diffusion], minlength=n_diff).tolist()
         key = torch.where(in_diffusion, step + 0.5 * torch.rand(num_samples, n, generator=generator),
                           rows + torch.arange(n) / n)  # by step, randomly within one; then left to right
         order = torch.cat([given.expand(num_samples, -1), gen[key.argsort(dim=1)]], dim=1)
@@ -76,7 +80,8 @@ def plan(is_gen, num_samples, steps, alpha_0, generator=None, schedule="random")
 
 
 def sample_tokens(logits, temperature=1.0, top_p=0.9, generator=None):
-    """Nucleus sampling by float64 Gumbel-max (pitfall 12), on the generator's device (MPS has no float64).
+    """Nucleus sampling by float64 Gumbel-max (lower precision would skew the categorical draws towards the top
+    tokens), on the generator's device (MPS has no float64).
     The mask token's column (the last) is dropped, so it can never be drawn. temperature=0 is greedy."""
     device = logits.device
     logits = logits[..., :-1].to(generator.device if generator else device, torch.float64)  # drop the mask
@@ -127,7 +132,7 @@ def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, 
     B, L = x.shape
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     with torch.inference_mode(), sdpa_kernel(backends) if x.is_cuda else contextlib.nullcontext():
-        # (CUDA's default backend choice for bf16 with a boolean mask costs ~70 ms per new shape: gpu-notes.md)
+        # (on CUDA, letting SDPA pick its backend for a bf16 step with a boolean mask can cost tens of ms per new shape)
         x = permute(x, order).clone()  # kept in σ order for the whole run
         done = L - sum(chunks)  # slots [0, done) are clean: the given tokens
         seq_start = L - sequential  # A: from this slot on, the clean prefix is frozen
@@ -153,7 +158,7 @@ def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, 
             logits = logits[:, rows] if static else logits
             x[:, done:end] = sample_tokens(logits, temperature, top_p, generator)
             if cached:
-                cache.commit(done - first)  # the clean tokens just fed, never the k masks (pitfall 14)
+                cache.commit(done - first)  # the clean tokens just fed, never the k masks: their slots are scratch
             if callback:
                 callback(step=step, start=first, done=done, end=end, x=x, order=order, logits=logits, cache=cache)
             done = end
@@ -167,7 +172,14 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
     """Sample num_samples sequences that agree with `template` (L,): its mask tokens are generated, every
     other token is kept. Returns (tokens (B, L), NFE). The same seed gives the same samples (across
     processes, see model.Linear)."""
-    mask_id = unwrap(model).config.mask_id
+    config = unwrap(model).config
+    if template.dim() != 1 or len(template) > config.block_size:
+        raise ValueError(f"the template must be one sequence of at most block_size={config.block_size} tokens, "
+                         f"got shape {tuple(template.shape)}")
+    if not 0 <= alpha_0 <= 1 or steps < 1 or schedule not in ("random", "strided") or num_samples < 1:
+        raise ValueError(f"alpha_0={alpha_0} must be in [0, 1], steps={steps} and num_samples={num_samples} at "
+                         f"least 1, schedule={schedule!r} 'random' or 'strided'")
+    mask_id = config.mask_id
     device = template.device
     gen_cpu = torch.Generator().manual_seed(seed)  # schedule and orderings: the same on every device
     noise_device = "cpu" if device.type == "mps" else device  # MPS has no float64
@@ -268,7 +280,6 @@ class Trajectory:
 
 
 def main(argv=None):
-    from train import autocast_context, load_checkpoint, model_from_checkpoint, pick_device
     cfg = SampleConfig()
     user_keys = parse_args(cfg, argv)
     checks = [(cfg.steps >= 1, f"--steps={cfg.steps} must be at least 1"),
@@ -287,7 +298,7 @@ def main(argv=None):
     ctx, _ = autocast_context(device, cfg.dtype)
     out_dir = cfg.out_dir or find_checkpoint()
     ckpt = load_checkpoint(out_dir, device)
-    model = model_from_checkpoint(ckpt, device).eval()
+    model = GPT.from_checkpoint(ckpt, device).eval()
     block_size, denoiser = model.config.block_size, model.config.denoiser
     alpha_0 = ckpt["config"]["alpha_0"] if cfg.alpha_0 == -1 else cfg.alpha_0
     if cfg.length > block_size:

@@ -1,9 +1,9 @@
 """
-Train an Eso-LM, nanoGPT-style. On a laptop CPU (about 3 minutes on 2 cores):
+Train an Eso-LM, nanoGPT-style. On a laptop CPU (about 4 minutes on 2 cores):
 
     python train.py --dataset=shakespeare_char --alpha_0=0.5
 
-On one GPU (bf16 autocast; the GPU preset below is nanoGPT's shakespeare_char model):
+On one GPU (bf16 autocast, torch.compile; the GPU preset below is nanoGPT's shakespeare_char model):
 
     python train.py --dataset=shakespeare
 
@@ -11,18 +11,30 @@ With DDP on 2 GPUs (or 2 CPU processes with --device=cpu; the backend follows th
 
     torchrun --standalone --nproc_per_node=2 train.py --dataset=shakespeare
 
-`train()` is importable; the notebook and the tests call the same function the CLI runs.
-Every micro-step reseeds torch from (seed, iteration, global micro-batch index), so a run is a pure
-function of its flags: resuming continues the same data and noise, and DDP with N ranks computes the
+train() is importable; the notebook and the tests call the same function the CLI runs. It reads like
+nanoGPT's loop, with its phases named: Trainer's set-up, step() (one optimizer step), eval_and_save() and
+final_eval(). Every micro-step reseeds torch from (seed, iteration, global micro-batch index), so a run is a
+pure function of its flags: resuming continues the same data and noise, and DDP with N ranks computes the
 same global batch as one process with N times the gradient accumulation.
 """
-import contextlib
 import json
 import math
 import os
 import signal
 import sys
 import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from torch.distributed import destroy_process_group, init_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from configurator import UserError, autocast_context, parse_args, pick_device, run_cli
+from data import atomic_write, eval_batches, get_batch, load_checkpoint, load_split, prepare, save_checkpoint
+from model import DENOISERS, GPT, GPTConfig, diffusion_rows, has_likelihood, iw_nll, nelbo, stratified_times, unwrap
+
 from dataclasses import asdict, dataclass
 
 import torch
@@ -87,13 +99,12 @@ class TrainConfig:
 
 # Flags the user did not set come from the preset of the device (a CUDA GPU, or anything else) and of the
 # dataset's tokenizer. The CPU character preset is nanoGPT's "baby" Shakespeare recipe (the defaults above,
-# with Muon); the CPU BPE preset stops where 6 minutes of 2 cores end.
-# The GPU presets are nanoGPT's train_shakespeare_char model, with schedules cut to where the curves measured
-# on an H200 stopped improving (README: char val NLL best near iteration 1000 of 5000, BPE val NELBO best at
-# 500 then overfitting); they are not measured yet in this form.
+# with Muon); the CPU BPE preset stops after about 5 minutes on 2 cores. The GPU presets are nanoGPT's
+# train_shakespeare_char model, with schedules cut where that model's val loss stops improving on Tiny
+# Shakespeare (characters near iteration 1000 of 5000; BPE, which overfits sooner, near 500).
 PRESETS = {
     ("cpu", "char"): {},
-    ("cpu", "bpe"): dict(max_iters=1500),  # 4.7 min on 2 cores, val NELBO 5.09 (README)
+    ("cpu", "bpe"): dict(max_iters=1500),
     ("cuda", "char"): dict(batch_size=64, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2,
                            max_iters=2500, eval_iters=100, log_interval=100, compile=True),
     ("cuda", "bpe"): dict(batch_size=64, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.3,
@@ -103,57 +114,61 @@ MODEL_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropou
 KEPT_ON_RESUME = MODEL_KEYS[:1] + MODEL_KEYS[2:] + ("alpha_0", "batch_split", "dataset", "optimizer")
 
 
-def pick_device(name):
-    """'auto' -> cuda, mps or cpu; an explicit device that isn't there is a UserError."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    kind = name.split(":")[0]
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device={name} but no CUDA GPU is visible; use --device=cpu (or auto)")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device={name} but MPS is not available; use --device=cpu (or auto)")
-    if kind not in ("cuda", "mps", "cpu"):
-        raise UserError(f"--device={name} is not one of auto, cuda, cuda:N, mps, cpu")
-    return name
+
+def validate(cfg):
+    checks = [
+        (0 <= cfg.alpha_0 <= 1, f"--alpha_0={cfg.alpha_0} must be in [0, 1]"),
+        (0 < cfg.batch_split < 1, f"--batch_split={cfg.batch_split} must be in (0, 1)"),
+        (cfg.loss_type in ("elbo", "low_var"), f"--loss_type={cfg.loss_type} must be elbo or low_var"),
+        (cfg.init_from in ("scratch", "resume"), f"--init_from={cfg.init_from} must be scratch or resume"),
+        (cfg.optimizer in ("adamw", "muon"), f"--optimizer={cfg.optimizer} must be adamw or muon"),
+        (cfg.batch_size >= 1, f"--batch_size={cfg.batch_size} must be at least 1"),
+        (cfg.block_size >= 1, f"--block_size={cfg.block_size} must be at least 1"),
+        (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
+        (min(cfg.n_layer, cfg.n_head, cfg.n_embd) >= 1, "--n_layer, --n_head and --n_embd must be positive"),
+        (cfg.n_embd % cfg.n_head == 0 and (cfg.n_embd // cfg.n_head) % 2 == 0,
+         f"--n_embd={cfg.n_embd} must be --n_head={cfg.n_head} times an even head size (RoPE)"),
+        (0 <= cfg.dropout < 1, f"--dropout={cfg.dropout} must be in [0, 1)"),
+        (cfg.learning_rate > 0 and cfg.min_lr >= 0, "--learning_rate must be positive and --min_lr >= 0"),
+        (cfg.max_iters >= 0 and cfg.warmup_iters >= 0, "--max_iters and --warmup_iters must be >= 0"),
+        (cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1 and cfg.eval_k >= 1,
+         "--eval_interval, --eval_iters, --log_interval and --eval_k must be positive"),
+        (cfg.grad_clip >= 0, f"--grad_clip={cfg.grad_clip} must be >= 0"),
+        (cfg.eval_windows == 0 or cfg.eval_windows >= cfg.batch_size,
+         f"--eval_windows={cfg.eval_windows} must be 0 (all) or at least --batch_size={cfg.batch_size}"),
+        (cfg.denoiser in DENOISERS, f"--denoiser={cfg.denoiser} must be one of {', '.join(DENOISERS)}"),
+        (cfg.denoiser != "mdlm" or cfg.alpha_0 == 1, f"--denoiser=mdlm is a pure diffusion model: it needs "
+         f"--alpha_0=1, not {cfg.alpha_0}"),
+        (cfg.alpha_0 in (0, 1) or 0 < int(cfg.batch_split * cfg.batch_size) < cfg.batch_size,
+         f"--batch_size={cfg.batch_size} with --batch_split={cfg.batch_split} leaves one half of the hybrid "
+         "loss empty; use a larger batch"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
 
 
-def autocast_context(device, dtype):
-    """bf16 autocast on CUDA, plain fp32 elsewhere."""
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    if dtype not in ("float32", "bfloat16"):
-        raise UserError(f"--dtype={dtype} is not supported; use float32 or bfloat16")
-    if dtype == "float32":
-        return contextlib.nullcontext(), dtype
-    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16), dtype
+def default_out_dir(cfg):
+    """out-<dataset>-alpha<α0>, with the denoiser's name in it when it is not the default B."""
+    return f"out-{cfg.dataset}{'' if cfg.denoiser == 'B' else '-' + cfg.denoiser}-alpha{cfg.alpha_0:g}"
 
 
-def load_checkpoint(out_dir, device="cpu", name="ckpt.pt"):
-    """Load out_dir/ckpt.pt (the best-val weights) or another file there, or raise a UserError saying what is
-    wrong with it."""
-    path = os.path.join(out_dir, name)
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}; train one first (python train.py --out_dir={out_dir})")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated or "
-                        "foreign: delete it and train again")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "eso-lm/1":
-        raise UserError(f"{path} is not an Eso-LM checkpoint of this repo")
-    return ckpt
+def get_lr(it, cfg):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (nanoGPT)."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def save_checkpoint(ckpt, out_dir, name="ckpt.pt"):
-    """Write out_dir/<name> atomically: a crash leaves the previous complete file in place."""
-    atomic_write(os.path.join(out_dir, name), lambda f: torch.save(ckpt, f))
-
-
-def model_from_checkpoint(ckpt, device):
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
-    model.load_state_dict(state)
-    return model.to(device)
+def micro_seed(seed, it, g):
+    """Seed of micro-batch g of iteration it: distinct for every (it, g) with fewer than 10007 micro-batches."""
+    return seed + 10007 * it + g
 
 
 class Objective(nn.Module):
@@ -203,266 +218,248 @@ def report(metrics, meta, cfg, it):
     return "\n".join(lines)
 
 
-def get_lr(it, cfg):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (nanoGPT)."""
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it > decay_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+class Trainer:
+    """One run: its set-up (__init__: DDP, presets, resume, data, model, optimizers) and its phases, step()
+    (one optimizer step), eval_and_save() (the periodic eval and checkpoints) and final_eval()."""
 
+    def __init__(self, cfg, user_keys=()):
+        self.cfg = cfg
+        self.ddp = int(os.environ.get("RANK", -1)) != -1
+        self.rank, self.world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if self.ddp else (0, 1)
+        self.master = self.rank == 0
+        self.device = pick_device(cfg.device)
+        if self.ddp:
+            if self.device.startswith("cuda"):
+                self.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+                torch.cuda.set_device(self.device)
+            init_process_group(backend=cfg.backend if cfg.backend != "auto" else
+                               "nccl" if self.device.startswith("cuda") else "gloo")
+        preset = PRESETS["cuda" if self.device.startswith("cuda") else "cpu",
+                         "char" if cfg.dataset.endswith("_char") else "bpe"]
+        for k, v in preset.items():
+            if k not in user_keys:
+                setattr(cfg, k, v)
+        ckpt = self.checkpoint_to_continue(user_keys)
+        validate(cfg)
+        cfg.out_dir = cfg.out_dir or default_out_dir(cfg)
+        if cfg.gradient_accumulation_steps % self.world:
+            if "gradient_accumulation_steps" in user_keys:
+                raise UserError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a "
+                                f"multiple of the {self.world} DDP processes")
+            cfg.gradient_accumulation_steps = self.world * math.ceil(cfg.gradient_accumulation_steps / self.world)
+            self.log(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}: one micro-batch per "
+                     f"process and iteration at least (set the flag to choose)")
+        self.accum = cfg.gradient_accumulation_steps // self.world
+        self.ctx, cfg.dtype = autocast_context(self.device, cfg.dtype)
+        self.load_data()
+        self.build_model(ckpt)
 
-def micro_seed(seed, it, g):
-    """Seed of micro-batch g of iteration it: distinct for every (it, g) with fewer than 10007 micro-batches."""
-    return seed + 10007 * it + g
+    def log(self, msg):
+        """Above the progress bar; flushed, so `| tee` and log files see each line as it comes."""
+        if self.master:
+            tqdm.write(msg)
+            sys.stdout.flush()
 
-
-def validate(cfg):
-    checks = [
-        (0 <= cfg.alpha_0 <= 1, f"--alpha_0={cfg.alpha_0} must be in [0, 1]"),
-        (0 < cfg.batch_split < 1, f"--batch_split={cfg.batch_split} must be in (0, 1)"),
-        (cfg.loss_type in ("elbo", "low_var"), f"--loss_type={cfg.loss_type} must be elbo or low_var"),
-        (cfg.init_from in ("scratch", "resume"), f"--init_from={cfg.init_from} must be scratch or resume"),
-        (cfg.optimizer in ("adamw", "muon"), f"--optimizer={cfg.optimizer} must be adamw or muon"),
-        (cfg.batch_size >= 1, f"--batch_size={cfg.batch_size} must be at least 1"),
-        (cfg.block_size >= 1, f"--block_size={cfg.block_size} must be at least 1"),
-        (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
-        (min(cfg.n_layer, cfg.n_head, cfg.n_embd) >= 1, "--n_layer, --n_head and --n_embd must be positive"),
-        (cfg.n_embd % cfg.n_head == 0 and (cfg.n_embd // cfg.n_head) % 2 == 0,
-         f"--n_embd={cfg.n_embd} must be --n_head={cfg.n_head} times an even head size (RoPE)"),
-        (0 <= cfg.dropout < 1, f"--dropout={cfg.dropout} must be in [0, 1)"),
-        (cfg.learning_rate > 0 and cfg.min_lr >= 0, "--learning_rate must be positive and --min_lr >= 0"),
-        (cfg.max_iters >= 0 and cfg.warmup_iters >= 0, "--max_iters and --warmup_iters must be >= 0"),
-        (cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1 and cfg.eval_k >= 1,
-         "--eval_interval, --eval_iters, --log_interval and --eval_k must be positive"),
-        (cfg.grad_clip >= 0, f"--grad_clip={cfg.grad_clip} must be >= 0"),
-        (cfg.eval_windows == 0 or cfg.eval_windows >= cfg.batch_size,
-         f"--eval_windows={cfg.eval_windows} must be 0 (all) or at least --batch_size={cfg.batch_size}"),
-        (cfg.denoiser in DENOISERS, f"--denoiser={cfg.denoiser} must be one of {', '.join(DENOISERS)}"),
-        (cfg.denoiser != "mdlm" or cfg.alpha_0 == 1, f"--denoiser=mdlm is a pure diffusion model: it needs "
-         f"--alpha_0=1, not {cfg.alpha_0}"),
-        (cfg.alpha_0 in (0, 1) or 0 < int(cfg.batch_split * cfg.batch_size) < cfg.batch_size,
-         f"--batch_size={cfg.batch_size} with --batch_split={cfg.batch_split} leaves one half of the hybrid "
-         "loss empty; use a larger batch"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise UserError(msg)
-
-
-def train(cfg, user_keys=()):
-    """Train (or, with eval_only, evaluate) as the flags say. Returns the final eval metrics (the contents of
-    eval.json) plus the loss history, on the master process; None elsewhere."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    master = rank == 0
-    device = pick_device(cfg.device)
-    if ddp:
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(device)
-        init_process_group(backend=cfg.backend if cfg.backend != "auto" else
-                           "nccl" if device.startswith("cuda") else "gloo")
-    preset = PRESETS["cuda" if device.startswith("cuda") else "cpu", "char" if cfg.dataset.endswith("_char") else "bpe"]
-    for k, v in preset.items():
-        if k not in user_keys:
-            setattr(cfg, k, v)
-    ckpt = None
-    if cfg.init_from == "resume" or cfg.eval_only:  # resume: the latest state; eval_only: the best weights
+    def checkpoint_to_continue(self, user_keys):
+        """The checkpoint a resumed run (last.pt) or --eval_only (ckpt.pt, the best weights) starts from, or
+        None; its model and method flags replace the defaults (one the user set differently is an error)."""
+        cfg = self.cfg
+        if cfg.init_from != "resume" and not cfg.eval_only:
+            return None
         out_dir = cfg.out_dir or default_out_dir(cfg)
         resume = cfg.init_from == "resume" and not cfg.eval_only and os.path.exists(os.path.join(out_dir, "last.pt"))
-        ckpt = load_checkpoint(out_dir, device, "last.pt" if resume else "ckpt.pt")
-        before = {"optimizer": "adamw"}  # what checkpoints older than a key meant by leaving it out
-        for k in KEPT_ON_RESUME:  # the model and the method come from the checkpoint
-            saved = ckpt["config"].get(k, before.get(k, getattr(TrainConfig, k)))
+        ckpt = load_checkpoint(out_dir, self.device, "last.pt" if resume else "ckpt.pt")
+        for k in KEPT_ON_RESUME:
+            saved = ckpt["config"][k]
             if k in user_keys and getattr(cfg, k) != saved:
                 raise UserError(f"--{k}={getattr(cfg, k)} differs from the checkpoint's {saved}; "
                                 "a resumed or evaluated run keeps it")
             setattr(cfg, k, saved)
-    validate(cfg)
-    cfg.out_dir = cfg.out_dir or default_out_dir(cfg)
-    if cfg.gradient_accumulation_steps % world:
-        raise UserError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple "
-                        f"of the {world} DDP processes")
-    accum = cfg.gradient_accumulation_steps // world
-    ctx, cfg.dtype = autocast_context(device, cfg.dtype)
-    def log(msg):  # above the progress bar; flushed, so `| tee` and log files see each line as it comes
-        if master:
-            tqdm.write(msg)
-            sys.stdout.flush()
+        return ckpt
 
-    meta = prepare(cfg.dataset, cfg.data_dir)
-    train_data, val_data = load_split(cfg.dataset, "train", cfg.data_dir), load_split(cfg.dataset, "val", cfg.data_dir)
-    for split, data in (("val", val_data), ("train", train_data)):
-        if len(data) < cfg.block_size:
-            raise UserError(f"--block_size={cfg.block_size} is longer than the {split} split of {cfg.dataset} "
-                            f"({len(data)} tokens); lower --block_size or use more text")
-    if len(val_data) // cfg.block_size < cfg.batch_size:
-        raise UserError(f"the val split of {cfg.dataset} ({len(val_data)} tokens) holds fewer than --batch_size="
-                        f"{cfg.batch_size} windows of {cfg.block_size}; lower them or use more text")
+    def load_data(self):
+        cfg = self.cfg
+        self.meta = prepare(cfg.dataset, cfg.data_dir)
+        self.train_data = load_split(cfg.dataset, "train", cfg.data_dir)
+        self.val_data = load_split(cfg.dataset, "val", cfg.data_dir)
+        for split, data in (("val", self.val_data), ("train", self.train_data)):
+            if len(data) < cfg.block_size:
+                raise UserError(f"--block_size={cfg.block_size} is longer than the {split} split of {cfg.dataset} "
+                                f"({len(data)} tokens); lower --block_size or use more text")
+        if len(self.val_data) // cfg.block_size < cfg.batch_size:
+            raise UserError(f"the val split of {cfg.dataset} ({len(self.val_data)} tokens) holds fewer than "
+                            f"--batch_size={cfg.batch_size} windows of {cfg.block_size}; lower them or use more text")
 
-    torch.manual_seed(cfg.seed)
-    if ckpt is None:
-        model = GPT(GPTConfig(cfg.block_size, meta["vocab_size"], cfg.n_layer, cfg.n_head, cfg.n_embd,
-                              cfg.dropout, cfg.bias, cfg.denoiser)).to(device)
-        iter_num, best_val, best_iter = 0, float("inf"), None
-    else:
-        model = model_from_checkpoint(ckpt, device)
-        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
-        best_iter = ckpt.get("best_iter", iter_num)
-    model_args = {k: getattr(model.config, k) for k in MODEL_KEYS}
-    optimizers = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                            device.split(":")[0], cfg.optimizer)
-    if ckpt is not None and not cfg.eval_only:
-        if "optimizer" not in ckpt:
-            raise UserError(f"{cfg.out_dir}/last.pt, the state to resume from, is missing; train from scratch")
-        states = ckpt["optimizer"] if isinstance(ckpt["optimizer"], list) else [ckpt["optimizer"]]
-        if len(states) != len(optimizers):
-            raise UserError(f"the optimizer state in {cfg.out_dir}/last.pt does not fit --optimizer={cfg.optimizer}")
-        for opt, state in zip(optimizers, states):
-            opt.load_state_dict(state)
-    del ckpt
-    if cfg.compile:
-        log("compiling the model (torch.compile): the first iterations of each shape take a while")
-    objective = Objective(torch.compile(model) if cfg.compile else model, cfg)
-    if ddp:
-        objective = DDP(objective, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        tokens = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-        log(f"device {device} ({cfg.dtype}), {world} process(es); tokens per iteration will be: {tokens:,}")
-        log(f"number of parameters: {model.get_num_params() / 1e6:.2f}M; alpha_0={cfg.alpha_0}, "
-            f"batch_split={cfg.batch_split}, loss_type={cfg.loss_type}")
+    def build_model(self, ckpt):
+        """The model (new, or the checkpoint's), its optimizers (with their state when resuming), and the
+        objective the steps call: compiled and wrapped in DDP as the flags say."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        if ckpt is None:
+            self.model = GPT(GPTConfig(cfg.block_size, self.meta["vocab_size"], cfg.n_layer, cfg.n_head, cfg.n_embd,
+                                       cfg.dropout, cfg.bias, cfg.denoiser)).to(self.device)
+            self.iter_num, self.best_val, self.best_iter = 0, float("inf"), None
+        else:
+            self.model = GPT.from_checkpoint(ckpt, self.device)
+            self.iter_num, self.best_val, self.best_iter = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["best_iter"]
+        self.optimizers = self.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                                          self.device.split(":")[0], cfg.optimizer)
+        if ckpt is not None and not cfg.eval_only:
+            if "optimizer" not in ckpt:
+                raise UserError(f"{cfg.out_dir}/last.pt, the state to resume from, is missing; train from scratch")
+            for opt, state in zip(self.optimizers, ckpt["optimizer"]):
+                opt.load_state_dict(state)
+        if cfg.compile:
+            self.log("compiling the model (torch.compile): the first iterations of each shape take a while")
+        self.objective = Objective(torch.compile(self.model) if cfg.compile else self.model, cfg)
+        if self.ddp:
+            ids = [int(self.device.split(":")[1])] if self.device.startswith("cuda") else None
+            self.objective = DDP(self.objective, device_ids=ids)
+        self.history = {"loss": [], "eval": []}  # (iter, train loss), (iter, train nelbo, val nelbo, val nll)
+        if self.master:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            tokens = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+            self.log(f"device {self.device} ({cfg.dtype}), {self.world} process(es); tokens per iteration will be: "
+                     f"{tokens:,}")
+            self.log(f"number of parameters: {self.model.get_num_params() / 1e6:.2f}M; alpha_0={cfg.alpha_0}, "
+                     f"batch_split={cfg.batch_split}, loss_type={cfg.loss_type}")
 
-    def checkpoint(it, best):
+    def all_ranks_agree(self, flag):
+        """True on every rank if `flag` is True on any (the same answer everywhere, so no rank is left waiting)."""
+        if not self.ddp:
+            return flag
+        t = torch.tensor(float(flag), device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def step(self, it):
+        """One optimizer step at iteration `it`: the micro-batches of this rank (the global batch is the same for
+        any number of ranks), gradient clipping, the optimizers. Returns the global batch's loss."""
+        cfg, G = self.cfg, self.cfg.gradient_accumulation_steps
+        for group in (g for opt in self.optimizers for g in opt.param_groups):
+            group["lr"] = get_lr(it, cfg)
+        split = diffusion_rows(cfg.batch_size, cfg.alpha_0, cfg.batch_split)
+        u = torch.rand((), generator=torch.Generator().manual_seed(micro_seed(cfg.seed, it, 10006)))
+        loss_sum = 0.0
+        for micro in range(self.accum):
+            g = self.rank * self.accum + micro  # this micro-batch's index in the global batch
+            torch.manual_seed(micro_seed(cfg.seed, it, g))
+            x = get_batch(self.train_data, cfg.batch_size, cfg.block_size, self.device)
+            t = stratified_times(split, self.device, u, offset=g * split, total=G * split) if split else None
+            if self.ddp:
+                self.objective.require_backward_grad_sync = micro == self.accum - 1
+            with self.ctx:
+                loss = self.objective(x, t)[0] / self.accum
+            loss.backward()
+            loss_sum += loss.item()
+        if self.ddp:  # the global batch's loss, not this rank's share
+            loss_t = torch.tensor(loss_sum / self.world, device=self.device)
+            torch.distributed.all_reduce(loss_t)
+            loss_sum = loss_t.item()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+        if not (math.isfinite(loss_sum) and torch.isfinite(norm)):  # norm is all-reduced: every rank agrees
+            raise UserError(f"the loss or its gradient is not finite at iter {it} (loss {loss_sum}); "
+                            "stopped without saving; lower --learning_rate or check the data")
+        for opt in self.optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss_sum
+
+    def eval_and_save(self, it):
+        """The periodic eval on rank 0 (the same train and val windows every time); ckpt.pt when val improves
+        (or always, with always_save_checkpoint) and last.pt. A non-finite eval stops every rank unsaved."""
+        cfg, finite = self.cfg, True
+        if self.master:
+            gen = torch.Generator().manual_seed(cfg.seed)
+            batches = lambda data: (get_batch(data, cfg.batch_size, cfg.block_size, self.device, gen)
+                                    for _ in range(cfg.eval_iters))
+            tr = evaluate(self.model, batches(self.train_data), cfg, self.ctx)
+            va = evaluate(self.model, batches(self.val_data), cfg, self.ctx)
+            nll = f", val nll {va['nll_k1']:.4f} (K=1)" if "nll_k1" in va else ""
+            self.log(f"step {it}: train nelbo {tr['nelbo']:.4f}, val nelbo {va['nelbo']:.4f}{nll}")
+            self.history["eval"].append((it, tr["nelbo"], va["nelbo"], va.get("nll_k1", math.nan)))
+            finite = all(map(math.isfinite, (*tr.values(), *va.values())))
+            improved = finite and va["nelbo"] < self.best_val  # (a run's first eval always improves)
+            if improved:
+                self.best_val, self.best_iter = va["nelbo"], it
+            if finite and (improved or it > self.iter_num or it == cfg.max_iters):
+                self.save(it, best=improved or cfg.always_save_checkpoint)
+        if self.all_ranks_agree(not finite):
+            raise UserError(f"the eval loss is not finite at iter {it}; stopped without saving; "
+                            "lower --learning_rate or check the data")
+
+    def save(self, it, best):
         """last.pt: everything to resume from; ckpt.pt (what sample.py and --eval_only read): the weights of the
         best val loss so far (best=True), or of every eval with always_save_checkpoint."""
-        state = {"format": "eso-lm/1", "model": model.state_dict(), "model_args": model_args, "iter_num": it,
-                 "best_val_loss": best_val, "best_iter": best_iter, "config": asdict(cfg), "meta": meta}
+        cfg = self.cfg
+        state = {"model": self.model.state_dict(), "model_args": {k: getattr(self.model.config, k) for k in MODEL_KEYS},
+                 "iter_num": it, "best_val_loss": self.best_val, "best_iter": self.best_iter, "config": asdict(cfg),
+                 "meta": self.meta}
         if best:
             save_checkpoint(state, cfg.out_dir)
-            log(f"saving checkpoint to {cfg.out_dir} (iter {it}{', best val so far' if best_iter == it else ''})")
-        save_checkpoint({**state, "optimizer": [opt.state_dict() for opt in optimizers]}, cfg.out_dir, "last.pt")
+            self.log(f"saving checkpoint to {cfg.out_dir} (iter {it}{', best val so far' if self.best_iter == it else ''})")
+        save_checkpoint({**state, "optimizer": [opt.state_dict() for opt in self.optimizers]}, cfg.out_dir, "last.pt")
 
-    stop = []  # SIGINT/SIGTERM set it; the loop stops at the next iteration boundary, rank 0 saves
+    def final_eval(self, it):
+        """On rank 0, after the loop: the whole val split (or eval_windows of it) with the weights sample.py reads
+        (ckpt.pt), NELBO and the IW NLL at K = 1 and eval_k; printed and written to eval.json."""
+        cfg = self.cfg
+        weights_iter = it
+        if not cfg.eval_only:  # (every run writes ckpt.pt at its first eval: it is never another run's)
+            best = load_checkpoint(cfg.out_dir, self.device)
+            self.model.load_state_dict(best["model"])
+            weights_iter = best["iter_num"]
+        ks = (1, cfg.eval_k) if cfg.eval_k != 1 else (1,)
+        batches = eval_batches(self.val_data, cfg.batch_size, cfg.block_size, self.device, cfg.eval_windows)
+        metrics = evaluate(self.model, batches, cfg, self.ctx, ks)
+        self.log(report(metrics, self.meta, cfg, weights_iter))
+        metrics.update(alpha_0=cfg.alpha_0, denoiser=cfg.denoiser, iter=weights_iter, trained_iters=it,
+                       dataset=cfg.dataset, tokenizer=self.meta["tokenizer"])
+        atomic_write(os.path.join(cfg.out_dir, "eval.json"), lambda f: json.dump(metrics, f, indent=2), "w")
+        return metrics
+
+
+def train(cfg, user_keys=()):
+    """Train (or, with eval_only, evaluate) as the flags say. Returns the final eval metrics (the contents of
+    eval.json) plus the loss history, on the master process; None elsewhere. Ctrl-C (SIGINT) or SIGTERM stops
+    every rank at the next iteration boundary, saves last.pt and raises KeyboardInterrupt."""
+    run = Trainer(cfg, user_keys)
+    stop = []  # the signal handlers append to it
     handlers = {sig: signal.signal(sig, lambda *_: stop.append(1)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    G = cfg.gradient_accumulation_steps  # global micro-batches per iteration
-    split = diffusion_rows(cfg.batch_size, cfg.alpha_0, cfg.batch_split)
-    bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master or cfg.eval_only or None, leave=False)
-    losses, dts = [], []
-    history = {"loss": [], "eval": []}  # (iter, train loss) and (iter, train nelbo, val nelbo, val nll): returned
+    bar = tqdm(total=cfg.max_iters, initial=run.iter_num, disable=not run.master or cfg.eval_only or None, leave=False)
+    losses, dts, it = [], [], run.iter_num
     try:
-        it = iter_num
         while True:
-            stopping = bool(stop)  # read once: a signal landing after this is seen at the next iteration
-            if ddp:  # every rank stops at the same iteration if any rank was signalled (the reduced flag alone
-                # decides, or a signal between the all-reduce and this test would stop one rank and hang the rest)
-                flag = torch.tensor(float(stopping), device=device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                stopping = bool(flag.item())
-                stop += [1] if stopping and not stop else []
-            if stopping:
-                if master:
-                    checkpoint(it, best=False)
-                log(f"interrupted at iter {it}; resume with --init_from=resume --out_dir={cfg.out_dir}")
+            if run.all_ranks_agree(bool(stop)):  # every rank stops at the same iteration if any was signalled
+                stop += [1]
+                if run.master:
+                    run.save(it, best=False)
+                run.log(f"interrupted at iter {it}; resume with --init_from=resume --out_dir={cfg.out_dir}")
                 break
-            lr = get_lr(it, cfg)
-            for group in (g for opt in optimizers for g in opt.param_groups):
-                group["lr"] = lr
             if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not cfg.eval_only:
-                finite = True
-                if master:
-                    gen = torch.Generator().manual_seed(cfg.seed)  # the same eval batches every time
-                    batches = lambda data: (get_batch(data, cfg.batch_size, cfg.block_size, device, gen)
-                                            for _ in range(cfg.eval_iters))
-                    tr = evaluate(model, batches(train_data), cfg, ctx)
-                    va = evaluate(model, batches(val_data), cfg, ctx)
-                    nll = f", val nll {va['nll_k1']:.4f} (K=1)" if "nll_k1" in va else ""
-                    log(f"step {it}: train nelbo {tr['nelbo']:.4f}, val nelbo {va['nelbo']:.4f}{nll}")
-                    history["eval"].append((it, tr["nelbo"], va["nelbo"], va.get("nll_k1", math.nan)))
-                    finite = all(map(math.isfinite, (*tr.values(), *va.values())))
-                    improved = finite and va["nelbo"] < best_val  # (a run's first eval always improves)
-                    if improved:
-                        best_val, best_iter = va["nelbo"], it
-                    if finite and (improved or it > iter_num or it == cfg.max_iters):
-                        checkpoint(it, best=improved or cfg.always_save_checkpoint)
-                if ddp:  # every rank stops if rank 0's eval was not finite
-                    flag = torch.tensor(float(not finite), device=device)
-                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                    finite = not flag.item()
-                if not finite:
-                    raise UserError(f"the eval loss is not finite at iter {it}; stopped without saving; "
-                                    "lower --learning_rate or check the data")
+                run.eval_and_save(it)
             if it >= cfg.max_iters or cfg.eval_only:
                 break
             t0 = time.time()
-            u = torch.rand((), generator=torch.Generator().manual_seed(micro_seed(cfg.seed, it, 10006)))
-            loss_sum = 0.0
-            for micro in range(accum):
-                g = rank * accum + micro
-                torch.manual_seed(micro_seed(cfg.seed, it, g))
-                x = get_batch(train_data, cfg.batch_size, cfg.block_size, device)
-                t = stratified_times(split, device, u, offset=g * split, total=G * split) if split else None
-                if ddp:
-                    objective.require_backward_grad_sync = micro == accum - 1
-                with ctx:
-                    loss = objective(x, t)[0] / accum
-                loss.backward()
-                loss_sum += loss.item()
-            if ddp:  # log the global batch's loss, not this rank's share
-                loss_t = torch.tensor(loss_sum / world, device=device)
-                torch.distributed.all_reduce(loss_t)
-                loss_sum = loss_t.item()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            if not (math.isfinite(loss_sum) and torch.isfinite(norm)):  # norm is all-reduced: every rank agrees
-                raise UserError(f"the loss or its gradient is not finite at iter {it} (loss {loss_sum}); "
-                                "stopped without saving; lower --learning_rate or check the data")
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            losses.append(run.step(it))
+            dts.append(time.time() - t0)
             it += 1
             bar.update(1)
-            losses.append(loss_sum)
-            history["loss"].append((it, loss_sum))
-            dts.append(time.time() - t0)
+            run.history["loss"].append((it, losses[-1]))
             if it % cfg.log_interval == 0:
-                log(f"iter {it}: loss {sum(losses) / len(losses):.4f}, time {sum(dts) / len(dts) * 1000:.2f}ms, "
-                    f"lr {lr:.2e}")
+                run.log(f"iter {it}: loss {sum(losses) / len(losses):.4f}, time {sum(dts) / len(dts) * 1000:.2f}ms, "
+                        f"lr {get_lr(it - 1, cfg):.2e}")
                 losses, dts = [], []
     finally:
         bar.close()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-
-    if ddp:  # the other ranks leave; rank 0 alone runs the final eval
+    if run.ddp:  # the other ranks leave; rank 0 alone runs the final eval
         torch.distributed.barrier()
         destroy_process_group()
-    metrics = None
-    if master and (not stop or cfg.eval_only):  # the final eval measures what sample.py reads: ckpt.pt
-        weights_iter = it
-        if not cfg.eval_only:  # (every run writes ckpt.pt at its first eval: it is never another run's)
-            best = load_checkpoint(cfg.out_dir, device)
-            model.load_state_dict(best["model"])
-            weights_iter = best["iter_num"]
-        gen_ks = (1, cfg.eval_k) if cfg.eval_k != 1 else (1,)
-        batches = eval_batches(val_data, cfg.batch_size, cfg.block_size, device, cfg.eval_windows)
-        metrics = evaluate(model, batches, cfg, ctx, gen_ks)
-        log(report(metrics, meta, cfg, weights_iter))
-        metrics.update(alpha_0=cfg.alpha_0, denoiser=cfg.denoiser, iter=weights_iter, trained_iters=it,
-                       dataset=cfg.dataset, tokenizer=meta["tokenizer"])
-        atomic_write(os.path.join(cfg.out_dir, "eval.json"), lambda f: json.dump(metrics, f, indent=2), "w")
     if stop:
         raise KeyboardInterrupt
-    return metrics and {**metrics, "history": history}
-
-
-def default_out_dir(cfg):
-    """out-<dataset>-alpha<α0>, with the denoiser's name in it when it is not the default B."""
-    return f"out-{cfg.dataset}{'' if cfg.denoiser == 'B' else '-' + cfg.denoiser}-alpha{cfg.alpha_0:g}"
+    return {**run.final_eval(it), "history": run.history} if run.master else None
 
 
 def main(argv=None):

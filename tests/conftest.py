@@ -1,4 +1,6 @@
 """Shared fixtures: tiny fp32 models on the CPU and a tiny dataset the tests write themselves."""
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -42,9 +44,28 @@ def data_dir(tmp_path):
 
 
 def run(script, *args, cwd=None, timeout=300):
-    """Run one of the repo's scripts as a user would; returns the CompletedProcess."""
+    """Run one of the repo's scripts as a user would, in a new process; returns the CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def cli(script, *args, cwd=None):
+    """Run a script's main() in this process, as its command line does (run_cli: a UserError is one line on
+    stderr and exit code 1), without the seconds a new Python process costs. Returns a CompletedProcess."""
+    import importlib
+    from configurator import run_cli
+    main = importlib.import_module(script.removesuffix(".py")).main
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    old = os.getcwd()
+    try:
+        os.chdir(cwd or old)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            run_cli(lambda: main([str(a) for a in args]))
+    except SystemExit as e:
+        code = e.code
+    finally:
+        os.chdir(old)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 TINY_TRAIN = ["--dataset=tiny_char", "--device=cpu", "--batch_size=4", "--block_size=16", "--n_layer=1",

@@ -1,5 +1,6 @@
 """The sampler: exact KV cache, the schedule, prompts and infilling, the paper's L=8 walk-through."""
 import json
+import re
 
 import torch
 import conftest
@@ -167,15 +168,16 @@ def test_cache_is_preallocated_and_never_commits_masks():
     def callback(start, done, end, x, order, cache, **_):
         ptrs.append((cache.k.data_ptr(), tuple(cache.k.shape)))
         prefixes.append((cache.committed, x[:, : cache.committed].clone(), order[:, : cache.committed].clone(),
-                         cache.k[:, :, :, : cache.committed].clone()))
+                         cache.k[:, :, :, : cache.committed].clone(), cache.v[:, :, :, : cache.committed].clone()))
 
     generate(model, masks(None), 2, 5, 0.5, callback=callback)
     assert len(set(ptrs)) == 1 and ptrs[0][1] == (2, 2, 2, 20, 16)
-    for n, x, order, k in prefixes[1:]:
+    for n, x, order, k, v in prefixes[1:]:
         ref = KVCache.for_model(model.config, 2, 20)
         ref.feed(n, n)
         model(x, order, causal_mask(n), ref)
         assert torch.allclose(ref.k[:, :, :, :n], k, atol=1e-5), "a committed slot differs from clean K"
+        assert torch.allclose(ref.v[:, :, :, :n], v, atol=1e-5), "a committed slot differs from clean V"
         assert (x < V).all(), "a committed slot holds a mask token"
 
 
@@ -199,7 +201,7 @@ def test_bench_tables(tmp_path):
             assert len(row["seconds_rounds"]) == 3 and row["speedup_min"] <= row["speedup"] <= row["speedup_max"]
     r = conftest.run("bench.py", "--what=linear", "--iters=1", "--lengths=32", *tiny)
     assert r.returncode == 0, r.stderr
-    assert [row["rows"] for row in json.loads(out.read_text())] == [1, 2, 4, 8, 16] + ["sampling step"] * 2
+    assert [row["rows"] for row in json.loads(out.read_text())] == [1, 2, 4, 8, 16, "probe"] + ["sampling step"] * 2
     r = conftest.run("bench.py", "--what=profile", "--lengths=32", *tiny)
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(out.read_text())
@@ -209,23 +211,26 @@ def test_bench_tables(tmp_path):
 @torch.no_grad()
 def test_static_shapes_give_the_same_logits_and_tokens():
     """The static path (CUDA graphs) pads each step's chunk to a power of two with the slots after it and, when
-    cached, attends to all L slots: at every step its fp32 logits equal the exact-shape path's, with and without
-    the cache, and the tokens are identical. The shapes it feeds come from a few powers of two (and the chunks
-    that end exactly at L)."""
-    model = sharp_model(block_size=40)
+    cached, attends to all L slots: for each denoiser, at every step its fp32 logits equal the exact-shape
+    path's, with and without the cache, and the tokens are identical. The shapes it feeds come from a few powers
+    of two (and the chunks that end exactly at L)."""
     template = masks(None, length=37)
     template[:5] = torch.tensor([1, 2, 3, 4, 5])
-    shapes = []
-    model.transformer.wte.register_forward_hook(lambda m, i, o: shapes.append(i[0].shape[1]))
-    for alpha_0, steps in ((1.0, 5), (0.5, 6), (0.0, 3), (1.0, 10 ** 6)):
-        for kv_cache in (True, False):
-            x_d, _, dyn = run(model, template, kv_cache, alpha_0=alpha_0, steps=steps)
-            shapes.clear()
-            x_s, _, sta = run(model, template, kv_cache, alpha_0=alpha_0, steps=steps, static=True)
-            for a, b in zip(dyn, sta):
-                assert torch.allclose(a["logits"], b["logits"], atol=1e-4), (alpha_0, kv_cache, a["step"])
-            assert torch.equal(x_d, x_s), (alpha_0, kv_cache)
-            assert all(T & (T - 1) == 0 or s["start"] + T == 37 for T, s in zip(shapes, sta)), shapes
+    settings = {"B": ((1.0, 5), (0.5, 6), (0.0, 3), (1.0, 10 ** 6)), "A": ((1.0, 5), (0.5, 6), (0.0, 3)),
+                "mdlm": ((1.0, 5), (1.0, 10 ** 6))}
+    for denoiser, runs in settings.items():
+        model = sharp_model(block_size=40, denoiser=denoiser)
+        shapes = []
+        model.transformer.wte.register_forward_hook(lambda m, i, o: shapes.append(i[0].shape[1]))
+        for alpha_0, steps in runs:
+            for kv_cache in (True, False):
+                x_d, _, dyn = run(model, template, kv_cache, alpha_0=alpha_0, steps=steps)
+                shapes.clear()
+                x_s, _, sta = run(model, template, kv_cache, alpha_0=alpha_0, steps=steps, static=True)
+                for a, b in zip(dyn, sta):
+                    assert torch.allclose(a["logits"], b["logits"], atol=1e-4), (denoiser, alpha_0, kv_cache, a["step"])
+                assert len(dyn) == len(sta) and torch.equal(x_d, x_s), (denoiser, alpha_0, kv_cache)
+                assert all(T & (T - 1) == 0 or s["start"] + T == 37 for T, s in zip(shapes, sta)), shapes
 
 
 @torch.no_grad()
@@ -317,3 +322,28 @@ def test_bench_gpu_report_runs_on_a_tiny_model(monkeypatch, capsys):
         False, False, True, False], "only the L=32 NFE=L MDLM row is timed on 8 steps and scaled"
     assert all(r["nfe"] == r["L"] for r in rows if r.get("sampler", "").startswith("AR"))
     assert "(8 steps timed)" in capsys.readouterr().out
+
+
+def test_strided_schedule_honours_alpha_0():
+    """The strided sampler rounds α0 T' (T' rows of positions) up or down at random, so that over many draws the
+    fraction of tokens made by diffusion is α0 for every T, also where α0 T' is not a whole number (T = 1, 3)."""
+    gen = torch.Generator().manual_seed(0)
+    is_gen = torch.ones(20, dtype=torch.bool)
+    for alpha_0 in (0.3, 0.99):
+        for steps in (1, 3, 4, 7):
+            fractions = [1 - plan(is_gen, 1, steps, alpha_0, gen, "strided")[2] / 20 for _ in range(2000)]
+            mean = sum(fractions) / len(fractions)
+            assert abs(mean - alpha_0) < 0.035, (alpha_0, steps, mean)
+
+
+def test_generate_refuses_what_it_cannot_do():
+    """A template longer than the block size, or an impossible α0, step count or schedule: a ValueError that
+    names it."""
+    import pytest
+    model = sharp_model(block_size=24)
+    for call, message in ((lambda: generate(model, masks(None, length=25), 1, 4, 0.5), "at most block_size=24"),
+                          (lambda: generate(model, masks(None), 1, 4, 1.5), "alpha_0=1.5 must be in [0, 1]"),
+                          (lambda: generate(model, masks(None), 1, 0, 0.5), "steps=0"),
+                          (lambda: generate(model, masks(None), 1, 4, 0.5, schedule="zigzag"), "zigzag")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()

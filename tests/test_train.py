@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import TEXT, TINY_TRAIN, run
+from conftest import TEXT, TINY_TRAIN, cli
 
 from data import Tokenizer, eval_batches, get_batch, load_split, prepare
 
@@ -38,7 +38,7 @@ def test_train_writes_checkpoint_and_eval_json_then_resumes(data_dir, tmp_path):
     eval measures them, saying which iteration they come from; last.pt holds the latest state, optimizer
     included, and --init_from=resume continues from it."""
     out = tmp_path / "out"
-    r = run("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4",
+    r = cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4",
             "--eval_interval=2", "--alpha_0=0.5")
     assert r.returncode == 0, r.stderr
     assert "saving checkpoint" in r.stdout + r.stderr and "exact NLL, K=4" in r.stdout + r.stderr
@@ -52,14 +52,14 @@ def test_train_writes_checkpoint_and_eval_json_then_resumes(data_dir, tmp_path):
     assert f"weights of iter {best['iter_num']}" in r.stdout
     assert metrics["nll_k4"] <= metrics["nll_k1"] + 1e-3
 
-    r = run("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=6",
+    r = cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=6",
             "--eval_interval=2", "--init_from=resume")
     assert r.returncode == 0, r.stderr
     assert min(int(i) for i in re.findall(r"iter (\d+): loss", r.stdout)) == 5, "resumes after iteration 4"
     assert torch.load(out / "last.pt", weights_only=True)["iter_num"] == 6
     assert json.loads((out / "eval.json").read_text())["trained_iters"] == 6
 
-    r = run("train.py", f"--out_dir={out}", f"--data_dir={data_dir}", "--eval_only=True", "--eval_windows=8",
+    r = cli("train.py", f"--out_dir={out}", f"--data_dir={data_dir}", "--eval_only=True", "--eval_windows=8",
             "--eval_k=4", "--device=cpu", "--batch_size=4")
     assert r.returncode == 0, r.stderr
     best = torch.load(out / "ckpt.pt", weights_only=True)
@@ -69,7 +69,7 @@ def test_train_writes_checkpoint_and_eval_json_then_resumes(data_dir, tmp_path):
 def test_always_save_checkpoint_keeps_the_latest(data_dir, tmp_path):
     """--always_save_checkpoint=True (nanoGPT's flag): ckpt.pt follows every eval, best or not."""
     out = tmp_path / "out"
-    r = run("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=3",
+    r = cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=3",
             "--eval_interval=1", "--learning_rate=0.5", "--always_save_checkpoint=True")
     assert r.returncode == 0, r.stderr
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 3
@@ -88,7 +88,7 @@ def test_always_save_checkpoint_keeps_the_latest(data_dir, tmp_path):
     ("--block_size=150", "holds fewer than --batch_size=4 windows of 150"),
 ])
 def test_bad_input_is_one_line(data_dir, tmp_path, flag, message):
-    r = run("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}", "--max_iters=1", flag)
+    r = cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}", "--max_iters=1", flag)
     assert r.returncode == 1, (r.returncode, r.stderr)
     assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
@@ -96,7 +96,7 @@ def test_bad_input_is_one_line(data_dir, tmp_path, flag, message):
 
 def test_both_flag_forms(data_dir, tmp_path):
     """--key value works like --key=value."""
-    r = run("train.py", *TINY_TRAIN, "--data_dir", data_dir, "--out_dir", tmp_path / "o", "--max_iters", "0",
+    r = cli("train.py", *TINY_TRAIN, "--data_dir", data_dir, "--out_dir", tmp_path / "o", "--max_iters", "0",
             "--alpha_0", "1", "--eval_k", "1")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "o" / "eval.json").read_text())["alpha_0"] == 1.0
@@ -104,14 +104,14 @@ def test_both_flag_forms(data_dir, tmp_path):
 
 def test_sample_cli(data_dir, tmp_path):
     """sample.py finds the newest out*/ckpt.pt, prints samples and one NFE line; errors are one line."""
-    r = run("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", "--out_dir=out-tiny", "--max_iters=2",
+    r = cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", "--out_dir=out-tiny", "--max_iters=2",
             "--eval_interval=2", "--alpha_0=0.5", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    r = run("sample.py", "--steps", "4", "--num_samples=2", "--start=First", "--device=cpu", cwd=tmp_path)
+    r = cli("sample.py", "--steps", "4", "--num_samples=2", "--start=First", "--device=cpu", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "loaded out-tiny/ckpt.pt" in r.stderr and r.stdout.count("---------------") == 2
     assert r.stdout.startswith("First") and "NFE" in r.stdout.splitlines()[-1]
-    r = run("sample.py", "--infill=First __ Citizen", "--kv_cache=False", "--num_samples=1", "--device=cpu",
+    r = cli("sample.py", "--infill=First __ Citizen", "--kv_cache=False", "--num_samples=1", "--device=cpu",
             cwd=tmp_path)
     line = r.stdout.split("\n")[0]
     assert r.returncode == 0 and line[:6] == "First " and line[8:16] == " Citizen" and "_" not in line, r.stdout
@@ -122,7 +122,7 @@ def test_sample_cli(data_dir, tmp_path):
                           ("--out_dir=nowhere", "no checkpoint at nowhere/ckpt.pt"),
                           ("--start=First Citizen:\nB", "nothing to generate"),
                           ("--infill=" + "First _" * 4, "above the trained block size")]:
-        r = run("sample.py", flag, "--device=cpu", cwd=tmp_path)
+        r = cli("sample.py", flag, "--device=cpu", cwd=tmp_path)
         assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, (flag, r.stderr)
 
 
