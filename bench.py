@@ -319,16 +319,18 @@ def bench_prepare(cfg, device):
 
 
 def bench_profile(cfg, device):
-    """Where the time of a cached sampling step goes: torch.profiler over one generate() call of Eso-LM (B) at
-    NFE = L (L: the last of --lengths), the ops by self time (CPU-side: on a GPU that is launch overhead),
-    in ms per step, grouped as matrix products, attention and the rest."""
+    """Where the time of a cached sampling step goes (Eso-LM (B), batch 1, NFE = L, L the last of --lengths):
+    under torch.profiler, the op calls per step (nested ones counted) and ms per step by op (CPU-side: on a GPU
+    that is launch overhead); then, unprofiled, in --rounds interleaved rounds: the step, its weight products
+    alone (the same Linear modules, rows and layout: the step's floor), and AR decoding through the same cache."""
     L = int(cfg.lengths.split(",")[-1])
     torch.manual_seed(0)
     model = GPT(GPTConfig(L, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd)).to(device).eval()
     template = torch.full((L,), model.config.mask_id, device=device)
+    step = lambda alpha_0=1.0: generate(model, template, 1, 10 ** 6, alpha_0, top_p=1.0)[1]
     generate(model, template[:64], 1, 10 ** 6, 1.0)  # warm-up, as bench_sample
     with torch.profiler.profile() as prof:
-        _, nfe = generate(model, template, 1, 10 ** 6, 1.0, top_p=1.0)
+        nfe = step()
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     per_step = {e.key: e.self_cpu_time_total / 1000 / nfe for e in ops}  # ms per step
     group = lambda key: ("matrix products" if key in ("aten::mm", "aten::addmm", "aten::bmm") else
@@ -336,15 +338,42 @@ def bench_profile(cfg, device):
     groups = {}
     for key, ms in per_step.items():
         groups[group(key)] = groups.get(group(key), 0) + ms
+    calls = len(prof.events()) / nfe
     print(f"one cached sampling step, L={L}, NFE={nfe}, {cfg.n_layer} x {cfg.n_embd}, {device}, "
-          f"{torch.get_num_threads()} threads, under torch.profiler: {sum(per_step.values()):.2f} ms per step")
+          f"{torch.get_num_threads()} threads: {calls:.0f} op calls (nested ones counted); under torch.profiler "
+          f"{sum(per_step.values()):.2f} ms, of which")
     for name, ms in groups.items():
         print(f"  {name:<20} {ms:7.3f} ms")
     print(f"  {'op':<52} {'ms/step':>8} {'calls/step':>10}")
     for e in ops[:12]:
         print(f"  {e.key[:52]:<52} {per_step[e.key]:8.3f} {e.count / nfe:10.1f}")
-    products = sum(e.count for e in ops if group(e.key) == "matrix products") / nfe  # 4 per layer + lm_head
-    return [dict(L=L, nfe=nfe, products_per_step=products, **{f"{k} ms": v for k, v in groups.items()})]
+    # a step's products: every layer's c_attn on the 2 fed tokens, the rest on 2 rows, but the last layer's, which
+    # computes only the mask's row, as does lm_head
+    h = model.transformer.h
+    lins = [(lin, 1 if i == len(h) - 1 and lin is not blk.attn.c_attn else 2) for i, blk in enumerate(h)
+            for lin in (blk.attn.c_attn, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj)] + [(model.lm_head, 1)]
+    xs = [torch.randn(1, rows, lin.in_features, device=device) for lin, rows in lins]
+
+    def products(n=100):
+        with torch.inference_mode():
+            for _ in range(n):
+                for (lin, _), x in zip(lins, xs):
+                    lin(x)
+        return n
+    ms = {"step": [], "products alone": [], "AR step": []}
+    for _ in range(cfg.rounds):
+        for name, fn in zip(ms, (step, products, lambda: step(0.0))):
+            dt, n = timed(fn, device)
+            ms[name].append(dt / n * 1000)
+    floor = sorted(a / b for a, b in zip(ms["step"], ms["products alone"]))
+    ar = sorted(a / b for a, b in zip(ms["step"], ms["AR step"]))
+    print(f"unprofiled, median of {cfg.rounds} interleaved rounds: " +
+          ", ".join(f"{k} {statistics.median(v):.2f} ms" for k, v in ms.items()) +
+          f"; the step is {statistics.median(floor):.2f}x its products alone [{floor[0]:.2f}-{floor[-1]:.2f}] and "
+          f"{statistics.median(ar):.2f}x an AR step [{ar[0]:.2f}-{ar[-1]:.2f}]")
+    return [dict(L=L, nfe=nfe, op_calls_per_step=calls, products_per_step=len(lins),
+                 **{f"{k} ms": v for k, v in groups.items()}, **{f"{k} ms rounds": v for k, v in ms.items()},
+                 step_over_products=statistics.median(floor), step_over_ar=statistics.median(ar))]
 
 
 def bench_linear(cfg, device):

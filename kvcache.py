@@ -1,19 +1,20 @@
 """
-The KV cache of the Eso-LM sampler (paper §5.3), in the gpt-fast spirit: per-layer K/V buffers preallocated
-once for the batch and the sequence length, written by index, never grown by concatenation.
+The KV cache of the Eso-LM sampler (paper §5.3), in the gpt-fast spirit: one K and one V buffer per layer,
+preallocated for the batch and the sequence length, written by index, never grown by concatenation.
 
 Slots [0, committed) hold the post-RoPE K/V of clean tokens, in denoising order; they never change.
 Before each forward pass the sampler says how many tokens it feeds and how many slots attention reads
 (`feed(T, keys)`): the pass writes its T tokens' K/V at slots [committed, committed + T) and reads [0, keys).
 Those writes are provisional until the sampler calls commit(n) for the first n of them: it commits the clean
 tokens it fed (the previous step's, now sampled) and never the current mask tokens, whose slots the next step
-overwrites with the same tokens' clean K/V (a mask's K/V, committed, would be attended by every later
-token as if it were context). The model reads and writes the cache it is handed
-but never advances it.
+overwrites with the same tokens' clean K/V (a mask's K/V, committed, would be read by every later token as if
+it were context). The model reads and writes the cache it is handed but never advances it.
 
 For CUDA graphs (torch.compile's reduce-overhead mode) every step must have the same shapes and the buffers
 the same addresses: the sampler then feeds a padded chunk and reads all max_len slots, and a caller that
-samples more than once hands the same cache to every run (static=True).
+samples more than once hands the same cache to every run (static=True). Each layer's buffer is a tensor of its
+own, marked static, so that a compiled step writes it in place (a write into a slice of one big buffer is
+compiled as a copy of the whole slice).
 """
 import torch
 
@@ -22,14 +23,14 @@ class KVCache:
 
     def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, device="cpu", dtype=torch.float32,
                  static=False):
-        shape = (n_layer, batch_size, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         if static:  # a graph replay writes these buffers in place: their address must never change
-            torch._dynamo.mark_static_address(self.k)
-            torch._dynamo.mark_static_address(self.v)
+            for buffer in self.k + self.v:
+                torch._dynamo.mark_static_address(buffer)
         self.committed = 0  # slots [0, committed) are final
-        self.max_len = max_len
+        self.max_len, self.dtype = max_len, dtype
         self.slots, self.keys = None, 0
 
     @classmethod
@@ -41,14 +42,16 @@ class KVCache:
         """The next forward pass is fed T tokens: it writes their K/V at slots [committed, committed + T) (a
         tensor of indices, so that a captured graph can be replayed at any `committed`) and reads [0, keys)."""
         assert self.committed + T <= self.max_len and keys <= self.max_len, f"cache of {self.max_len} slots"
-        self.slots = torch.arange(self.committed, self.committed + T, device=self.k.device)
+        self.slots = torch.arange(self.committed, self.committed + T, device=self.k[0].device)
         self.keys = keys
 
     def update(self, layer, k, v):
         """Write k, v (B, nh, T, hd) provisionally at the fed slots; return K/V (B, nh, keys, hd)."""
-        self.k[layer].index_copy_(2, self.slots, k.to(self.k.dtype))  # (autocast may hand over fp32 keys)
-        self.v[layer].index_copy_(2, self.slots, v.to(self.v.dtype))
-        return self.k[layer, :, :, :self.keys], self.v[layer, :, :, :self.keys]
+        if k.dtype != self.dtype:  # (autocast hands over fp32 keys)
+            k, v = k.to(self.dtype), v.to(self.dtype)
+        self.k[layer].index_copy_(2, self.slots, k)
+        self.v[layer].index_copy_(2, self.slots, v)
+        return self.k[layer][:, :, :self.keys], self.v[layer][:, :, :self.keys]
 
     def reset(self):
         """Empty the cache for a new run (the buffers stay where they are)."""

@@ -49,12 +49,11 @@ class Linear(nn.Linear):
         return super().forward(x)
 
     def transposed(self, x):
-        """F.linear as (W xᵀ)ᵀ, with x made contiguous (the raw output of a layer before may be transposed, and
-        MKL is fast here only with a contiguous x read as xᵀ), returned contiguous; addmm puts the bias in, so
-        that under autocast it returns F.linear's dtype."""
-        xt = x.reshape(-1, x.size(-1)).contiguous().t()
+        """F.linear as (W xᵀ)ᵀ, made contiguous (MKL is fast here only with a contiguous x read as xᵀ, so the
+        layer after needs it so); addmm puts the bias in, so that under autocast it has F.linear's dtype."""
+        xt = x.reshape(-1, x.size(-1)).transpose(0, 1)
         y = torch.mm(self.weight, xt) if self.bias is None else torch.addmm(self.bias[:, None], self.weight, xt)
-        return y.t().contiguous().view(*x.shape[:-1], -1)
+        return y.transpose(0, 1).contiguous().view(*x.shape[:-1], -1)
 
 
 def few_rows_transposed_is_faster(margin=1.5, timings=None):
@@ -80,11 +79,12 @@ def _time_few_row_products(repeats=7):
     return tuple(best)
 
 
-def apply_rotary(x, cos, sin):
-    """Rotate-half RoPE. x: (B, T, 2, nh, hd), q and k; cos, sin: (B, T, 1, 1, hd/2), gathered at each token's
-    own position."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+def rotary(x, cos, sin):
+    """RoPE, rotate-half form, on q and k at once: x (B, T, 2, nh, hd); cos, sin (B, T, 1, 1, hd): [cos, cos]
+    and [-sin, sin] at each token's own position, so that x·cos + (x with its halves swapped)·sin rotates
+    every pair (x_i, x_{i+hd/2}) by its angle."""
+    swapped = x.view(*x.shape[:-1], 2, -1).flip(-2).view(x.shape)
+    return torch.addcmul(x * cos, swapped, sin)
 
 
 class CausalSelfAttention(nn.Module):
@@ -94,24 +94,28 @@ class CausalSelfAttention(nn.Module):
         assert config.n_embd % config.n_head == 0
         self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
 
-    def forward(self, x, cos, sin, attn_mask, kv_cache=None, layer=0, rows=slice(None)):
-        """attn_mask: (T, keys) or (B, 1, T, keys) bool, True = may attend, or None: everything visible.
-        rows: the queries to compute (the last layer needs only the rows that get logits); every row gives K/V."""
+    def forward(self, x, rope, attn_mask, kv_cache=None, layer=0, rows=slice(None)):
+        """rope: (cos, sin) at each token's position; attn_mask: (T, keys) or (B, 1, T, keys), additive (0 or
+        -inf), or None: everything visible. rows: the queries to compute (the last layer needs only the rows
+        that get logits); every row gives K/V."""
         B, T, C = x.size()
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
-        qk = F.rms_norm(qkv[:, :, :2], (C // self.n_head,))  # QK-norm, q and k at once
-        qk = apply_rotary(qk, cos, sin)  # the cache holds rotated keys: no positions needed at read time
+        hd = C // self.n_head
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, hd)
+        # QK-norm: q and k scaled to unit length per head, and attention scaled by √hd instead of 1/√hd, which
+        # is attention over RMS-normalised q and k; then RoPE (so the cache holds rotated keys)
+        qk = rotary(F.normalize(qkv[:, :, :2].float(), dim=-1), *rope)
         q = qk[:, rows, 0].transpose(1, 2)  # (B, nh, rows, hd)
         k, v = qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)  # (B, nh, T, hd)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nh, keys, hd): the committed slots and these
-        mask = None if attn_mask is None else attn_mask[..., rows, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, -1, C)
-        return self.resid_dropout(self.c_proj(y))
+        if attn_mask is not None and rows != slice(None):
+            attn_mask = attn_mask[..., rows, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=hd ** 0.5,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, -1, C)))
 
 
 class MLP(nn.Module):
@@ -120,10 +124,11 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.relu(self.c_fc(x)).square()))  # ReLU²
+        h = F.relu(self.c_fc(x))
+        return self.dropout(self.c_proj(h * h))  # ReLU²
 
 
 class Block(nn.Module):
@@ -135,8 +140,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, attn_mask, kv_cache=None, layer=0, rows=slice(None)):
-        x = x[:, rows] + self.attn(self.ln_1(x), cos, sin, attn_mask, kv_cache, layer, rows)
+    def forward(self, x, rope, attn_mask, kv_cache=None, layer=0, rows=slice(None)):
+        x = (x if rows == slice(None) else x[:, rows]) + self.attn(self.ln_1(x), rope, attn_mask, kv_cache, layer, rows)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -164,7 +169,7 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size + 1, config.n_embd),  # + the mask token
-            drop=nn.Dropout(config.dropout),
+            drop=nn.Dropout(config.dropout) if config.dropout else nn.Identity(),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
@@ -173,8 +178,9 @@ class GPT(nn.Module):
         hd = config.n_embd // config.n_head
         inv_freq = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
         angles = torch.outer(torch.arange(config.block_size).float(), inv_freq)  # (block_size, hd/2)
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        cos, sin = angles.cos(), angles.sin()  # rotary's tables: [cos, cos] and [-sin, sin] at every position
+        self.register_buffer("rope_cos", torch.cat([cos, cos], 1), persistent=False)  # (block_size, hd)
+        self.register_buffer("rope_sin", torch.cat([-sin, sin], 1), persistent=False)
         self.apply(self._init_weights)
         for pn, p in self.named_parameters():  # residual projections start at zero: blocks start as identity
             if pn.endswith("c_proj.weight"):
@@ -201,12 +207,13 @@ class GPT(nn.Module):
         (B, len(out)), the per-token NLL (B, len(out)): computed only where targets >= 0, 0 elsewhere (nanoGPT's
         ignore_index=-1). The carry-over loss scores masked tokens only, so clean tokens never reach lm_head.
         """
-        cos = self.rope_cos[pos][:, :, None, None]  # (B, T, 1, 1, hd/2): broadcast over q/k and heads
-        sin = self.rope_sin[pos][:, :, None, None]
+        rope = (self.rope_cos[pos][:, :, None, None], self.rope_sin[pos][:, :, None, None])  # (B, T, 1, 1, hd)
+        if attn_mask is not None:  # additive, once for every layer (SDPA would convert a boolean mask in each)
+            attn_mask = torch.zeros(attn_mask.shape, device=idx.device).masked_fill_(~attn_mask, float("-inf"))
         x = self.transformer.drop(self.transformer.wte(idx))
         last = len(self.transformer.h) - 1
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cos, sin, attn_mask, kv_cache, layer, out if layer == last else slice(None))
+            x = block(x, rope, attn_mask, kv_cache, layer, out if layer == last else slice(None))
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.head(x)

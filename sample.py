@@ -138,7 +138,7 @@ def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, 
         seq_start = L - sequential  # A: from this slot on, the clean prefix is frozen
         cache = (cache or new_cache(model, B, L, x.device, ctx, static)) if kv_cache else None
         if cache is not None:
-            assert cache.k.shape[1] == B and cache.max_len == L, "the cache does not fit this run"
+            assert cache.k[0].size(0) == B and cache.max_len == L, "the cache does not fit this run"
             cache.reset()
         slots = torch.arange(L, device=x.device)
         for step, k in enumerate(tqdm(chunks, disable=not progress, leave=False, desc="steps")):
