@@ -107,3 +107,13 @@ def autocast_context(device, dtype):
     if dtype == "float32":
         return contextlib.nullcontext(), dtype
     return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16), dtype
+
+
+def attention_backends(device):
+    """The attention kernels every pass uses on CUDA, training, eval and sampling alike: flash (no mask),
+    memory-efficient (an additive mask) or plain math. Left to choose, PyTorch may pick one whose set-up for each
+    new shape costs tens of ms; elsewhere there is one kernel and nothing to pin."""
+    if not str(device).startswith("cuda"):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

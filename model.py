@@ -20,6 +20,7 @@ loss at the same number of iterations):
 The second half of the file is the method: orderings, masks, the hybrid NELBO (eq. 7) and the exact
 likelihood (§4). The sampler lives in sample.py, the KV cache in kvcache.py.
 """
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -32,20 +33,18 @@ from torch.nn import functional as F
 class Linear(nn.Linear):
     """nn.Linear, except in a sampling step on the CPU. A cached step feeds 2 to 8 tokens, and how fast BLAS
     multiplies so few rows depends on the machine (`python bench.py --what=linear`): the same product written as
-    (W xᵀ)ᵀ can be several times faster than F.linear, or half as fast. The two round differently, so the
-    choice is made once per process, on the first such product in inference mode (the sampler's), by timing
-    both layouts on a fixed probe (few_rows_transposed_is_faster), and (W xᵀ)ᵀ is taken only if it is at least
-    1.5x faster: a machine where one layout is clearly faster always picks it, and a near tie always keeps
-    F.linear, so the same seed samples the same tokens in every process. Training and eval never run it."""
-    transposed_is_faster = None  # the process's choice, made on first use
+    (W xᵀ)ᵀ can be several times faster than F.linear, or half as fast. The two round differently, so the choice
+    is made once per process, when sampling first starts (sampling_products), by timing both layouts on a fixed
+    probe (few_rows_transposed_is_faster), and (W xᵀ)ᵀ is taken only if it is at least 1.5x faster: a machine
+    where one layout is clearly faster always picks it, and a near tie always keeps F.linear, so the same seed
+    samples the same tokens in every process. Training and eval never take it."""
+    sampling = False  # True while the sampler runs (sampling_products)
+    transposed_is_faster = None  # the process's choice, made when sampling first starts on the CPU
 
     def forward(self, x):
-        if (x.device.type == "cpu" and 2 <= x.numel() // x.size(-1) <= 8 and torch.is_inference_mode_enabled()
-                and not torch.compiler.is_compiling()):
-            if Linear.transposed_is_faster is None:
-                Linear.transposed_is_faster = few_rows_transposed_is_faster()
-            if Linear.transposed_is_faster:
-                return self.transposed(x)
+        if (Linear.sampling and Linear.transposed_is_faster and x.device.type == "cpu"
+                and 2 <= x.numel() // x.size(-1) <= 8):
+            return self.transposed(x)
         return super().forward(x)
 
     def transposed(self, x):
@@ -54,6 +53,20 @@ class Linear(nn.Linear):
         xt = x.reshape(-1, x.size(-1)).transpose(0, 1)
         y = torch.mm(self.weight, xt) if self.bias is None else torch.addmm(self.bias[:, None], self.weight, xt)
         return y.transpose(0, 1).contiguous().view(*x.shape[:-1], -1)
+
+
+@contextlib.contextmanager
+def sampling_products(device):
+    """While the sampler runs: Linear may compute few-row products as (W xᵀ)ᵀ, if this process chose to (timed
+    here, once, the first time sampling runs on the CPU). A flag rather than a test of inference mode, so that a
+    compiled step takes the same layout as an eager one."""
+    if torch.device(device).type == "cpu" and Linear.transposed_is_faster is None:
+        Linear.transposed_is_faster = few_rows_transposed_is_faster()
+    before, Linear.sampling = Linear.sampling, True
+    try:
+        yield
+    finally:
+        Linear.sampling = before
 
 
 def few_rows_transposed_is_faster(margin=1.5, timings=None):
@@ -294,10 +307,14 @@ def sequential_order(is_mask, noise=None):
     return torch.where(is_mask, natural, 0.9 * noise).argsort(dim=1)
 
 
-def likelihood_order(B, L, alpha_0, device=None):
-    """σ ~ P_L^{α0} (eq. 22): each position joins the diffusion set C with probability α0; C first in
-    random order, the rest ascending. This is sequential_order with 'not in C' playing 'masked'."""
-    return sequential_order(torch.rand(B, L, device=device) >= alpha_0)
+def likelihood_order(B, L, alpha_0, device=None, n_given=0, generator=None):
+    """σ ~ P_L^{α0} (eq. 22): each position joins the diffusion set C with probability α0; C first in random
+    order, the rest ascending. With n_given, positions [0, n_given) are a given context (a prompt), placed first
+    in ascending order, as the sampler places a prompt, and σ orders the rest."""
+    u = torch.rand(B, L, device=device, generator=generator)
+    i = torch.arange(L, device=device)
+    key = torch.where(u < alpha_0, 0.9 * u, 1 + i / L)  # C by u: a uniform random order; then the rest ascending
+    return torch.where(i < n_given, i / L - 2, key).argsort(dim=1)
 
 
 DENOISERS = ("B", "A", "mdlm")
@@ -375,7 +392,9 @@ def diffusion_loss(model, x, alpha_0, t=None, low_var=False):
     order = diffusion_order(is_mask)
     n_clean = L - is_mask.sum(1)
     targets = torch.where(permute(is_mask, order), permute(x, order), -1)  # carry-over: masks only
-    out = slice(int(n_clean.min()), L)  # masks sit at the end of every row: earlier slots need no last-layer query
+    # masks sit at the end of every row, so earlier slots need no last-layer query; compiled, every row is
+    # computed, so that the graph has one shape whatever the draw
+    out = slice(0 if hasattr(model, "_orig_mod") else int(n_clean.min()), L)
     mask = diffusion_mask(config.denoiser, n_clean, L)
     nll = model(permute(zt, order), order, mask, out=out, targets=targets[:, out])
     weight = torch.ones_like(t) if low_var else alpha_0 / (1 - alpha_t)
@@ -384,9 +403,10 @@ def diffusion_loss(model, x, alpha_0, t=None, low_var=False):
 
 def sequential_nll(model, x, z0, order):
     """-log x_θ(z0 ⊙ x^{<l})[x_l] for every mask of z0, from ONE pass over [masks of z0 ; x] (both in σ order,
-    the same RoPE positions: x is not given positions L..2L-1) through sequential_mask. `order` must put z0's clean tokens first
-    (sequential_order: then the masks left to right). Returns (B, m): row r is the r-th mask in σ order, 0 past
-    a row's last mask."""
+    the same RoPE positions: x is not given positions L..2L-1) through sequential_mask. `order` must put z0's
+    clean tokens first (sequential_order: then the masks left to right). Returns (B, m): row r is the r-th mask
+    in σ order, 0 past a row's last mask. m changes from draw to draw: for a compiled model it is marked
+    dynamic, so that this pass is compiled once for every m."""
     B, L = x.shape
     config = unwrap(model).config
     n_clean = L - (z0 == config.mask_id).sum(1)
@@ -396,7 +416,12 @@ def sequential_nll(model, x, z0, order):
     targets = torch.where(slot < L, xs.gather(1, slot.clamp(max=L - 1)), -1)
     idx = torch.cat([torch.full_like(slot, config.mask_id), xs], dim=1)
     pos = torch.cat([order.gather(1, slot.clamp(max=L - 1)), order], dim=1)
-    return model(idx, pos, sequential_mask(config.denoiser, n_clean, m, L), out=slice(0, m), targets=targets)
+    mask = sequential_mask(config.denoiser, n_clean, m, L)
+    if hasattr(model, "_orig_mod"):  # compiled
+        for tensor, dims in ((idx, (1,)), (pos, (1,)), (targets, (1,)), (mask, (2, 3))):
+            for dim in dims:
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    return model(idx, pos, mask, out=slice(0, m), targets=targets)
 
 
 def sequential_loss(model, x, alpha_0):
@@ -454,14 +479,21 @@ def has_likelihood(config):
     return config.denoiser == "B"
 
 
-def log_likelihood(model, x, order):
-    """log p(x | σ) = Σ_l log p(x_σ(l) | x_σ(<l)) for each row, in one forward pass (Fig. 10): the
-    sequential pass with z0 all masks, so slot l sees exactly x_σ(<l) and its own mask."""
+def token_nll(model, x, order, n_given=0):
+    """-log p(x_σ(l) | x_σ(<l)) for the slots l >= n_given of σ, (B, L - n_given), in σ order, from one forward
+    pass (Fig. 10): the sequential pass with z0 masked at those slots, so slot l sees exactly x_σ(<l) and its
+    own mask. The first n_given slots of σ are a given context: conditioned on, not scored."""
     config = unwrap(model).config
     if not has_likelihood(config):
         raise ValueError(f"denoiser {config.denoiser} has no one-pass likelihood; report its NELBO")
     check_tokens(x, config)
-    return -sequential_nll(model, x, torch.full_like(x, config.mask_id), order).sum(dim=1)
+    z0 = x.scatter(1, order[:, n_given:], config.mask_id)
+    return sequential_nll(model, x, z0, order)
+
+
+def log_likelihood(model, x, order):
+    """log p(x | σ) = Σ_l log p(x_σ(l) | x_σ(<l)) for each row, in one forward pass."""
+    return -token_nll(model, x, order).sum(dim=1)
 
 
 def iw_nll(model, x, alpha_0, K=1):

@@ -1,11 +1,14 @@
 """
-Sample from a trained Eso-LM with the exact KV cache (paper §5). Right after `python train.py`:
+Sample from a trained Eso-LM with the exact KV cache (paper §5), or score a text with its exact likelihood
+(§4). Right after `python train.py`:
 
     python sample.py --steps 32                       # from the checkpoint train.py wrote last
     python sample.py --start "ROMEO:" --alpha_0 0.25  # a prompt; a quarter of the tokens by diffusion
+    python sample.py --length 512                     # past the block size: chunk by chunk, a sliding window
     python sample.py --infill "ROMEO: ____________ JULIET:"   # each '_' is one token to generate
     python sample.py --kv_cache=False                 # the uncached reference path: the same tokens, slower
     python sample.py --schedule=strided --steps 8     # the paper's improved sampler: far-apart tokens per step
+    python sample.py --score "ROMEO: But soft!"       # nats, bits per byte, and each token's surprise
 
 One loop serves both phases: a diffusion step reveals a chunk of tokens at once, a sequential step one.
 Each step feeds [the tokens revealed at the previous step, now clean; the masks to reveal now] with their
@@ -13,19 +16,21 @@ original RoPE positions; the clean tokens' K/V join the cache, the masks' never 
 """
 import contextlib
 import glob
+import math
 import os
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from configurator import UserError, autocast_context, parse_args, pick_device, run_cli
+from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, run_cli
 from data import Tokenizer, load_checkpoint
 from kvcache import KVCache
-from model import GPT, attention_mask, permute, unpermute, unwrap
+from model import (GPT, attention_mask, has_likelihood, likelihood_order, nelbo, permute, sampling_products,
+                   token_nll, unpermute, unwrap)
 
 GAP = "_"  # in --infill text, each '_' is one token to generate
 
@@ -61,6 +66,8 @@ def plan(is_gen, num_samples, steps, alpha_0, generator=None, schedule="random")
     given = torch.nonzero(~is_gen).flatten()
     gen = torch.nonzero(is_gen).flatten()
     n = len(gen)
+    if n == 0:
+        return given.expand(num_samples, -1), [], 0
     if schedule == "strided":
         rows = min(steps, n)
         step = torch.randperm(rows, generator=generator)[torch.arange(n) % rows]  # the step of each position
@@ -120,8 +127,9 @@ def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, 
     kv_cache=False is the reference path: every step feeds every revealed token and the current masks from
     slot 0. Both paths draw the same noise, so they give the same tokens.
     static=True gives every step one of a few shapes, for CUDA graphs (torch.compile's reduce-overhead): the
-    fed chunk is padded to a power of two with the slots that follow it (the causal mask hides them from the
-    real tokens; their K/V land in slots nobody has committed) and cached steps attend to all L slots.
+    fed chunk is padded to a power of two (at least 2, so that a run's first step needs no graph of its own)
+    with the slots that follow it (the causal mask hides them from the real tokens; their K/V land in slots
+    nobody has committed) and cached steps attend to all L slots.
     cache: a KVCache to reuse (reset here), so that graphs captured in one call replay in the next.
     After each step, callback(step, start, done, end, x, order, logits, cache) sees it: slots [start, done)
     were fed clean, [done, end) as masks and now hold their samples; x is in σ order. The loop runs in
@@ -130,9 +138,7 @@ def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, 
     if config.denoiser == "mdlm" and sequential:
         raise ValueError("MDLM has no sequential phase: sample it with alpha_0=1")
     B, L = x.shape
-    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    with torch.inference_mode(), sdpa_kernel(backends) if x.is_cuda else contextlib.nullcontext():
-        # (on CUDA, letting SDPA pick its backend for a bf16 step with a boolean mask can cost tens of ms per new shape)
+    with torch.inference_mode(), attention_backends(x.device), sampling_products(x.device):
         x = permute(x, order).clone()  # kept in σ order for the whole run
         done = L - sum(chunks)  # slots [0, done) are clean: the given tokens
         seq_start = L - sequential  # A: from this slot on, the clean prefix is frozen
@@ -146,7 +152,7 @@ def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, 
             cached = cache is not None and (config.denoiser == "B" or done >= seq_start)
             first = cache.committed if cached else 0  # cached: what the cache lacks; else everything
             n = (L if config.denoiser == "mdlm" else end) - first  # tokens to feed
-            T = min(1 << (n - 1).bit_length(), L - first) if static else n  # static: a power of two
+            T = min(max(2, 1 << (n - 1).bit_length()), L - first) if static else n  # static: a power of two >= 2
             keys = (L if static else first + n) if cached else T
             if cached:
                 cache.feed(T, keys)
@@ -166,29 +172,89 @@ def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, 
     return x.clone()  # a normal tensor again, usable with autograd
 
 
+def windows(L, block_size, chunk):
+    """The windows a text of L tokens is sampled and scored in: (start, new) for the window [start, start + W),
+    W = min(L, block_size), whose tokens from `new` on are its own (before: the text so far, as its prompt).
+    The first window is [0, W); each further one moves on by `chunk` tokens (fewer at the end)."""
+    start, new = 0, 0
+    while True:
+        yield start, new
+        end = start + block_size
+        if end >= L:
+            return
+        start, new = start + min(chunk, L - end), end
+
+
+def check_window_request(config, template, chunk):
+    """ValueErrors for what generate() and score() cannot do with a sequence longer than a block."""
+    if not 1 <= chunk < config.block_size:
+        raise ValueError(f"chunk={chunk} must be in [1, block_size={config.block_size}): each window keeps at least "
+                         "one token of the text before it")
+    if len(template) > config.block_size:
+        is_gen = (template == config.mask_id).int()
+        if not torch.equal(is_gen, is_gen.cummax(0).values):
+            raise ValueError(f"a template longer than block_size={config.block_size} must be a prompt followed by "
+                             "masks: infilling works within one block")
+
+
 def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=1.0, top_p=0.9,
              kv_cache=True, seed=1337, callback=None, ctx=contextlib.nullcontext(), progress=False,
-             schedule="random", static=False, cache=None):
+             schedule="random", static=False, cache=None, chunk=0):
     """Sample num_samples sequences that agree with `template` (L,): its mask tokens are generated, every
-    other token is kept. Returns (tokens (B, L), NFE). The same seed gives the same samples (across
-    processes, see model.Linear)."""
+    other token is kept. Returns (tokens (B, L), NFE). Up to the block size one run of the sampler fills it;
+    a longer template (a prompt followed by masks) is filled window by window (windows()): the first block,
+    then each further `chunk` tokens (default: half a block) with the last block_size - chunk tokens of the
+    text so far as their prompt, a sliding window as nanoGPT crops its context. NFE counts the passes of every
+    window; callback(offset=..., **step) sees each step, offset being its window's start in the text. The same
+    seed gives the same samples."""
     config = unwrap(model).config
-    if template.dim() != 1 or len(template) > config.block_size:
-        raise ValueError(f"the template must be one sequence of at most block_size={config.block_size} tokens, "
-                         f"got shape {tuple(template.shape)}")
-    if not 0 <= alpha_0 <= 1 or steps < 1 or schedule not in ("random", "strided") or num_samples < 1:
-        raise ValueError(f"alpha_0={alpha_0} must be in [0, 1], steps={steps} and num_samples={num_samples} at "
-                         f"least 1, schedule={schedule!r} 'random' or 'strided'")
-    mask_id = config.mask_id
-    device = template.device
+    chunk = chunk or config.block_size // 2
+    for ok, problem in ((template.dim() == 1, f"the template must be one sequence (L,), not {tuple(template.shape)}"),
+                        (0 <= alpha_0 <= 1, f"alpha_0={alpha_0} must be in [0, 1]"),
+                        (steps >= 1 and num_samples >= 1, f"steps={steps} and num_samples={num_samples} must be >= 1"),
+                        (schedule in ("random", "strided"), f"schedule={schedule!r} must be 'random' or 'strided'")):
+        if not ok:
+            raise ValueError(problem)
+    check_window_request(config, template, chunk)
+    device, W = template.device, min(len(template), config.block_size)
     gen_cpu = torch.Generator().manual_seed(seed)  # schedule and orderings: the same on every device
-    noise_device = "cpu" if device.type == "mps" else device  # MPS has no float64
-    gen_noise = torch.Generator(device=noise_device).manual_seed(seed)
-    order, chunks, sequential = plan((template == mask_id).cpu(), num_samples, steps, alpha_0, gen_cpu, schedule)
-    x = template.expand(num_samples, -1)
-    x = denoise(model, x, order.to(device), chunks, temperature, top_p, kv_cache, gen_noise, callback, ctx,
-                progress, static, sequential, cache)
-    return x, len(chunks)
+    gen_noise = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)  # no MPS float64
+    cache = (cache or new_cache(model, num_samples, W, device, ctx, static)) if kv_cache else None
+    x, nfe = template.expand(num_samples, -1).clone(), 0
+    for start, _ in windows(len(template), config.block_size, chunk):
+        window = x[:, start:start + W]  # a view: denoise's tokens land in x
+        order, chunks, sequential = plan(window[0].cpu() == config.mask_id, num_samples, steps, alpha_0, gen_cpu,
+                                         schedule)
+        step_callback = callback and (lambda **s: callback(offset=start, **s))
+        window[:] = denoise(model, window, order.to(device), chunks, temperature, top_p, kv_cache, gen_noise,
+                            step_callback, ctx, progress, static, sequential, cache)
+        nfe += len(chunks)
+    return x, nfe
+
+
+@torch.no_grad()
+def score(model, ids, alpha_0, K=16, chunk=0, seed=1337, ctx=contextlib.nullcontext()):
+    """The log-likelihood of the token sequence `ids` (L,) under an Eso-LM (B) (§4): the importance-weighted
+    estimate over K orderings σ ~ P^{α0} (eq. 22), log mean_k p(x | σ_k), a lower bound that rises to
+    log p(x) as K grows; at α0 = 0 every ordering is left to right and it is the exact chain rule. A text
+    longer than the block size is scored in the windows generate() samples it in: each window's own tokens
+    conditioned on the text before them in the window, log p = Σ log p(window's tokens | its prompt).
+    Returns (log-likelihood in nats, surprise (L,)): each token's -log p, averaged over the K orderings (for
+    each ordering the tokens' -log p sum to its -log p(x | σ))."""
+    config = unwrap(model).config
+    check_window_request(config, ids, chunk or config.block_size // 2)
+    K = 1 if alpha_0 == 0 else K
+    gen = torch.Generator(device=ids.device).manual_seed(seed)
+    W, total, surprise = min(len(ids), config.block_size), 0.0, torch.zeros(len(ids), device=ids.device)
+    for start, new in windows(len(ids), config.block_size, chunk or config.block_size // 2):
+        x = ids[start:start + W].expand(K, -1)
+        order = likelihood_order(K, W, alpha_0, ids.device, n_given=new - start, generator=gen)
+        with ctx:
+            nll = token_nll(model, x, order, n_given=new - start).float()  # (K, W - n_given), in σ order
+        total += (torch.logsumexp(-nll.sum(1), 0) - math.log(K)).item()
+        per_position = torch.zeros(K, W, device=ids.device).scatter(1, order[:, new - start:], nll)
+        surprise[new:start + W] = per_position.mean(0)[new - start:]
+    return total, surprise
 
 
 # -----------------------------------------------------------------------------
@@ -197,12 +263,13 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
 @dataclass
 class SampleConfig:
     out_dir: str = ""  # default: the newest out*/ckpt.pt in this folder (what train.py wrote last)
-    steps: int = 32  # T, the diffusion steps; NFE <= T + the sequential tokens
+    steps: int = 32  # T, the diffusion steps (of each window); NFE <= T + the sequential tokens
     alpha_0: float = -1.0  # fraction of tokens by diffusion; default: the alpha_0 the checkpoint was trained with
     num_samples: int = 4
     length: int = 0  # tokens per sample, prompt included; default: the block size (--start), the text (--infill)
+    chunk: int = 0  # past the block size, tokens added per window; default: half a block
     start: str = ""  # a prompt, or FILE:path
-    infill: str = ""  # a text whose '_' characters are generated (one token each); or FILE:path
+    infill: str = ""  # a text whose '_' characters are generated (one token each), within one block; or FILE:path
     temperature: float = 1.0
     top_p: float = 0.9
     seed: int = 1337
@@ -211,7 +278,28 @@ class SampleConfig:
     kv_cache: bool = True
     schedule: str = "random"  # random (Alg. 2) or strided (the paper's improved sampler, Suppl. E.10)
     compile: bool = False  # torch.compile + CUDA graphs over static shapes; default True on CUDA
-    trajectory: str = ""  # write the first sample's denoising trajectory as an SVG strip of frames here
+    trajectory: str = ""  # write the first sample's denoising trajectory (its first block) as an SVG here
+    score: str = ""  # score this text (or FILE:path) instead of sampling: its log-likelihood and token surprises
+    score_k: int = 16  # orderings of the importance-weighted estimate (draws of the NELBO for A and MDLM)
+    score_svg: str = ""  # with --score: draw the text coloured by each token's surprise, as an SVG here
+
+
+def validate(cfg):
+    checks = [(cfg.steps >= 1, f"--steps={cfg.steps} must be at least 1"),
+              (cfg.alpha_0 == -1 or 0 <= cfg.alpha_0 <= 1, f"--alpha_0={cfg.alpha_0} must be in [0, 1]"),
+              (0 < cfg.top_p <= 1, f"--top_p={cfg.top_p} must be in (0, 1]"),
+              (cfg.temperature >= 0, f"--temperature={cfg.temperature} must be >= 0"),
+              (cfg.num_samples >= 1, f"--num_samples={cfg.num_samples} must be at least 1"),
+              (cfg.length >= 0, f"--length={cfg.length} must be positive"),
+              (cfg.chunk >= 0, f"--chunk={cfg.chunk} must be positive"),
+              (cfg.score_k >= 1, f"--score_k={cfg.score_k} must be at least 1"),
+              (cfg.schedule in ("random", "strided"), f"--schedule={cfg.schedule} must be random or strided"),
+              (not cfg.score or not (cfg.start or cfg.infill), "--score scores a text on its own: leave out --start "
+               "and --infill"),
+              (cfg.score or not cfg.score_svg, "--score_svg draws a scored text: give --score too")]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
 
 
 def find_checkpoint():
@@ -233,8 +321,9 @@ def read_text(arg):
 
 def make_template(tok, mask_id, length, block_size, start="", infill=""):
     """The sequence to complete: given tokens, and mask_id where tokens are to be generated. --start gives a
-    prefix, followed by masks up to `length` (default: the block size); --infill gives text with '_' gaps,
-    which is the whole sequence unless `length` asks for more (then masks continue it)."""
+    prefix, followed by masks up to `length` (default: the block size; more is sampled window by window);
+    --infill gives text with '_' gaps, which is the whole sequence unless `length` asks for more (then masks
+    continue it), within one block."""
     if start and infill:
         raise UserError("give --start or --infill, not both (a prompt is an infill text with no gaps)")
     ids = tok.encode(start) if start else []
@@ -244,20 +333,45 @@ def make_template(tok, mask_id, length, block_size, start="", infill=""):
     if len(ids) > length:
         raise UserError(f"the prompt is {len(ids)} tokens, longer than --length={length}; shorten it or raise --length")
     if len(ids) > block_size:
-        raise UserError(f"the infill text is {len(ids)} tokens, above the trained block size {block_size}")
+        raise UserError(f"the {'infill text' if infill else 'prompt'} is {len(ids)} tokens, longer than the trained "
+                        f"block size {block_size}; shorten it")
+    if infill and length > block_size:
+        raise UserError(f"--infill works within one block ({block_size} tokens); --length={length} asks for more")
     if mask_id not in ids and len(ids) == length:
         raise UserError("nothing to generate: the text fills --length and has no '_' gaps")
     return torch.tensor(ids + [mask_id] * (length - len(ids)), dtype=torch.long)
 
 
+def svg(title, rows, height, extra="", extra_width=0):
+    """A white SVG of monospace text rows (each a list of (text, fill colour, background or None)) under a
+    bold title, wide enough for the longest row, the title and `extra` (more SVG, extra_width pixels wide)."""
+    esc = lambda t: t.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    char = 8.4  # the width of one character at font-size 14
+    width = max([len(title) * char, extra_width] + [sum(len(t) for t, _, _ in row) * char for row in rows]) + 24
+    body = [f'<text x="8" y="18" font-weight="bold">{esc(title)}</text>']
+    for i, row in enumerate(rows):
+        x, y = 8.0, 40 + 18 * i
+        for text, fill, background in row:
+            if background:
+                body.append(f'<rect x="{x:.1f}" y="{y - 13}" width="{len(text) * char:.1f}" height="17" '
+                            f'fill="{background}"/>')
+            body.append(f'<text x="{x:.1f}" y="{y}" fill="{fill}">{esc(text)}</text>')
+            x += len(text) * char
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height}" '
+            f'font-family="DejaVu Sans Mono, Menlo, Consolas, monospace" font-size="14" xml:space="preserve">'
+            f'<rect width="100%" height="100%" fill="white"/>{"".join(body)}{extra}</svg>\n')
+
+
 class Trajectory:
-    """A generate() callback that records, after each step, every position of sample 0 as (text, state):
-    state is 'mask', 'new' (revealed at this step) or 'old'."""
+    """A generate() callback that records, after each step of the first window, every position of sample 0 as
+    (text, state): state is 'mask', 'new' (revealed at this step) or 'old'."""
 
     def __init__(self, tok):
         self.tok, self.frames = tok, []
 
-    def __call__(self, done, end, x, order, **_):
+    def __call__(self, done, end, x, order, offset=0, **_):
+        if offset:
+            return
         x0, pos = x[0].tolist(), order[0].tolist()
         frame = [None] * len(x0)
         for slot, p in enumerate(pos):
@@ -268,67 +382,89 @@ class Trajectory:
     def svg(self, title):
         """Monospace rows, one per step: masks grey, tokens revealed at that step red, earlier ones black."""
         colors = {"mask": "#bbbbbb", "new": "#d62728", "old": "#222222"}
-        esc = lambda t: t.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-        width = max(sum(len(t) for t, _ in f) for f in self.frames) * 8.4 + 60
-        rows = [f'<text x="8" y="18" font-weight="bold">{esc(title)}</text>']
-        for i, frame in enumerate(self.frames):
-            spans = "".join(f'<tspan fill="{colors[s]}">{esc(t)}</tspan>' for t, s in frame)
-            rows.append(f'<text x="8" y="{40 + 16 * i}"><tspan fill="#888888">{i + 1:>3} </tspan>{spans}</text>')
-        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{48 + 16 * len(self.frames)}" '
-                f'font-family="DejaVu Sans Mono, Menlo, Consolas, monospace" font-size="14" xml:space="preserve">'
-                f'<rect width="100%" height="100%" fill="white"/>{"".join(rows)}</svg>\n')
+        rows = [[(f"{i + 1:>3} ", "#888888", None)] + [(t, colors[s], None) for t, s in frame]
+                for i, frame in enumerate(self.frames)]
+        return svg(title, rows, 48 + 18 * len(rows))
 
 
-def main(argv=None):
-    cfg = SampleConfig()
-    user_keys = parse_args(cfg, argv)
-    checks = [(cfg.steps >= 1, f"--steps={cfg.steps} must be at least 1"),
-              (cfg.alpha_0 == -1 or 0 <= cfg.alpha_0 <= 1, f"--alpha_0={cfg.alpha_0} must be in [0, 1]"),
-              (0 < cfg.top_p <= 1, f"--top_p={cfg.top_p} must be in (0, 1]"),
-              (cfg.temperature >= 0, f"--temperature={cfg.temperature} must be >= 0"),
-              (cfg.num_samples >= 1, f"--num_samples={cfg.num_samples} must be at least 1"),
-              (cfg.length >= 0, f"--length={cfg.length} must be positive"),
-              (cfg.schedule in ("random", "strided"), f"--schedule={cfg.schedule} must be random or strided")]
-    for ok, msg in checks:
-        if not ok:
-            raise UserError(msg)
+def surprise_svg(pieces, surprise, title, scale):
+    """The scored text, each token on a background from white (0 nats) to red (`scale` nats or more), line
+    breaks kept, with a colour bar as the legend."""
+    shade = lambda s: "#ff{0:02x}{0:02x}".format(round(255 * (1 - min(max(s / scale, 0), 1))))
+    rows = [[]]
+    for piece, s in zip(pieces, surprise.tolist()):
+        for i, line in enumerate(piece.split("\n")):
+            if i:
+                rows[-1].append(("⏎", "#888888", shade(s)))
+                rows.append([])
+            if line:
+                rows[-1].append((line, "#000000", shade(s)))
+    y = 40 + 18 * len(rows) + 10
+    bar = "".join(f'<rect x="{8 + 12 * i}" y="{y}" width="12" height="12" fill="{shade(scale * i / 19)}"/>'
+                  for i in range(20))
+    label = f"-log p of each token: 0 (white) to {scale:.2f} nats or more (red)"
+    legend = f'{bar}<text x="{8 + 12 * 20 + 8}" y="{y + 11}" font-size="12">{label}</text>'
+    return svg(title, rows, y + 24, legend, extra_width=12 * 20 + 8 + len(label) * 7.2)
+
+
+def load(cfg):
+    """The device, autocast context, checkpoint, model and tokenizer the flags ask for."""
     device = pick_device(cfg.device)
-    if "compile" not in user_keys:
-        cfg.compile = device.startswith("cuda")
     ctx, _ = autocast_context(device, cfg.dtype)
     out_dir = cfg.out_dir or find_checkpoint()
     ckpt = load_checkpoint(out_dir, device)
     model = GPT.from_checkpoint(ckpt, device).eval()
-    block_size, denoiser = model.config.block_size, model.config.denoiser
-    alpha_0 = ckpt["config"]["alpha_0"] if cfg.alpha_0 == -1 else cfg.alpha_0
-    if cfg.length > block_size:
-        raise UserError(f"--length={cfg.length} is above the trained block size {block_size}")
-    if denoiser == "mdlm" and alpha_0 != 1:
-        raise UserError(f"--alpha_0={alpha_0}: an MDLM checkpoint has no sequential phase; use --alpha_0=1")
-    tok = Tokenizer(ckpt["meta"])
+    if cfg.alpha_0 == -1:
+        cfg.alpha_0 = ckpt["config"]["alpha_0"]
+    if model.config.denoiser == "mdlm" and cfg.alpha_0 != 1:
+        raise UserError(f"--alpha_0={cfg.alpha_0}: an MDLM checkpoint has no sequential phase; use --alpha_0=1")
+    model.about = (f"loaded {out_dir}/ckpt.pt (iter {ckpt['iter_num']}, denoiser {model.config.denoiser}, trained "
+                   f"with alpha_0={ckpt['config']['alpha_0']})")  # printed once the request is known to be sound
+    return device, ctx, model, Tokenizer(ckpt["meta"])
+
+
+def compiled(cfg, model, run, cache):
+    """torch.compile the model (CUDA graphs over static shapes on a GPU) and run the schedule twice, so that
+    every step shape is compiled, warmed up and recorded before the timed run. If compiling fails, one line
+    says so, and the model itself samples. Returns (network, static shapes?)."""
+    print("compiling the model (torch.compile, CUDA graphs on a GPU): two warm-up runs meet every step shape",
+          file=sys.stderr)
+    net = torch.compile(model, mode="reduce-overhead")
+    t0 = time.time()
+    try:
+        for _ in range(2):
+            run(net, True, cache)
+    except Exception as e:  # a compiler that fails never costs a run
+        print(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); sampling "
+              "without it", file=sys.stderr)
+        return model, False
+    print(f"warm-up (compilation and graph capture): {time.time() - t0:.2f} s", file=sys.stderr)
+    return net, True
+
+
+def sample_main(cfg, device, ctx, model, tok):
+    block_size = model.config.block_size
     template = make_template(tok, model.config.mask_id, cfg.length, block_size, read_text(cfg.start),
                              read_text(cfg.infill)).to(device)
-    print(f"loaded {out_dir}/ckpt.pt (iter {ckpt['iter_num']}, denoiser {denoiser}, trained with alpha_0="
-          f"{ckpt['config']['alpha_0']}); sampling with alpha_0={alpha_0}, steps={cfg.steps}, "
-          f"schedule={cfg.schedule}, kv_cache={cfg.kv_cache}", file=sys.stderr)
-    # compiled: one cache for the warm-up and the real run, so that the captured graphs keep its address
-    cache = new_cache(model, cfg.num_samples, len(template), device, ctx, static=True) if cfg.compile else None
-    sample = lambda callback=None: generate(
-        net, template, cfg.num_samples, cfg.steps, alpha_0, cfg.temperature, cfg.top_p, cfg.kv_cache, cfg.seed,
-        callback, ctx, progress=sys.stderr.isatty(), schedule=cfg.schedule, static=cfg.compile, cache=cache)
-    net = model
-    if cfg.compile:  # one graph per step shape; a warm-up run with the same seed meets every shape once
-        print("compiling the model (torch.compile, CUDA graphs on a GPU): a warm-up run meets every step shape",
-              file=sys.stderr)
-        net = torch.compile(model, mode="reduce-overhead")
-        t0 = time.time()
-        sample()
-        print(f"warm-up (compilation and graph capture): {time.time() - t0:.2f} s", file=sys.stderr)
+    chunk = cfg.chunk or block_size // 2
+    if len(template) > block_size and not 1 <= chunk < block_size:
+        raise UserError(f"--chunk={cfg.chunk} must be below the block size {block_size}: each window keeps the "
+                        "text before it as its prompt")
+    print(f"{model.about}; sampling with alpha_0={cfg.alpha_0}, steps={cfg.steps}, schedule={cfg.schedule}, "
+          f"kv_cache={cfg.kv_cache}" + (f", windows of {block_size} tokens moving by {chunk}"
+                                        if len(template) > block_size else ""), file=sys.stderr)
+    run = lambda net, static, cache, callback=None: generate(
+        net, template, cfg.num_samples, cfg.steps, cfg.alpha_0, cfg.temperature, cfg.top_p, cfg.kv_cache, cfg.seed,
+        callback, ctx, progress=sys.stderr.isatty(), schedule=cfg.schedule, static=static, cache=cache, chunk=chunk)
+    net, static, cache = model, False, None
+    if cfg.compile:  # one cache for the warm-up and the real run, so that the captured graphs keep its address
+        cache = new_cache(model, cfg.num_samples, min(len(template), block_size), device, ctx, static=True)
+        net, static = compiled(cfg, model, run, cache)
     trajectory = Trajectory(tok) if cfg.trajectory else None
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.time()
-    x, nfe = sample(trajectory)
+    x, nfe = run(net, static, cache if static else None, trajectory)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.time() - t0
@@ -339,9 +475,63 @@ def main(argv=None):
     print(f"NFE {nfe}, {n_gen} tokens generated, {dt:.2f} s, {n_gen / dt:.1f} tokens/s")
     if trajectory:
         with open(cfg.trajectory, "w", encoding="utf-8") as f:
-            f.write(trajectory.svg(f"Eso-LM, alpha_0={alpha_0}, T={cfg.steps}: {nfe} steps, grey = mask, "
-                                   "red = revealed at that step"))
+            f.write(trajectory.svg(f"Eso-LM, alpha_0={cfg.alpha_0}, T={cfg.steps}: {len(trajectory.frames)} steps, "
+                                   "grey = mask, red = revealed at that step"))
         print(f"wrote the trajectory of sample 1 to {cfg.trajectory}", file=sys.stderr)
+
+
+def score_main(cfg, device, ctx, model, tok):
+    """--score: the text's log-likelihood (Eso-LM (B)) or NELBO (A, MDLM: a bound), in nats, nats per token and
+    bits per UTF-8 byte, and (B) each token's surprise, printed and, with --score_svg, drawn."""
+    text = read_text(cfg.score)
+    ids = torch.tensor(tok.encode(text), dtype=torch.long, device=device)
+    config = model.config
+    if not ids.numel():
+        raise UserError("--score needs a text of at least one token")
+    if has_likelihood(config) and len(ids) > config.block_size and not 1 <= (cfg.chunk or 1) < config.block_size:
+        raise UserError(f"--chunk={cfg.chunk} must be below the block size {config.block_size}")
+    print(model.about, file=sys.stderr)
+    t0 = time.time()
+    if has_likelihood(config):
+        logp, surprise = score(model, ids, cfg.alpha_0, cfg.score_k, cfg.chunk, cfg.seed, ctx)
+        what = ("exact log-likelihood (alpha_0=0: the chain rule)" if cfg.alpha_0 == 0 else
+                f"log-likelihood, importance-weighted over K={cfg.score_k} orderings (a lower bound; exact as K grows)")
+    else:
+        if len(ids) > config.block_size:
+            raise UserError(f"denoiser {config.denoiser} scores texts of up to {config.block_size} tokens (its NELBO "
+                            f"has no window-by-window form here); this one has {len(ids)}")
+        torch.manual_seed(cfg.seed)
+        with torch.no_grad(), ctx:  # K draws of the bound's noise, half for each term of the hybrid
+            logp = -nelbo(model, ids.expand(2 * cfg.score_k, -1), cfg.alpha_0)[0].item() * len(ids)
+        surprise, what = None, f"minus the NELBO (eq. 7) over {2 * cfg.score_k} draws: a lower bound on the " \
+                               f"log-likelihood, which denoiser {config.denoiser} has no one-pass form of"
+    dt, n_bytes = time.time() - t0, len(text.encode("utf-8"))
+    print(f"{len(ids)} tokens, {n_bytes} UTF-8 bytes, alpha_0={cfg.alpha_0}: {what}, {dt:.2f} s")
+    print(f"  {logp:.3f} nats: {-logp / len(ids):.4f} nats/token, {-logp / math.log(2) / n_bytes:.4f} bits/byte, "
+          f"perplexity {math.exp(-logp / len(ids)):.3f}")
+    if surprise is None:
+        if cfg.score_svg:
+            raise UserError(f"--score_svg needs per-token likelihoods, which denoiser {config.denoiser} has not")
+        return
+    pieces = [tok.decode([t]) for t in ids.tolist()]
+    cells = [f"{p.replace(chr(10), '⏎')!s}:{s:.2f}" for p, s in zip(pieces, surprise.tolist())]
+    print("  surprise of each token, -log p in nats (mean over the orderings):")
+    print(textwrap.fill(" ".join(cells), width=100, initial_indent="    ", subsequent_indent="    "))
+    if cfg.score_svg:
+        title = f"surprise of each token, alpha_0={cfg.alpha_0}: {-logp / len(ids):.3f} nats/token"
+        with open(cfg.score_svg, "w", encoding="utf-8") as f:
+            f.write(surprise_svg(pieces, surprise, title, scale=math.log(config.vocab_size)))
+        print(f"wrote the surprise of each token to {cfg.score_svg}", file=sys.stderr)
+
+
+def main(argv=None):
+    cfg = SampleConfig()
+    user_keys = parse_args(cfg, argv)
+    validate(cfg)
+    device, ctx, model, tok = load(cfg)
+    if "compile" not in user_keys:
+        cfg.compile = device.startswith("cuda")
+    (score_main if cfg.score else sample_main)(cfg, device, ctx, model, tok)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from configurator import UserError, autocast_context, parse_args, pick_device, run_cli
+from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, run_cli
 from data import atomic_write, eval_batches, get_batch, load_checkpoint, load_split, prepare, save_checkpoint
 from model import DENOISERS, GPT, GPTConfig, diffusion_rows, has_likelihood, iw_nll, nelbo, stratified_times, unwrap
 
@@ -194,7 +194,7 @@ def evaluate(model, batches, cfg, ctx, ks=(1,)):
     torch.manual_seed(cfg.seed)
     sums, n, windows = {"nelbo": 0.0, **{f"nll_k{k}": 0.0 for k in ks}}, 0, 0
     for x in batches:
-        with ctx:
+        with ctx, attention_backends(x.device):
             sums["nelbo"] += nelbo(model, x, cfg.alpha_0, cfg.batch_split, "elbo")[0].item()
             for k in ks:  # at α0 = 0 every ordering is left to right: all K give the K=1 value
                 sums[f"nll_k{k}"] += iw_nll(model, x, cfg.alpha_0, 1 if cfg.alpha_0 == 0 else k).mean().item()
@@ -310,11 +310,8 @@ class Trainer:
             for opt, state in zip(self.optimizers, ckpt["optimizer"]):
                 opt.load_state_dict(state)
         if cfg.compile:
-            self.log("compiling the model (torch.compile): the first iterations of each shape take a while")
-        self.objective = Objective(torch.compile(self.model) if cfg.compile else self.model, cfg)
-        if self.ddp:
-            ids = [int(self.device.split(":")[1])] if self.device.startswith("cuda") else None
-            self.objective = DDP(self.objective, device_ids=ids)
+            self.log("compiling the model (torch.compile): the first iterations take a while")
+        self.objective = self.make_objective(compiled=cfg.compile)
         self.history = {"loss": [], "eval": []}  # (iter, train loss), (iter, train nelbo, val nelbo, val nll)
         if self.master:
             os.makedirs(cfg.out_dir, exist_ok=True)
@@ -323,6 +320,15 @@ class Trainer:
                      f"{tokens:,}")
             self.log(f"number of parameters: {self.model.get_num_params() / 1e6:.2f}M; alpha_0={cfg.alpha_0}, "
                      f"batch_split={cfg.batch_split}, loss_type={cfg.loss_type}")
+
+    def make_objective(self, compiled):
+        """The loss the steps call: over the compiled model or the model itself, in DDP when there are ranks."""
+        objective = Objective(torch.compile(self.model) if compiled else self.model, self.cfg)
+        if self.ddp:
+            ids = [int(self.device.split(":")[1])] if self.device.startswith("cuda") else None
+            objective = DDP(objective, device_ids=ids)
+        self.compiled = compiled
+        return objective
 
     def all_ranks_agree(self, flag):
         """True on every rank if `flag` is True on any (the same answer everywhere, so no rank is left waiting)."""
@@ -334,24 +340,23 @@ class Trainer:
 
     def step(self, it):
         """One optimizer step at iteration `it`: the micro-batches of this rank (the global batch is the same for
-        any number of ranks), gradient clipping, the optimizers. Returns the global batch's loss."""
-        cfg, G = self.cfg, self.cfg.gradient_accumulation_steps
+        any number of ranks), gradient clipping, the optimizers. Returns the global batch's loss. If compiling
+        the model fails, one line says so and the step runs again on the model itself (every micro-batch
+        reseeds torch, so it is the very step an uncompiled run takes), as do all after it."""
+        cfg = self.cfg
         for group in (g for opt in self.optimizers for g in opt.param_groups):
             group["lr"] = get_lr(it, cfg)
-        split = diffusion_rows(cfg.batch_size, cfg.alpha_0, cfg.batch_split)
-        u = torch.rand((), generator=torch.Generator().manual_seed(micro_seed(cfg.seed, it, 10006)))
-        loss_sum = 0.0
-        for micro in range(self.accum):
-            g = self.rank * self.accum + micro  # this micro-batch's index in the global batch
-            torch.manual_seed(micro_seed(cfg.seed, it, g))
-            x = get_batch(self.train_data, cfg.batch_size, cfg.block_size, self.device)
-            t = stratified_times(split, self.device, u, offset=g * split, total=G * split) if split else None
-            if self.ddp:
-                self.objective.require_backward_grad_sync = micro == self.accum - 1
-            with self.ctx:
-                loss = self.objective(x, t)[0] / self.accum
-            loss.backward()
-            loss_sum += loss.item()
+        try:
+            loss_sum = self.micro_steps(it)
+        except Exception as e:  # a compiler that fails never costs a run
+            if not self.compiled:
+                raise
+            self.log(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
+                     "training on without it")
+            self.objective = self.make_objective(compiled=False)
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss_sum = self.micro_steps(it)
         if self.ddp:  # the global batch's loss, not this rank's share
             loss_t = torch.tensor(loss_sum / self.world, device=self.device)
             torch.distributed.all_reduce(loss_t)
@@ -363,6 +368,25 @@ class Trainer:
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
+        return loss_sum
+
+    def micro_steps(self, it):
+        """Forward and backward over this rank's micro-batches of iteration `it`; returns their summed loss."""
+        cfg, G = self.cfg, self.cfg.gradient_accumulation_steps
+        split = diffusion_rows(cfg.batch_size, cfg.alpha_0, cfg.batch_split)
+        u = torch.rand((), generator=torch.Generator().manual_seed(micro_seed(cfg.seed, it, 10006)))
+        loss_sum = 0.0
+        for micro in range(self.accum):
+            g = self.rank * self.accum + micro  # this micro-batch's index in the global batch
+            torch.manual_seed(micro_seed(cfg.seed, it, g))
+            x = get_batch(self.train_data, cfg.batch_size, cfg.block_size, self.device)
+            t = stratified_times(split, self.device, u, offset=g * split, total=G * split) if split else None
+            if self.ddp:
+                self.objective.require_backward_grad_sync = micro == self.accum - 1
+            with self.ctx, attention_backends(self.device):
+                loss = self.objective(x, t)[0] / self.accum
+            loss.backward()
+            loss_sum += loss.item()
         return loss_sum
 
     def eval_and_save(self, it):

@@ -365,13 +365,13 @@ def test_tiny_model_overfits_one_batch():
 
 def test_few_row_layout_is_f_linear_and_runs_only_when_sampling():
     """(W xᵀ)ᵀ computes F.linear (values, contiguity, shape, and under bf16 autocast with a bias, its dtype) for
-    contiguous and transposed inputs; Linear takes it only for 2 to 8 rows, in inference mode (the sampler's),
-    and only if the process chose it: training and eval always run F.linear."""
+    contiguous and transposed inputs; Linear takes it only for 2 to 8 rows, while the sampler runs
+    (sampling_products), and only if the process chose it, once: training and eval always run F.linear."""
     import model
-    choose = model.few_rows_transposed_is_faster
+    from model import sampling_products
+    choose, saved = model.few_rows_transposed_is_faster, Linear.transposed_is_faster
     torch.manual_seed(0)
-    calls = []
-    saved = Linear.transposed_is_faster
+    calls, decisions = [], []
     try:
         for bias in (False, True):
             lin = Linear(24, 40, bias=bias)
@@ -386,18 +386,17 @@ def test_few_row_layout_is_f_linear_and_runs_only_when_sampling():
                 for choice in (True, False):
                     Linear.transposed_is_faster = choice
                     lin(x)  # training: never
-                    with torch.no_grad():
-                        lin(x)  # eval: never
                     with torch.inference_mode():
-                        lin(x)  # sampling: when chosen, 2 to 8 rows
+                        lin(x)  # eval, or anything but the sampler: never
+                    with sampling_products("cpu"):
+                        lin(x)  # sampling: if chosen, 2 to 8 rows
         assert calls == [2, 3, 8] * 2, calls
-        decisions = []
         model.few_rows_transposed_is_faster = lambda: decisions.append(1) or True
         Linear.transposed_is_faster = None
-        with torch.inference_mode():
-            for _ in range(3):
+        for _ in range(3):
+            with sampling_products("cpu"):
                 lin(torch.randn(2, 24))
-        assert decisions == [1] and calls[-3:] == [2, 2, 2], "decided once, on first use"
+        assert decisions == [1] and calls[-3:] == [2, 2, 2] and not Linear.sampling, "decided once, on first use"
     finally:
         Linear.transposed_is_faster = saved
         model.few_rows_transposed_is_faster = choose

@@ -339,11 +339,15 @@ def test_strided_schedule_honours_alpha_0():
 
 
 def test_generate_refuses_what_it_cannot_do():
-    """A template longer than the block size, or an impossible α0, step count or schedule: a ValueError that
-    names it."""
+    """An infill template longer than the block size, a chunk that leaves a window no context, or an impossible
+    α0, step count or schedule: a ValueError that names it."""
     import pytest
     model = sharp_model(block_size=24)
-    for call, message in ((lambda: generate(model, masks(None, length=25), 1, 4, 0.5), "at most block_size=24"),
+    infill = masks(None, length=30)
+    infill[:3] = torch.tensor([1, 2, 3])
+    infill[20] = 4  # a given token after masks: infilling
+    for call, message in ((lambda: generate(model, infill, 1, 4, 0.5), "must be a prompt followed by masks"),
+                          (lambda: generate(model, masks(None, length=30), 1, 4, 0.5, chunk=24), "chunk=24 must be"),
                           (lambda: generate(model, masks(None), 1, 4, 1.5), "alpha_0=1.5 must be in [0, 1]"),
                           (lambda: generate(model, masks(None), 1, 0, 0.5), "steps=0"),
                           (lambda: generate(model, masks(None), 1, 4, 0.5, schedule="zigzag"), "zigzag")):

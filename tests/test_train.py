@@ -116,13 +116,14 @@ def test_sample_cli(data_dir, tmp_path):
     line = r.stdout.split("\n")[0]
     assert r.returncode == 0 and line[:6] == "First " and line[8:16] == " Citizen" and "_" not in line, r.stdout
     assert "2 tokens generated" in r.stdout, "an infill text is the whole sequence: only its gaps are generated"
-    for flag, message in [("--steps=0", "--steps=0 must be at least 1"), ("--length=999", "above the trained block"),
+    for flag, message in [("--steps=0", "--steps=0 must be at least 1"), (("--length=99", "--chunk=16"), "--chunk=16 must"),
+                          (("--infill=First _", "--length=99"), "--infill works within one block"),
                           ("--start=" + "a" * 40, "longer than --length"), ("--start=~~", "not in this model's vocab"),
                           ("--top_p=0", "--top_p=0.0 must be in (0, 1]"), ("--alpha_0=-0.5", "must be in [0, 1]"),
                           ("--out_dir=nowhere", "no checkpoint at nowhere/ckpt.pt"),
                           ("--start=First Citizen:\nB", "nothing to generate"),
-                          ("--infill=" + "First _" * 4, "above the trained block size")]:
-        r = cli("sample.py", flag, "--device=cpu", cwd=tmp_path)
+                          ("--infill=" + "First _" * 4, "longer than the trained block size 16")]:
+        r = cli("sample.py", *((flag,) if isinstance(flag, str) else flag), "--device=cpu", cwd=tmp_path)
         assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, (flag, r.stderr)
 
 
