@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from configurator import UserError, autocast_context, parse_args, pick_device, run_cli
+from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, run_cli
 from data import get_batch, load_checkpoint, load_split
 from model import GPT, GPTConfig, Linear, iw_nll, nelbo
 from sample import generate, new_cache
@@ -59,6 +59,7 @@ class BenchConfig:
     device: str = "cpu"  # cuda for the GPU report
     seed: int = 1337
     json_out: str = ""  # also write the rows as JSON here
+    budget_s: int = 420  # --what=gpu: start no part of the report after this many seconds
 
 
 def timed(fn, device):
@@ -72,13 +73,14 @@ def timed(fn, device):
 
 
 def sample_run(model, template, batch, steps, alpha_0, cfg, device, kv_cache=True):
-    """(seconds, NFE) of one generate() call; with cfg.compile the static path, after a warm-up run of the
-    same schedule that meets every step shape (compilation and graph capture are not counted)."""
+    """(seconds, NFE) of one generate() call; with cfg.compile the static path, after two warm-up runs of the
+    same schedule, so that every step shape is compiled, warmed up and recorded as a CUDA graph before the
+    timed run (none of which is counted)."""
     ctx = autocast_context(device, "auto")[0]
     cache = new_cache(model, batch, len(template), device, ctx, static=True) if cfg.compile and kv_cache else None
     run = lambda: generate(model, template, batch, steps, alpha_0, top_p=1.0, kv_cache=kv_cache, seed=cfg.seed,
                            ctx=ctx, static=cfg.compile, cache=cache)
-    if cfg.compile:
+    for _ in range(2 if cfg.compile else 0):
         run()
     dt, (_, nfe) = timed(run, device)
     return dt, nfe
@@ -148,8 +150,8 @@ def bench_sample(cfg, device):
     return rows
 
 
-GPU_LATENCY = [((6, 6, 384), 1024, 1, 0), ((12, 12, 768), 2048, 1, 0), ((12, 12, 768), 8192, 1, 256),
-               ((6, 6, 384), 1024, 64, 64)]  # (layers, heads, width), L, batch, MDLM steps timed (0: all)
+GPU_LATENCY = [((6, 6, 384), 1024, 1, 128), ((12, 12, 768), 2048, 1, 128), ((12, 12, 768), 8192, 1, 128),
+               ((6, 6, 384), 1024, 64, 64)]  # (layers, heads, width), L, batch, MDLM steps timed (each costs the same)
 GPU_SAMPLE_DEFAULTS = dict(L=256, size=(6, 6, 384), num_samples=4, steps=32, alpha_0=0.5)  # sample.py's defaults
 GPU_TRAIN = dict(batch_size=64, block_size=256, n_layer=6, n_head=6, n_embd=384)  # the GPU preset
 
@@ -158,18 +160,50 @@ def bench_gpu(cfg, device):
     """One command, the whole GPU report: the paper's latency protocol (Table 11: batch 1, NFE = L) at its model
     size (12 x 768) for L = 2048 and 8192 and at 6 x 384 for L = 1024; one batch-64 throughput row; the default
     `sample.py --steps 32` workload (4 samples of 256 tokens); one training iteration at the GPU preset. On CUDA
-    everything is compiled (CUDA graphs for sampling), as train.py and sample.py do by default."""
+    everything is compiled (CUDA graphs for sampling), as train.py and sample.py do by default. Each part starts
+    with a fresh torch.compile (Dynamo's recompile limit counts across model instances), a silent fall back to
+    eager is an error, and each part says how many graphs it compiled; past --budget_s seconds, the parts left
+    are listed as not timed."""
+    import torch._dynamo
     if not device.startswith("cuda"):
         print(f"note: --what=gpu is meant for a CUDA GPU; running it on {device}")
     compiled = cfg.compile or device.startswith("cuda")
-    rows = []
-    for (n_layer, n_head, n_embd), L, batch, mdlm_steps in GPU_LATENCY:
-        sub = replace(cfg, n_layer=n_layer, n_head=n_head, n_embd=n_embd, lengths=str(L), sample_batch=batch,
-                      mdlm_steps=mdlm_steps, compile=compiled, rounds=1)  # one round: a device lease is short
-        rows += [dict(r, table="latency" if batch == 1 else "throughput") for r in bench_sample(sub, device)]
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # no row runs eagerly while labelled compiled
+    d, t_start, rows = GPU_SAMPLE_DEFAULTS, time.perf_counter(), []
+    parts = [(f"latency, {n_layer} x {n_embd}, L={L}, batch {batch}",
+              lambda n_layer=n_layer, n_head=n_head, n_embd=n_embd, L=L, batch=batch, steps=steps: [
+                  dict(r, table="latency" if batch == 1 else "throughput") for r in bench_sample(replace(
+                      cfg, n_layer=n_layer, n_head=n_head, n_embd=n_embd, lengths=str(L), sample_batch=batch,
+                      mdlm_steps=steps, compile=compiled, rounds=1), device)])
+             for (n_layer, n_head, n_embd), L, batch, steps in GPU_LATENCY]
+    parts.append((f"the default `python sample.py --steps {d['steps']}` workload: {d['num_samples']} samples of "
+                  f"{d['L']} tokens, {d['size'][0]} x {d['size'][2]}, alpha_0={d['alpha_0']}",
+                  lambda: sample_defaults(cfg, device, compiled)))
+    parts.append(("training", lambda: [dict(r, table="train") for r in
+                                       bench_train(replace(cfg, **GPU_TRAIN, compile=compiled), device)]))
+    for name, part in parts:
+        if time.perf_counter() - t_start > cfg.budget_s:
+            print(f"\n{name}: not timed (the {cfg.budget_s} s budget is spent)")
+            rows.append(dict(table=name, timed=False, reason="budget"))
+            continue
+        print(f"\n{name}")
+        torch._dynamo.reset()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        try:
+            part_rows = part()
+        except Exception as e:
+            print(f"  not timed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
+            rows.append(dict(table=name, timed=False, reason=f"{type(e).__name__}: {e}"[:500]))
+            continue
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+        print(f"  {'compiled: ' + str(graphs) + ' graphs' if compiled else 'not compiled'}")
+        rows += [dict(r, compiled=compiled, graphs=graphs) for r in part_rows]
+    print(f"\nthe whole report took {time.perf_counter() - t_start:.0f} s")
+    return rows
+
+
+def sample_defaults(cfg, device, compiled):
     d = GPU_SAMPLE_DEFAULTS
-    print(f"\nthe default `python sample.py --steps {d['steps']}` workload: {d['num_samples']} samples of {d['L']} "
-          f"tokens, {d['size'][0]} x {d['size'][2]}, alpha_0={d['alpha_0']}")
     torch.manual_seed(0)
     model = GPT(GPTConfig(d["L"], cfg.vocab_size, *d["size"])).to(device).eval()
     template = torch.full((d["L"],), model.config.mask_id, device=device)
@@ -178,10 +212,7 @@ def bench_gpu(cfg, device):
     dt, nfe = sample_run(net, template, d["num_samples"], d["steps"], d["alpha_0"], replace(cfg, compile=compiled),
                          device)
     print(f"  NFE {nfe}: {dt:.3f} s of sampling ({time.perf_counter() - t0 - dt:.1f} s of warm-up before it)")
-    rows.append(dict(table="sample.py defaults", nfe=nfe, seconds=dt))
-    print()
-    rows += [dict(r, table="train") for r in bench_train(replace(cfg, **GPU_TRAIN, compile=compiled), device)]
-    return rows
+    return [dict(table="sample.py defaults", nfe=nfe, seconds=dt)]
 
 
 def bench_train(cfg, device):
@@ -197,7 +228,7 @@ def bench_train(cfg, device):
     names = {1.0: "diffusion, α0=1", 0.5: "hybrid, α0=0.5", 0.0: "AR, α0=0"}
 
     def step(alpha_0):
-        with ctx:
+        with ctx, attention_backends(device):
             loss, _ = nelbo(net, x, alpha_0)
         loss.backward()
         for opt in opts:

@@ -226,6 +226,19 @@ def eval_batches(data, batch_size, block_size, device="cpu", max_windows=0):
         yield windows[i: i + batch_size].to(device)
 
 
+def token_bytes(meta):
+    """The UTF-8 length of every token id of a dataset's vocabulary, (vocab_size,) int64: a text's bytes are the sum
+    over its tokens (characters, or GPT-2's byte-level BPE), so a likelihood can be put in bits per byte."""
+    if meta["tokenizer"] == "char":
+        lengths = [len(meta["itos"][i].encode("utf-8")) for i in range(meta["vocab_size"])]
+    else:
+        enc = gpt2_encoding()
+        ids = meta.get("gpt2_ids") or range(enc.n_vocab)
+        lengths = [len(enc.decode_single_token_bytes(i)) for i in ids]
+        lengths += [0] * (meta["vocab_size"] - len(lengths))  # a padded vocabulary's unused ids
+    return torch.tensor(lengths)
+
+
 class Tokenizer:
     """encode/decode for a meta dict: characters, or GPT-2 BPE, renumbered to the dataset's compact vocabulary
     when meta['gpt2_ids'] is there (a meta.pkl without it, e.g. nanoGPT's, means raw GPT-2 ids). Text the

@@ -32,21 +32,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, run_cli
-from data import atomic_write, eval_batches, get_batch, load_checkpoint, load_split, prepare, save_checkpoint
+from data import (atomic_write, eval_batches, get_batch, load_checkpoint, load_split, prepare, save_checkpoint,
+                  token_bytes)
 from model import DENOISERS, GPT, GPTConfig, diffusion_rows, has_likelihood, iw_nll, nelbo, stratified_times, unwrap
-
-from dataclasses import asdict, dataclass
-
-import torch
-import torch.nn as nn
-from torch.distributed import destroy_process_group, init_process_group
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
-
-from configurator import UserError, parse_args, run_cli
-from data import atomic_write, eval_batches, get_batch, load_split, prepare
-from model import DENOISERS, GPT, GPTConfig, diffusion_rows, has_likelihood, iw_nll, nelbo, stratified_times, unwrap
-
 
 @dataclass
 class TrainConfig:
@@ -185,28 +173,35 @@ class Objective(nn.Module):
 
 
 @torch.no_grad()
-def evaluate(model, batches, cfg, ctx, ks=(1,)):
+def evaluate(model, batches, cfg, ctx, ks=(1,), token_bytes=None):
     """Mean over batches of the NELBO (ELBO weights, always) and the IW NLL at each K, nats per token (only for
-    a denoiser with a one-pass likelihood). Reseeds torch so that the numbers depend on the model alone."""
+    a denoiser with a one-pass likelihood). Reseeds torch so that the numbers depend on the model alone. Given
+    token_bytes (data.token_bytes), each is also put in bits per UTF-8 byte of the text scored (key + '_bpb'),
+    a measure that does not depend on the vocabulary."""
     ks = ks if has_likelihood(unwrap(model).config) else ()
     was_training = model.training
     model.eval()
     torch.manual_seed(cfg.seed)
-    sums, n, windows = {"nelbo": 0.0, **{f"nll_k{k}": 0.0 for k in ks}}, 0, 0
+    sums, n, windows, n_bytes = {"nelbo": 0.0, **{f"nll_k{k}": 0.0 for k in ks}}, 0, 0, 0
     for x in batches:
         with ctx, attention_backends(x.device):
             sums["nelbo"] += nelbo(model, x, cfg.alpha_0, cfg.batch_split, "elbo")[0].item()
             for k in ks:  # at α0 = 0 every ordering is left to right: all K give the K=1 value
                 sums[f"nll_k{k}"] += iw_nll(model, x, cfg.alpha_0, 1 if cfg.alpha_0 == 0 else k).mean().item()
         n, windows = n + 1, windows + len(x)
+        n_bytes += 0 if token_bytes is None else int(token_bytes[x.cpu()].sum())
     model.train(was_training)
-    return {**{k: v / n for k, v in sums.items()}, "windows": windows}
+    metrics = {**{k: v / n for k, v in sums.items()}, "windows": windows}
+    if n_bytes:  # mean nats per token * tokens / (ln 2 * bytes): every batch has the same number of tokens
+        metrics["bytes_per_token"] = n_bytes / (windows * cfg.block_size)
+        metrics.update({f"{k}_bpb": v / n * windows * cfg.block_size / n_bytes / math.log(2) for k, v in sums.items()})
+    return metrics
 
 
 def report(metrics, meta, cfg, it):
-    """The final printout: nats per token, bits per character (char data) and perplexity."""
+    """The final printout: nats per token, bits per byte, bits per character (char data) and perplexity."""
     lines = [f"final eval of the weights of iter {it} (ckpt.pt), denoiser {cfg.denoiser}, alpha_0={cfg.alpha_0}, "
-             f"{metrics['windows']} val windows:"]
+             f"{metrics['windows']} val windows, {metrics['bytes_per_token']:.3f} UTF-8 bytes per token:"]
     names = {"nelbo": "NELBO", "nll_k1": "exact NLL, K=1", f"nll_k{cfg.eval_k}": f"exact NLL, K={cfg.eval_k}"}
     if "nll_k1" not in metrics:
         names = {"nelbo": "NELBO"}
@@ -214,7 +209,8 @@ def report(metrics, meta, cfg, it):
     for key, name in names.items():
         v = metrics[key]
         bpc = f", {v / math.log(2):.4f} bits/char" if meta["tokenizer"] == "char" else ""
-        lines.append(f"  {name:<18} {v:.4f} nats/token{bpc}, perplexity {math.exp(v):.3f}")
+        lines.append(f"  {name:<18} {v:.4f} nats/token, {metrics[key + '_bpb']:.4f} bits/byte{bpc}, "
+                     f"perplexity {math.exp(v):.3f}")
     return "\n".join(lines)
 
 
@@ -435,7 +431,7 @@ class Trainer:
             weights_iter = best["iter_num"]
         ks = (1, cfg.eval_k) if cfg.eval_k != 1 else (1,)
         batches = eval_batches(self.val_data, cfg.batch_size, cfg.block_size, self.device, cfg.eval_windows)
-        metrics = evaluate(self.model, batches, cfg, self.ctx, ks)
+        metrics = evaluate(self.model, batches, cfg, self.ctx, ks, token_bytes(self.meta))
         self.log(report(metrics, self.meta, cfg, weights_iter))
         metrics.update(alpha_0=cfg.alpha_0, denoiser=cfg.denoiser, iter=weights_iter, trained_iters=it,
                        dataset=cfg.dataset, tokenizer=self.meta["tokenizer"])

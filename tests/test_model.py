@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import causal_mask, tiny_model
 
-from model import (Linear, add_masks, attention_mask, diffusion_mask, diffusion_loss, diffusion_order, invert, iw_nll,
+from model import (Linear, add_masks, diffusion_mask, diffusion_loss, diffusion_order, invert, iw_nll,
                    likelihood_order, log_likelihood, nelbo, permute, sequential_mask, sequential_nll, sequential_order,
                    stratified_times, unpermute)
 
@@ -416,7 +416,6 @@ def test_bad_calls_are_value_errors():
     """Library calls the network cannot serve say what is wrong in a ValueError (not an AttributeError or an
     IndexError from deep inside)."""
     import pytest
-    from model import GPT, GPTConfig
     mdlm = tiny_model(vocab_size=5, denoiser="mdlm")
     b = tiny_model(vocab_size=5)
     x = torch.randint(0, 5, (4, 8))

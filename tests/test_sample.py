@@ -1,5 +1,6 @@
 """The sampler: exact KV cache, the schedule, prompts and infilling, the paper's L=8 walk-through."""
 import json
+import math
 import re
 
 import torch
@@ -309,23 +310,6 @@ def test_strided_schedule():
         assert torch.equal(x_c, x_u)
 
 
-def test_bench_gpu_report_runs_on_a_tiny_model(monkeypatch, capsys):
-    """The code of `bench.py --what=gpu` (latency, throughput, sample.py's defaults, training), on the CPU with
-    tiny sizes: every table is there, MDLM's extrapolated rows say so, and AR makes exactly L forward passes."""
-    import bench
-    monkeypatch.setattr(bench, "GPU_LATENCY", [((1, 2, 16), 16, 1, 0), ((1, 2, 16), 32, 1, 8), ((1, 2, 16), 16, 4, 4)])
-    monkeypatch.setattr(bench, "GPU_SAMPLE_DEFAULTS", dict(L=16, size=(1, 2, 16), num_samples=4, steps=4, alpha_0=0.5))
-    monkeypatch.setattr(bench, "GPU_TRAIN", dict(batch_size=4, block_size=16, n_layer=1, n_head=2, n_embd=16))
-    rows = bench.bench_gpu(bench.BenchConfig(iters=1, rounds=1, small_steps=4), "cpu")
-    tables = [r["table"] for r in rows]
-    assert tables.count("latency") == 10 and tables.count("throughput") == 5 and tables.count("train") == 3
-    assert "sample.py defaults" in tables
-    assert [r["extrapolated"] for r in rows if r["table"] == "latency" and r["sampler"].startswith("MDLM")] == [
-        False, False, True, False], "only the L=32 NFE=L MDLM row is timed on 8 steps and scaled"
-    assert all(r["nfe"] == r["L"] for r in rows if r.get("sampler", "").startswith("AR"))
-    assert "(8 steps timed)" in capsys.readouterr().out
-
-
 def test_strided_schedule_honours_alpha_0():
     """The strided sampler rounds α0 T' (T' rows of positions) up or down at random, so that over many draws the
     fraction of tokens made by diffusion is α0 for every T, also where α0 T' is not a whole number (T = 1, 3)."""
@@ -353,3 +337,59 @@ def test_generate_refuses_what_it_cannot_do():
                           (lambda: generate(model, masks(None), 1, 4, 0.5, schedule="zigzag"), "zigzag")):
         with pytest.raises(ValueError, match=re.escape(message)):
             call()
+
+
+@torch.no_grad()
+def test_generation_past_the_block_size():
+    """A prompt and masks longer than the block: the first block is sampled, then each further chunk with the
+    text's own tail as its prompt (the window's given tokens are the text so far, at the window's positions);
+    the output has exactly the asked length, the prompt comes back unchanged, NFE counts every window's passes,
+    and the cache gives the uncached path's logits at every step of every window."""
+    model = sharp_model(block_size=24)
+    calls = []
+    model.transformer.wte.register_forward_hook(lambda *a: calls.append(1))
+    template = masks(None, length=70)
+    template[:3] = torch.tensor([1, 2, 3])
+    for chunk in (0, 5):
+        steps, out = {}, {}
+        for kv_cache in (True, False):
+            calls.clear()
+            x, nfe, steps[kv_cache] = run(model, template, kv_cache, alpha_0=0.5, steps=6, num_samples=2, chunk=chunk)
+            assert x.shape == (2, 70) and (x < V).all() and torch.equal(x[:, :3], template[:3].expand(2, -1))
+            assert nfe == len(calls) == len(steps[kv_cache])
+            out[kv_cache] = x
+        assert torch.equal(out[True], out[False]) and len(steps[True]) == len(steps[False])
+        assert all(torch.allclose(a["logits"], b["logits"], atol=1e-4) for a, b in zip(steps[True], steps[False]))
+        offsets = sorted({s["offset"] for s in steps[True]})
+        k = chunk or 12  # half a block by default
+        assert offsets == [min(k * i, 70 - 24) for i in range(len(offsets))] and offsets[-1] == 70 - 24, offsets
+        for s in steps[True]:
+            if s["step"] == 0 and s["offset"]:  # a window's given slots: the text before its new tokens
+                given = s["order"][:, : s["done"]] + s["offset"]
+                assert torch.equal(s["x"][:, : s["done"]], x.gather(1, given)), "a window's prompt is not the text"
+
+
+def test_score_is_a_distribution_and_the_one_pass_likelihood():
+    """score() at α0 = 0 is the exact chain rule: exp(score) sums to 1 over all V^L sequences, also past the
+    block size (L = 5, block 4: the second window is conditioned on the first). At α0 = 0.5 with K = 1 it is the
+    one-pass log p(x | σ) of the ordering it draws; its token surprises sum to -log p for K = 1, and for K > 1
+    to the mean over orderings, which the importance-weighted total never exceeds."""
+    import itertools
+    import pytest
+    from model import likelihood_order, log_likelihood
+    from sample import score
+    model = tiny_model(vocab_size=3, block_size=4, seed=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3)
+    total = sum(math.exp(score(model, torch.tensor(s), 0.0, chunk=2)[0]) for s in itertools.product(range(3), repeat=5))
+    assert abs(total - 1) < 1e-4, total
+    ids = torch.tensor([2, 0, 1, 1])
+    order = likelihood_order(1, 4, 0.5, generator=torch.Generator().manual_seed(7))
+    logp, surprise = score(model, ids, 0.5, K=1, seed=7)
+    assert abs(logp - log_likelihood(model, ids[None], order).item()) < 1e-5
+    assert abs(surprise.sum().item() + logp) < 1e-5
+    logp16, surprise16 = score(model, ids, 0.5, K=16)
+    assert logp16 >= -surprise16.sum().item() - 1e-5
+    with pytest.raises(ValueError, match="no one-pass likelihood"):
+        score(tiny_model(vocab_size=3, block_size=4, denoiser="A"), ids, 0.5)

@@ -1,5 +1,6 @@
 """train.py and data.py as a user runs them: checkpoints, resume, eval.json, and bad input."""
 import json
+import math
 import re
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import torch
 from conftest import TEXT, TINY_TRAIN, cli
 
-from data import Tokenizer, eval_batches, get_batch, load_split, prepare
+from data import Tokenizer, eval_batches, get_batch, load_split, prepare, token_bytes
 
 
 def test_char_dataset_layout(data_dir):
@@ -47,7 +48,9 @@ def test_train_writes_checkpoint_and_eval_json_then_resumes(data_dir, tmp_path):
     vals = {int(m[1]): float(m[2]) for m in re.finditer(r"step (\d+): .*val nelbo ([0-9.]+)", r.stdout)}
     assert best["iter_num"] == min((i for i in vals if i > 0), key=vals.get) and "optimizer" not in best
     metrics = json.loads((out / "eval.json").read_text())
-    assert set(metrics) >= {"nelbo", "nll_k1", "nll_k4", "alpha_0", "iter", "trained_iters"}
+    assert set(metrics) >= {"nelbo", "nll_k1", "nll_k4", "alpha_0", "iter", "trained_iters", "nelbo_bpb", "nll_k4_bpb"}
+    assert metrics["bytes_per_token"] == 1 and abs(metrics["nelbo_bpb"] - metrics["nelbo"] / math.log(2)) < 1e-9, \
+        "ASCII characters: one byte per token, bits per byte = nats / ln 2"
     assert metrics["iter"] == best["iter_num"] and metrics["trained_iters"] == 4
     assert f"weights of iter {best['iter_num']}" in r.stdout
     assert metrics["nll_k4"] <= metrics["nll_k1"] + 1e-3
@@ -144,6 +147,8 @@ def test_bpe_dataset(data_dir):
     assert gpt2[train].tolist() == enc.encode_ordinary(TEXT[:split]) and gpt2[val].tolist() == enc.encode_ordinary(TEXT[split:])
     assert train.max() < meta["vocab_size"] and (np.diff(gpt2) > 0).all()
     assert tok.decode(tok.encode(TEXT)) == TEXT and tok.decode(list(train) + list(val)) == TEXT
+    nbytes = token_bytes(meta)
+    assert int(nbytes[torch.from_numpy(train.astype("int64"))].sum()) == len(TEXT[:split].encode()), "bits per byte"
     with pytest.raises(ValueError, match="never saw in training: ' z', 'ebra'"):
         tok.encode("First Citizen: zebra")
 
@@ -191,3 +196,32 @@ def test_prepare_reads_any_bytes_as_it_counts_them(tmp_path):
         tok = Tokenizer(prepare(name, str(tmp_path)))
         train, val = (load_split(name, s, str(tmp_path)).tolist() for s in ("train", "val"))
         assert tok.decode(train) == text[: int(len(text) * 0.9)] and tok.decode(val) == text[int(len(text) * 0.9):]
+
+
+def test_long_samples_and_scores_from_the_command_line(data_dir, tmp_path):
+    """sample.py --length past the block size prints samples of exactly that length; --score prints the text's
+    log-likelihood in nats, nats per token and bits per byte, and each token's surprise, and --score_svg draws
+    them with a legend; a character the model never had is one line naming it; an MDLM checkpoint reports its
+    NELBO as a bound."""
+    r = cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", "--out_dir=out-tiny", "--max_iters=2",
+            "--eval_interval=2", "--alpha_0=0.5", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = cli("sample.py", "--length=45", "--start=First", "--num_samples=2", "--steps=4", "--device=cpu", cwd=tmp_path)
+    samples = r.stdout.split("---------------\n")[:2]
+    assert r.returncode == 0 and [len(s) for s in samples] == [46, 46] and samples[0].startswith("First"), r.stdout
+    assert "windows of 16 tokens moving by 8" in r.stderr
+    svg = tmp_path / "s.svg"
+    text = "First Citizen:\nSpeak, speak."  # 28 characters, all ASCII
+    r = cli("sample.py", f"--score={text}", "--score_k=4", f"--score_svg={svg}", "--device=cpu", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    head = r.stdout.splitlines()
+    assert head[0].startswith("28 tokens, 28 UTF-8 bytes") and "importance-weighted over K=4" in head[0], head
+    nats, per_token, bpb = re.search(r"(-[0-9.]+) nats: ([0-9.]+) nats/token, ([0-9.]+) bits/byte", head[1]).groups()
+    assert abs(-float(nats) / 28 - float(per_token)) < 1e-3 and abs(float(per_token) / math.log(2) - float(bpb)) < 1e-3
+    assert len(re.findall(r":[0-9]+\.[0-9]{2}\b", r.stdout)) == 28 and "-log p of each token" in svg.read_text()
+    r = cli("sample.py", "--score=First ~", "--device=cpu", cwd=tmp_path)
+    assert r.returncode == 1 and "'~'" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", "--out_dir=mdlm", "--max_iters=1", "--alpha_0=1",
+            "--denoiser=mdlm", cwd=tmp_path)
+    r = cli("sample.py", "--score=First Citizen", "--out_dir=mdlm", "--device=cpu", cwd=tmp_path)
+    assert r.returncode == 0 and "minus the NELBO" in r.stdout and "lower bound" in r.stdout, r.stdout + r.stderr
