@@ -1,5 +1,9 @@
-"""tutorial.ipynb runs top to bottom, in the repo root, as a student would run it."""
+"""tutorial.ipynb runs top to bottom, in the repo root, as a student would run it, and its exercises name code
+that exists."""
+import glob
+import keyword
 import os
+import re
 
 import nbformat
 from conftest import ROOT
@@ -11,3 +15,18 @@ def test_tutorial_runs_clean():
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors, errors
+
+
+def test_exercises_name_code_that_exists():
+    """Every name an exercise quotes (in backticks) is in the repo's code, and the code an exercise says to
+    change is in the file it names, verbatim."""
+    nb = nbformat.read(os.path.join(ROOT, "tutorial.ipynb"), as_version=4)
+    (exercises,) = [c.source for c in nb.cells if c.cell_type == "markdown" and c.source.startswith("## Exercises")]
+    code = "\n".join(open(f, encoding="utf-8").read() for f in glob.glob(os.path.join(ROOT, "*.py")))
+    quoted = re.findall(r"`([^`]+)`", exercises)
+    names = {n for q in quoted for n in re.findall(r"[A-Za-z_][A-Za-z_0-9]+", q) if not keyword.iskeyword(n)}
+    missing = [n for n in names if not re.search(rf"\b{n}\b", code) and not os.path.exists(os.path.join(ROOT, n))]
+    assert len(names) > 10 and not missing, missing
+    for file, snippet in re.findall(r"in `([\w.]+\.py)`, change `([^`]+)`", exercises):
+        assert snippet in open(os.path.join(ROOT, file), encoding="utf-8").read(), (file, snippet)
+    assert re.findall(r"in `([\w.]+\.py)`, change `([^`]+)`", exercises), "the edit exercise is found"
