@@ -11,9 +11,8 @@ The network is nanoGPT's pre-LayerNorm causal transformer. Changes the method ne
     before any softmax ("zero masking"): the mask is never predicted;
   - `out` and `targets`: the last layer computes queries only for the rows that get an output, and lm_head
     runs only on the tokens that are scored (the masks: carry-over), the rest only gives keys and values.
-Changes that make small models train faster (from modded-nanoGPT; each lowers the README's CPU recipe's val
-loss at the same number of iterations):
-  - q and k are RMS-normalised per head before RoPE (QK-norm);
+Changes that make small models train faster, from modded-nanoGPT:
+  - q and k are normalised per head (QK-norm);
   - the MLP is Linear -> ReLU(x)² -> Linear;
   - every residual projection (c_proj) starts at zero, so each block starts as the identity;
   - the blocks' matrices are trained with Muon (configure_optimizers).
@@ -154,7 +153,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, rope, attn_mask, kv_cache=None, layer=0, rows=slice(None)):
-        x = (x if rows == slice(None) else x[:, rows]) + self.attn(self.ln_1(x), rope, attn_mask, kv_cache, layer, rows)
+        y = self.attn(self.ln_1(x), rope, attn_mask, kv_cache, layer, rows)
+        x = (x if rows == slice(None) else x[:, rows]) + y
         return x + self.mlp(self.ln_2(x))
 
 
@@ -233,7 +233,7 @@ class GPT(nn.Module):
         if torch.compiler.is_compiling():  # every row: a data-dependent gather would break the graph and sync
             return F.cross_entropy(self.head(x).flatten(0, 1), targets.flatten(), ignore_index=-1,
                                    reduction="none").view(targets.shape)
-        keep = targets >= 0  # eagerly, lm_head only where it is scored: 10% of a CPU BPE iteration
+        keep = targets >= 0  # eagerly, lm_head only where it is scored (with a BPE vocabulary, much of its cost)
         nll = torch.zeros(targets.shape, device=x.device)
         nll[keep] = F.cross_entropy(self.head(x[keep]), targets[keep], reduction="none")
         return nll
@@ -254,8 +254,8 @@ class GPT(nn.Module):
              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=learning_rate, betas=betas,
             fused=fused)
         if optimizer == "muon":
-            return [torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"),
-                    adamw([p for p in self.parameters() if all(p is not q for q in hidden)])]
+            muon = torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+            return [muon, adamw([p for p in self.parameters() if all(p is not q for q in hidden)])]
         return [adamw(list(self.parameters()))]
 
     @classmethod

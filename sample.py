@@ -53,9 +53,8 @@ def diffusion_counts(n, steps, alpha_0, generator=None):
 def plan(is_gen, num_samples, steps, alpha_0, generator=None, schedule="random"):
     """The unified schedule S = S_MDM ⊕ S_AR for a template whose positions `is_gen` (L,) are to be generated.
     Returns order (B, L): given tokens first (ascending), then the diffusion positions, then the sequential
-    positions ascending; chunks: the tokens per step, shared by the batch (the cache is one rectangle), NFE =
-    len(chunks); and
-    how many of them (the last ones) are sequential steps.
+    positions ascending; chunks: the tokens per step, shared by the batch (the cache is one rectangle), so that
+    NFE = len(chunks); and how many of them (the last ones) are sequential steps.
     schedule='random' (Alg. 2): Binomial counts per step, diffusion positions in a random order per sample.
     schedule='strided' (the paper's "improved" sampler, Suppl. E.10, the code's subcontext ordering): step r of
     T' = min(steps, #generated) reveals every T'-th generated position from the r-th on, so that no step decodes
@@ -87,9 +86,9 @@ def plan(is_gen, num_samples, steps, alpha_0, generator=None, schedule="random")
 
 
 def sample_tokens(logits, temperature=1.0, top_p=0.9, generator=None):
-    """Nucleus sampling by float64 Gumbel-max (lower precision would skew the categorical draws towards the top
-    tokens), on the generator's device (MPS has no float64).
-    The mask token's column (the last) is dropped, so it can never be drawn. temperature=0 is greedy."""
+    """Nucleus sampling by float64 Gumbel-max (lower precision skews the draws towards the top tokens), on the
+    generator's device (MPS has no float64). The mask token's column (the last) is dropped, so it can never be
+    drawn. temperature=0 is greedy."""
     device = logits.device
     logits = logits[..., :-1].to(generator.device if generator else device, torch.float64)  # drop the mask
     if temperature == 0:

@@ -417,7 +417,8 @@ class Trainer:
                  "meta": self.meta}
         if best:
             save_checkpoint(state, cfg.out_dir)
-            self.log(f"saving checkpoint to {cfg.out_dir} (iter {it}{', best val so far' if self.best_iter == it else ''})")
+            best_so_far = ", best val so far" if self.best_iter == it else ""
+            self.log(f"saving checkpoint to {cfg.out_dir} (iter {it}{best_so_far})")
         save_checkpoint({**state, "optimizer": [opt.state_dict() for opt in self.optimizers]}, cfg.out_dir, "last.pt")
 
     def final_eval(self, it):

@@ -67,7 +67,8 @@ def test_resume_continues_the_state_exactly(data_dir, tmp_path):
 
 def torchrun(*args):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(ROOT, "train.py"), *map(str, args)], capture_output=True, text=True, timeout=300)
+                           os.path.join(ROOT, "train.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_ddp_two_processes_match_one_process_and_resume_exactly(data_dir, tmp_path):

@@ -46,8 +46,8 @@ def clean_then_masks(step):
 
 @torch.no_grad()
 def test_cached_logits_equal_a_full_uncached_forward_at_every_step():
-    """Pitfall 20: at every step, the cached logits of the masks equal those of a full causal forward over
-    [clean tokens in σ order; current masks], and both paths pick the same tokens."""
+    """The cache is exact (§5.3): at every step, the cached logits of the masks equal those of a full causal
+    forward over [clean tokens in σ order; current masks], and both paths pick the same tokens."""
     model = sharp_model()
     template = masks(None)
     template[:4] = torch.tensor([1, 2, 3, 4])  # a prompt
@@ -169,7 +169,8 @@ def test_cache_is_preallocated_and_never_commits_masks():
     def callback(start, done, end, x, order, cache, **_):
         ptrs.append(tuple((b.data_ptr(), tuple(b.shape)) for b in cache.k + cache.v))
         prefixes.append((cache.committed, x[:, : cache.committed].clone(), order[:, : cache.committed].clone(),
-                         torch.stack(cache.k)[:, :, :, : cache.committed], torch.stack(cache.v)[:, :, :, : cache.committed]))
+                         torch.stack(cache.k)[:, :, :, : cache.committed],
+                         torch.stack(cache.v)[:, :, :, : cache.committed]))
 
     generate(model, masks(None), 2, 5, 0.5, callback=callback)
     assert len(set(ptrs)) == 1 and len(ptrs[0]) == 4 and all(shape == (2, 2, 20, 16) for _, shape in ptrs[0]), \

@@ -119,7 +119,8 @@ def test_sample_cli(data_dir, tmp_path):
     line = r.stdout.split("\n")[0]
     assert r.returncode == 0 and line[:6] == "First " and line[8:16] == " Citizen" and "_" not in line, r.stdout
     assert "2 tokens generated" in r.stdout, "an infill text is the whole sequence: only its gaps are generated"
-    for flag, message in [("--steps=0", "--steps=0 must be at least 1"), (("--length=99", "--chunk=16"), "--chunk=16 must"),
+    for flag, message in [("--steps=0", "--steps=0 must be at least 1"),
+                          (("--length=99", "--chunk=16"), "--chunk=16 must"),
                           (("--infill=First _", "--length=99"), "--infill works within one block"),
                           ("--start=" + "a" * 40, "longer than --length"), ("--start=~~", "not in this model's vocab"),
                           ("--top_p=0", "--top_p=0.0 must be in (0, 1]"), ("--alpha_0=-0.5", "must be in [0, 1]"),
@@ -144,7 +145,8 @@ def test_bpe_dataset(data_dir):
     gpt2 = np.array(meta["gpt2_ids"])
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == len(set(enc.encode_ordinary(TEXT[:split])) |
                                                                      set(enc.encode_ordinary(TEXT[split:])))
-    assert gpt2[train].tolist() == enc.encode_ordinary(TEXT[:split]) and gpt2[val].tolist() == enc.encode_ordinary(TEXT[split:])
+    assert gpt2[train].tolist() == enc.encode_ordinary(TEXT[:split])
+    assert gpt2[val].tolist() == enc.encode_ordinary(TEXT[split:])
     assert train.max() < meta["vocab_size"] and (np.diff(gpt2) > 0).all()
     assert tok.decode(tok.encode(TEXT)) == TEXT and tok.decode(list(train) + list(val)) == TEXT
     nbytes = token_bytes(meta)
@@ -158,7 +160,8 @@ def test_prepare_streams_in_pieces(data_dir, monkeypatch):
     start, where GPT-2's pre-tokenizer always splits: with tiny pieces (many cuts) it writes exactly the bins of
     the whole text, for BPE and for characters."""
     import data
-    whole = {name: (prepare(name, str(data_dir)), [load_split(name, s, str(data_dir)).tolist() for s in ("train", "val")])
+    whole = {name: (prepare(name, str(data_dir)),
+                    [load_split(name, s, str(data_dir)).tolist() for s in ("train", "val")])
              for name in ("tiny", "tiny_char")}
     text = TEXT.replace("\n\n", "\n\n\n    ") + "x" * 500  # runs of line breaks, indents, a long line
     (data_dir / "tiny" / "input.txt").write_text(text)
@@ -174,7 +177,8 @@ def test_prepare_streams_in_pieces(data_dir, monkeypatch):
     assert gpt2[load_split("tiny", "train", str(data_dir))].tolist() == enc.encode_ordinary(text[:split])
     assert gpt2[load_split("tiny", "val", str(data_dir))].tolist() == enc.encode_ordinary(text[split:])
     meta = prepare("tiny_char", str(data_dir))
-    chars = "".join(meta["itos"][i] for s in ("train", "val") for i in load_split("tiny_char", s, str(data_dir)).tolist())
+    chars = "".join(meta["itos"][i] for s in ("train", "val")
+                    for i in load_split("tiny_char", s, str(data_dir)).tolist())
     assert chars == text and len(load_split("tiny_char", "train", str(data_dir))) == split
     assert not list(data_dir.glob("**/*.tmp")), "no temporary file is left behind"
     long_line = data_dir / "long.txt"
