@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, run_cli
 from data import get_batch, load_checkpoint, load_split
-from model import GPT, GPTConfig, Linear, iw_nll, nelbo, sampling_products
+from model import GPT, GPTConfig, Linear, few_rows_transposed, iw_nll, nelbo, sampling_products
 from sample import generate, new_cache
 
 
@@ -386,7 +386,7 @@ def bench_profile(cfg, device):
     xs = [torch.randn(1, rows, lin.in_features, device=device) for lin, rows in lins]
 
     def products(n=100):
-        with torch.inference_mode(), sampling_products(device):  # in the layout the sampler uses
+        with torch.inference_mode(), sampling_products():  # in the layout the sampler uses
             for _ in range(n):
                 for (lin, _), x in zip(lins, xs):
                     lin(x)
@@ -409,9 +409,9 @@ def bench_profile(cfg, device):
 
 def bench_linear(cfg, device):
     """The products of one cached sampling step (a few rows through every weight matrix of the fixed model) as
-    F.linear and as (W xᵀ)ᵀ, which round differently and whose speed at 2 to 8 rows depends on the machine;
-    the choice model.Linear makes for sampling in this process (the timed probe); then a whole cached sampling
-    step at L (the last of --lengths) with every such product in each layout."""
+    F.linear and as (W xᵀ)ᵀ, which round differently and whose speed at 2 to 8 rows depends on the machine; the
+    layout model.Linear takes on this machine when sampling; then a whole cached sampling step at L (the last of
+    --lengths) with every such product in each layout."""
     import model as model_module
     torch.manual_seed(0)
     C = cfg.n_embd
@@ -435,25 +435,26 @@ def bench_linear(cfg, device):
             rows.append(dict(rows=n, **{k: v * 1000 for k, v in res.items()}))
             print(f"{n:>4} " + " ".join(f"{t * 1000:>12.2f} ms {mb / 1000 / t:>7.1f} GB/s" for t in res.values()),
                   flush=True)
-    t_linear, t_transposed = model_module._time_few_row_products()
-    choice = model_module.few_rows_transposed_is_faster(timings=lambda: (t_linear, t_transposed))
-    print(f"the probe model.Linear times: (W xT)T is {t_linear / t_transposed:.2f}x as fast as F.linear at 2 rows, "
-          f"so sampling in this process uses {'(W xT)T' if choice else 'F.linear'} (it needs 1.5x)")
+    choice = model_module.few_rows_transposed()
+    print(f"this machine (CPU {model_module.cpu_vendor() or 'unknown'}, MKL {torch.backends.mkl.is_available()}): "
+          f"sampling computes 2 to 8 rows as {'(W xT)T' if choice else 'F.linear'}; ESO_LM_FEW_ROWS overrides it")
     L = int(cfg.lengths.split(",")[-1])
     torch.manual_seed(0)
     model = GPT(GPTConfig(L, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd)).to(device).eval()
     template = torch.full((L,), model.config.mask_id, device=device)
     generate(model, template, 1, 10 ** 6, 1.0)  # warm-up
-    saved, ms = Linear.transposed_is_faster, {"F.linear": [], "(W xT)T": []}
-    for _ in range(cfg.rounds):
-        for name, transposed in zip(ms, (False, True)):
-            Linear.transposed_is_faster = transposed
-            dt, (_, nfe) = timed(lambda: generate(model, template, 1, 10 ** 6, 1.0, top_p=1.0), device)
-            ms[name].append(dt / nfe * 1000)
-    Linear.transposed_is_faster = saved
+    ms = {"F.linear": [], "(W xT)T": []}
+    try:
+        for _ in range(cfg.rounds):
+            for name, transposed in zip(ms, (False, True)):
+                model_module.few_rows_transposed = lambda: transposed  # what sampling_products asks
+                dt, (_, nfe) = timed(lambda: generate(model, template, 1, 10 ** 6, 1.0, top_p=1.0), device)
+                ms[name].append(dt / nfe * 1000)
+    finally:
+        model_module.few_rows_transposed = few_rows_transposed
     print(f"a cached sampling step, L={L}, every few-row product in one layout, {cfg.rounds} interleaved rounds: "
           + ", ".join(f"{name} {statistics.median(v):.2f} ms [{min(v):.2f}-{max(v):.2f}]" for name, v in ms.items()))
-    rows.append(dict(rows="probe", ratio=t_linear / t_transposed, transposed=choice))
+    rows.append(dict(rows="this machine", transposed=choice))
     rows += [dict(rows="sampling step", L=L, layout=name, ms_per_step=v) for name, v in ms.items()]
     return rows
 

@@ -35,7 +35,7 @@ class KVCache:
 
     @classmethod
     def for_model(cls, config, batch_size, max_len=None, device="cpu", dtype=torch.float32, static=False):
-        return cls(config.n_layer, batch_size, config.n_head, max_len or config.block_size,
+        return cls(config.n_layer, batch_size, config.n_head, config.block_size if max_len is None else max_len,
                    config.n_embd // config.n_head, device, dtype, static)
 
     def feed(self, T, keys):
@@ -47,8 +47,10 @@ class KVCache:
 
     def update(self, layer, k, v):
         """Write k, v (B, nh, T, hd) provisionally at the fed slots; return K/V (B, nh, keys, hd)."""
-        if k.dtype != self.dtype:  # (autocast hands over fp32 keys)
-            k, v = k.to(self.dtype), v.to(self.dtype)
+        if k.dtype != self.dtype:  # (the network makes its keys in fp32, its values in autocast's dtype)
+            k = k.to(self.dtype)
+        if v.dtype != self.dtype:
+            v = v.to(self.dtype)
         self.k[layer].index_copy_(2, self.slots, k)
         self.v[layer].index_copy_(2, self.slots, v)
         return self.k[layer][:, :, :self.keys], self.v[layer][:, :, :self.keys]

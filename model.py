@@ -20,8 +20,10 @@ The second half of the file is the method: orderings, masks, the hybrid NELBO (e
 likelihood (§4). The sampler lives in sample.py, the KV cache in kvcache.py.
 """
 import contextlib
+import functools
 import math
-import time
+import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -30,19 +32,17 @@ from torch.nn import functional as F
 
 
 class Linear(nn.Linear):
-    """nn.Linear, except in a sampling step on the CPU. A cached step feeds 2 to 8 tokens, and how fast BLAS
-    multiplies so few rows depends on the machine (`python bench.py --what=linear`): the same product written as
-    (W xᵀ)ᵀ can be several times faster than F.linear, or half as fast. The two round differently, so the choice
-    is made once per process, when sampling first starts (sampling_products), by timing both layouts on a fixed
-    probe (few_rows_transposed_is_faster), and (W xᵀ)ᵀ is taken only if it is at least 1.5x faster: a machine
-    where one layout is clearly faster always picks it, and a near tie always keeps F.linear, so the same seed
-    samples the same tokens in every process. Training and eval never take it."""
-    sampling = False  # True while the sampler runs (sampling_products)
-    transposed_is_faster = None  # the process's choice, made when sampling first starts on the CPU
+    """nn.Linear, except in a sampling step on the CPU. A cached step feeds 2 to 8 tokens, and on an AMD EPYC
+    MKL multiplies 2 rows at half the speed as F.linear, x Wᵀ, as it does as (W xᵀ)ᵀ (`python bench.py
+    --what=linear` measures both on your machine). The two round differently, so which one runs is a fixed
+    property of the machine, never a timing, which a busy machine would flip: (W xᵀ)ᵀ on an AMD CPU with MKL,
+    F.linear elsewhere; the environment variable ESO_LM_FEW_ROWS=linear or transposed overrides it
+    (few_rows_transposed). Every process of a machine samples the same tokens from the same seed. Training and
+    eval always run F.linear."""
+    transpose_few_rows = False  # True while the sampler runs on a machine where (W xᵀ)ᵀ pays (sampling_products)
 
     def forward(self, x):
-        if (Linear.sampling and Linear.transposed_is_faster and x.device.type == "cpu"
-                and 2 <= x.numel() // x.size(-1) <= 8):
+        if Linear.transpose_few_rows and x.device.type == "cpu" and 2 <= x.numel() // x.size(-1) <= 8:
             return self.transposed(x)
         return super().forward(x)
 
@@ -55,40 +55,33 @@ class Linear(nn.Linear):
 
 
 @contextlib.contextmanager
-def sampling_products(device):
-    """While the sampler runs: Linear may compute few-row products as (W xᵀ)ᵀ, if this process chose to (timed
-    here, once, the first time sampling runs on the CPU). A flag rather than a test of inference mode, so that a
-    compiled step takes the same layout as an eager one."""
-    if torch.device(device).type == "cpu" and Linear.transposed_is_faster is None:
-        Linear.transposed_is_faster = few_rows_transposed_is_faster()
-    before, Linear.sampling = Linear.sampling, True
+def sampling_products():
+    """While the sampler runs, Linear computes few-row products as (W xᵀ)ᵀ if this machine calls for it (a flag
+    set here rather than a test inside forward, so that a compiled step takes the layout an eager one takes)."""
+    before, Linear.transpose_few_rows = Linear.transpose_few_rows, few_rows_transposed()
     try:
         yield
     finally:
-        Linear.sampling = before
+        Linear.transpose_few_rows = before
 
 
-def few_rows_transposed_is_faster(margin=1.5, timings=None):
-    """Is (W xᵀ)ᵀ at least `margin` times faster than F.linear for 2 rows on this machine? Timed on a fixed probe
-    of 8 matrices of 1536 x 384 (19 MB, more than a core's L2, as a model's weights are), the best of 7
-    interleaved runs each. `timings`: a function returning (F.linear seconds, (W xᵀ)ᵀ seconds), for tests."""
-    t_linear, t_transposed = (timings or _time_few_row_products)()
-    return t_linear >= margin * t_transposed
+@functools.cache
+def few_rows_transposed():
+    """Does sampling on this machine compute few-row products as (W xᵀ)ᵀ? ESO_LM_FEW_ROWS if set, else: is the
+    CPU an AMD one and the BLAS MKL?"""
+    choice = os.environ.get("ESO_LM_FEW_ROWS", "")
+    if choice not in ("", "linear", "transposed"):
+        raise ValueError(f"ESO_LM_FEW_ROWS={choice!r} must be 'linear' or 'transposed'")
+    return choice == "transposed" if choice else torch.backends.mkl.is_available() and cpu_vendor() == "AuthenticAMD"
 
 
-def _time_few_row_products(repeats=7):
-    gen = torch.Generator().manual_seed(0)
-    weights = [torch.randn(1536, 384, generator=gen) for _ in range(8)]
-    x = torch.randn(2, 384, generator=gen)
-    ways = [lambda: [F.linear(x, w) for w in weights], lambda: [torch.mm(w, x.t()).t() for w in weights]]
-    best = [float("inf")] * 2
-    with torch.no_grad():
-        for _ in range(repeats):
-            for i, fn in enumerate(ways):
-                t0 = time.perf_counter()
-                fn()
-                best[i] = min(best[i], time.perf_counter() - t0)
-    return tuple(best)
+def cpu_vendor():
+    """The CPU's vendor id ('AuthenticAMD', 'GenuineIntel', ...) from /proc/cpuinfo or the platform, or ''."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return next((v for v in ("AuthenticAMD", "GenuineIntel") if v in platform.processor()), "")
 
 
 def rotary(x, cos, sin):
@@ -117,7 +110,8 @@ class CausalSelfAttention(nn.Module):
         hd = C // self.n_head
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, hd)
         # QK-norm: q and k scaled to unit length per head, and attention scaled by √hd instead of 1/√hd, which
-        # is attention over RMS-normalised q and k; then RoPE (so the cache holds rotated keys)
+        # is attention over RMS-normalised q and k; then RoPE (so the cache holds rotated keys); both in fp32,
+        # whatever autocast computed qkv in (bf16 would round the rotation)
         qk = rotary(F.normalize(qkv[:, :, :2].float(), dim=-1), *rope)
         q = qk[:, rows, 0].transpose(1, 2)  # (B, nh, rows, hd)
         k, v = qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)  # (B, nh, T, hd)
@@ -221,8 +215,10 @@ class GPT(nn.Module):
         ignore_index=-1). The carry-over loss scores masked tokens only, so clean tokens never reach lm_head.
         """
         rope = (self.rope_cos[pos][:, :, None, None], self.rope_sin[pos][:, :, None, None])  # (B, T, 1, 1, hd)
-        if attn_mask is not None:  # additive, once for every layer (SDPA would convert a boolean mask in each)
-            attn_mask = torch.zeros(attn_mask.shape, device=idx.device).masked_fill_(~attn_mask, float("-inf"))
+        if attn_mask is not None:  # additive, once for every layer (SDPA would convert a boolean mask in each),
+            dev = idx.device.type  # in the dtype autocast hands SDPA
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
+            attn_mask = torch.zeros(attn_mask.shape, dtype=dtype, device=idx.device).masked_fill_(~attn_mask, -math.inf)
         x = self.transformer.drop(self.transformer.wte(idx))
         last = len(self.transformer.h) - 1
         for layer, block in enumerate(self.transformer.h):
@@ -274,7 +270,7 @@ def unwrap(model):
 
 
 # -----------------------------------------------------------------------------
-# Orderings and attention masks (§1.3, §2.2-2.3 and §3 of the digest; paper Figs. 6, 9, 13)
+# Orderings and attention masks (paper §3 and Suppl. B; Figs. 6, 9, 13)
 # An ordering `order` (B, L) lists original positions in processing order: order[b, j] is the position
 # of the token processed j-th, so permute(x, order)[b, j] = x[b, order[b, j]], and that token's RoPE
 # position is order[b, j], not j. Sorted, every sequence is [clean tokens ; masks].
@@ -404,9 +400,9 @@ def diffusion_loss(model, x, alpha_0, t=None, low_var=False):
 def sequential_nll(model, x, z0, order):
     """-log x_θ(z0 ⊙ x^{<l})[x_l] for every mask of z0, from ONE pass over [masks of z0 ; x] (both in σ order,
     the same RoPE positions: x is not given positions L..2L-1) through sequential_mask. `order` must put z0's
-    clean tokens first (sequential_order: then the masks left to right). Returns (B, m): row r is the r-th mask
-    in σ order, 0 past a row's last mask. m changes from draw to draw: for a compiled model it is marked
-    dynamic, so that this pass is compiled once for every m."""
+    clean tokens first (training's sequential_order then puts the masks left to right; the likelihood, in σ's
+    order). Returns (B, m): row r is the r-th mask in σ order, 0 past a row's last mask. m changes from draw to
+    draw: for a compiled model it is marked dynamic, so that this pass is compiled once for every m."""
     B, L = x.shape
     config = unwrap(model).config
     n_clean = L - (z0 == config.mask_id).sum(1)

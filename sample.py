@@ -137,7 +137,7 @@ def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, 
     if config.denoiser == "mdlm" and sequential:
         raise ValueError("MDLM has no sequential phase: sample it with alpha_0=1")
     B, L = x.shape
-    with torch.inference_mode(), attention_backends(x.device), sampling_products(x.device):
+    with torch.inference_mode(), attention_backends(x.device), sampling_products():
         x = permute(x, order).clone()  # kept in σ order for the whole run
         done = L - sum(chunks)  # slots [0, done) are clean: the given tokens
         seq_start = L - sequential  # A: from this slot on, the clean prefix is frozen
@@ -173,8 +173,8 @@ def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, 
 
 def windows(L, block_size, chunk):
     """The windows a text of L tokens is sampled and scored in: (start, new) for the window [start, start + W),
-    W = min(L, block_size), whose tokens from `new` on are its own (before: the text so far, as its prompt).
-    The first window is [0, W); each further one moves on by `chunk` tokens (fewer at the end)."""
+    W = min(L, block_size): its tokens from `new` on are its own, those in front of them the text so far, its
+    prompt. The first window is [0, W); each further one moves on by `chunk` tokens (fewer at the end)."""
     start, new = 0, 0
     while True:
         yield start, new
@@ -184,13 +184,18 @@ def windows(L, block_size, chunk):
         start, new = start + min(chunk, L - end), end
 
 
-def check_window_request(config, template, chunk):
-    """ValueErrors for what generate() and score() cannot do with a sequence longer than a block."""
-    if not 1 <= chunk < config.block_size:
-        raise ValueError(f"chunk={chunk} must be in [1, block_size={config.block_size}): each window keeps at least "
-                         "one token of the text before it")
-    if len(template) > config.block_size:
-        is_gen = (template == config.mask_id).int()
+def check_request(config, tokens, chunk, alpha_0):
+    """ValueErrors for what generate() and score() cannot do: no tokens, more than one sequence, an impossible
+    α0, and past the block size, a chunk that would leave a window no text before it, or gaps to infill."""
+    if tokens.dim() != 1 or not len(tokens):
+        raise ValueError(f"expected one sequence of tokens (L,), got shape {tuple(tokens.shape)}")
+    if not 0 <= alpha_0 <= 1:
+        raise ValueError(f"alpha_0={alpha_0} must be in [0, 1]")
+    if len(tokens) > config.block_size:
+        if not 1 <= chunk < config.block_size:
+            raise ValueError(f"chunk={chunk} must be in [1, block_size={config.block_size}): each window keeps at "
+                             "least one token of the text before it")
+        is_gen = (tokens == config.mask_id).int()
         if not torch.equal(is_gen, is_gen.cummax(0).values):
             raise ValueError(f"a template longer than block_size={config.block_size} must be a prompt followed by "
                              "masks: infilling works within one block")
@@ -208,13 +213,11 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
     seed gives the same samples."""
     config = unwrap(model).config
     chunk = chunk or config.block_size // 2
-    for ok, problem in ((template.dim() == 1, f"the template must be one sequence (L,), not {tuple(template.shape)}"),
-                        (0 <= alpha_0 <= 1, f"alpha_0={alpha_0} must be in [0, 1]"),
-                        (steps >= 1 and num_samples >= 1, f"steps={steps} and num_samples={num_samples} must be >= 1"),
+    check_request(config, template, chunk, alpha_0)
+    for ok, problem in ((steps >= 1 and num_samples >= 1, f"steps={steps} and num_samples={num_samples} must be >= 1"),
                         (schedule in ("random", "strided"), f"schedule={schedule!r} must be 'random' or 'strided'")):
         if not ok:
             raise ValueError(problem)
-    check_window_request(config, template, chunk)
     device, W = template.device, min(len(template), config.block_size)
     gen_cpu = torch.Generator().manual_seed(seed)  # schedule and orderings: the same on every device
     gen_noise = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)  # no MPS float64
@@ -241,13 +244,16 @@ def score(model, ids, alpha_0, K=16, chunk=0, seed=1337, ctx=contextlib.nullcont
     Returns (log-likelihood in nats, surprise (L,)): each token's -log p, averaged over the K orderings (for
     each ordering the tokens' -log p sum to its -log p(x | σ))."""
     config = unwrap(model).config
-    check_window_request(config, ids, chunk or config.block_size // 2)
+    chunk = chunk or config.block_size // 2
+    check_request(config, ids, chunk, alpha_0)
+    if K < 1:
+        raise ValueError(f"K={K} orderings: at least 1")
     K = 1 if alpha_0 == 0 else K
-    gen = torch.Generator(device=ids.device).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # the orderings: the same on every device
     W, total, surprise = min(len(ids), config.block_size), 0.0, torch.zeros(len(ids), device=ids.device)
-    for start, new in windows(len(ids), config.block_size, chunk or config.block_size // 2):
+    for start, new in windows(len(ids), config.block_size, chunk):
         x = ids[start:start + W].expand(K, -1)
-        order = likelihood_order(K, W, alpha_0, ids.device, n_given=new - start, generator=gen)
+        order = likelihood_order(K, W, alpha_0, n_given=new - start, generator=gen).to(ids.device)
         with ctx:
             nll = token_nll(model, x, order, n_given=new - start).float()  # (K, W - n_given), in σ order
         total += (torch.logsumexp(-nll.sum(1), 0) - math.log(K)).item()
@@ -433,8 +439,9 @@ def compiled(cfg, model, run, cache):
     try:
         for _ in range(2):
             run(net, True, cache)
-    except Exception as e:  # a compiler that fails never costs a run
-        print(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); sampling "
+    except Exception as e:  # a compiler or a graph capture that fails never costs a run
+        cause = getattr(e, "inner_exception", None) or e
+        print(f"torch.compile failed ({type(cause).__name__}: {str(cause).strip().splitlines()[0][:200]}); sampling "
               "without it", file=sys.stderr)
         return model, False
     print(f"warm-up (compilation and graph capture): {time.time() - t0:.2f} s", file=sys.stderr)
@@ -446,9 +453,7 @@ def sample_main(cfg, device, ctx, model, tok):
     template = make_template(tok, model.config.mask_id, cfg.length, block_size, read_text(cfg.start),
                              read_text(cfg.infill)).to(device)
     chunk = cfg.chunk or block_size // 2
-    if len(template) > block_size and not 1 <= chunk < block_size:
-        raise UserError(f"--chunk={cfg.chunk} must be below the block size {block_size}: each window keeps the "
-                        "text before it as its prompt")
+    check_request(model.config, template, chunk, cfg.alpha_0)  # before anything is printed: an error is one line
     print(f"{model.about}; sampling with alpha_0={cfg.alpha_0}, steps={cfg.steps}, schedule={cfg.schedule}, "
           f"kv_cache={cfg.kv_cache}" + (f", windows of {block_size} tokens moving by {chunk}"
                                         if len(template) > block_size else ""), file=sys.stderr)
@@ -487,20 +492,20 @@ def score_main(cfg, device, ctx, model, tok):
     config = model.config
     if not ids.numel():
         raise UserError("--score needs a text of at least one token")
-    if has_likelihood(config) and len(ids) > config.block_size and not 1 <= (cfg.chunk or 1) < config.block_size:
-        raise UserError(f"--chunk={cfg.chunk} must be below the block size {config.block_size}")
     print(model.about, file=sys.stderr)
     t0 = time.time()
     if has_likelihood(config):
         logp, surprise = score(model, ids, cfg.alpha_0, cfg.score_k, cfg.chunk, cfg.seed, ctx)
         what = ("exact log-likelihood (alpha_0=0: the chain rule)" if cfg.alpha_0 == 0 else
                 f"log-likelihood, importance-weighted over K={cfg.score_k} orderings (a lower bound; exact as K grows)")
+        if len(ids) > config.block_size:
+            what += ", window by window past the block size, each conditioned on the text before it"
     else:
         if len(ids) > config.block_size:
             raise UserError(f"denoiser {config.denoiser} scores texts of up to {config.block_size} tokens (its NELBO "
                             f"has no window-by-window form here); this one has {len(ids)}")
         torch.manual_seed(cfg.seed)
-        with torch.no_grad(), ctx:  # K draws of the bound's noise, half for each term of the hybrid
+        with torch.no_grad(), ctx:  # 2K draws of the bound's noise (split between its two terms for 0 < α0 < 1)
             logp = -nelbo(model, ids.expand(2 * cfg.score_k, -1), cfg.alpha_0)[0].item() * len(ids)
         surprise, what = None, f"minus the NELBO (eq. 7) over {2 * cfg.score_k} draws: a lower bound on the " \
                                f"log-likelihood, which denoiser {config.denoiser} has no one-pass form of"
@@ -530,7 +535,12 @@ def main(argv=None):
     device, ctx, model, tok = load(cfg)
     if "compile" not in user_keys:
         cfg.compile = device.startswith("cuda")
-    (score_main if cfg.score else sample_main)(cfg, device, ctx, model, tok)
+    try:
+        (score_main if cfg.score else sample_main)(cfg, device, ctx, model, tok)
+    except UserError:
+        raise
+    except ValueError as e:  # what generate() and score() refuse, as one line too
+        raise UserError(str(e)) from e
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ import itertools
 import math
 import re
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import causal_mask, tiny_model
@@ -363,59 +364,63 @@ def test_tiny_model_overfits_one_batch():
         assert final < (target or 0.5 * first), (alpha_0, first, final, math.log(2) / 8)
 
 
-def test_few_row_layout_is_f_linear_and_runs_only_when_sampling():
+def test_few_row_layout_is_f_linear_and_runs_only_when_sampling(monkeypatch):
     """(W xᵀ)ᵀ computes F.linear (values, contiguity, shape, and under bf16 autocast with a bias, its dtype) for
     contiguous and transposed inputs; Linear takes it only for 2 to 8 rows, while the sampler runs
-    (sampling_products), and only if the process chose it, once: training and eval always run F.linear."""
+    (sampling_products), and only on a machine that calls for it: training and eval always run F.linear."""
     import model
     from model import sampling_products
-    choose, saved = model.few_rows_transposed_is_faster, Linear.transposed_is_faster
     torch.manual_seed(0)
-    calls, decisions = [], []
+    calls = []
+    for bias in (False, True):
+        lin = Linear(24, 40, bias=bias)
+        lin.transposed = (lambda f: lambda x: calls.append(x.numel() // 24) or f(x))(lin.transposed)
+        for x in (torch.randn(1, 2, 24), torch.randn(24, 3).t(), torch.randn(8, 24), torch.randn(1, 1, 24),
+                  torch.randn(3, 3, 24)):
+            y = Linear.transposed(lin, x)
+            assert y.shape == (*x.shape[:-1], 40) and y.is_contiguous()
+            assert torch.allclose(y, F.linear(x, lin.weight, lin.bias), atol=1e-6)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert Linear.transposed(lin, x).dtype == F.linear(x, lin.weight, lin.bias).dtype
+            for machine_calls_for_it in (True, False):
+                monkeypatch.setattr(model, "few_rows_transposed", lambda: machine_calls_for_it)
+                lin(x)  # training: never
+                with torch.inference_mode():
+                    lin(x)  # eval, or anything but the sampler: never
+                with sampling_products():
+                    lin(x)  # sampling: on such a machine, 2 to 8 rows
+                assert not Linear.transpose_few_rows
+    assert calls == [2, 3, 8] * 2, calls
+
+
+def test_few_row_layout_is_a_property_of_the_machine(monkeypatch):
+    """No timing decides the layout (a busy machine would flip it, and the two round differently): (W xᵀ)ᵀ on an
+    AMD CPU with MKL, F.linear on any other CPU or BLAS, ESO_LM_FEW_ROWS overriding both; a bad value is a
+    ValueError that names it."""
+    import model
+    cases = [("AuthenticAMD", True, "", True), ("GenuineIntel", True, "", False), ("", True, "", False),
+             ("AuthenticAMD", False, "", False), ("GenuineIntel", True, "transposed", True),
+             ("AuthenticAMD", True, "linear", False)]
     try:
-        for bias in (False, True):
-            lin = Linear(24, 40, bias=bias)
-            lin.transposed = (lambda f: lambda x: calls.append(x.numel() // 24) or f(x))(lin.transposed)
-            for x in (torch.randn(1, 2, 24), torch.randn(24, 3).t(), torch.randn(8, 24), torch.randn(1, 1, 24),
-                      torch.randn(3, 3, 24)):
-                y = Linear.transposed(lin, x)
-                assert y.shape == (*x.shape[:-1], 40) and y.is_contiguous()
-                assert torch.allclose(y, F.linear(x, lin.weight, lin.bias), atol=1e-6)
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    assert Linear.transposed(lin, x).dtype == F.linear(x, lin.weight, lin.bias).dtype
-                for choice in (True, False):
-                    Linear.transposed_is_faster = choice
-                    lin(x)  # training: never
-                    with torch.inference_mode():
-                        lin(x)  # eval, or anything but the sampler: never
-                    with sampling_products("cpu"):
-                        lin(x)  # sampling: if chosen, 2 to 8 rows
-        assert calls == [2, 3, 8] * 2, calls
-        model.few_rows_transposed_is_faster = lambda: decisions.append(1) or True
-        Linear.transposed_is_faster = None
-        for _ in range(3):
-            with sampling_products("cpu"):
-                lin(torch.randn(2, 24))
-        assert decisions == [1] and calls[-3:] == [2, 2, 2] and not Linear.sampling, "decided once, on first use"
+        for vendor, mkl, env, transposed in cases:
+            monkeypatch.setattr(model, "cpu_vendor", lambda: vendor)
+            monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: mkl)
+            monkeypatch.setenv("ESO_LM_FEW_ROWS", env)
+            model.few_rows_transposed.cache_clear()
+            assert model.few_rows_transposed() is transposed, (vendor, mkl, env)
+        monkeypatch.setenv("ESO_LM_FEW_ROWS", "fast")
+        model.few_rows_transposed.cache_clear()
+        with pytest.raises(ValueError, match="ESO_LM_FEW_ROWS='fast' must be"):
+            model.few_rows_transposed()
     finally:
-        Linear.transposed_is_faster = saved
-        model.few_rows_transposed_is_faster = choose
-
-
-def test_few_row_layout_needs_a_clear_win():
-    """The layout is chosen once per process by timing, and (W xᵀ)ᵀ only if it is at least 1.5x faster: a near
-    tie (either way) keeps F.linear, so noise cannot make two processes of one machine round differently."""
-    from model import few_rows_transposed_is_faster as choose
-    assert not choose(timings=lambda: (1.0, 0.8)), "1.25x faster is a near tie: F.linear"
-    assert not choose(timings=lambda: (1.0, 1.2)), "F.linear faster: F.linear"
-    assert choose(timings=lambda: (1.0, 0.5)), "2x faster: (W xT)T"
-    assert choose(timings=lambda: (1.5, 1.0)) and not choose(timings=lambda: (1.49, 1.0))
+        monkeypatch.undo()
+        model.few_rows_transposed.cache_clear()
+    assert isinstance(model.cpu_vendor(), str)
 
 
 def test_bad_calls_are_value_errors():
     """Library calls the network cannot serve say what is wrong in a ValueError (not an AttributeError or an
     IndexError from deep inside)."""
-    import pytest
     mdlm = tiny_model(vocab_size=5, denoiser="mdlm")
     b = tiny_model(vocab_size=5)
     x = torch.randint(0, 5, (4, 8))

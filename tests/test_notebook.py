@@ -1,5 +1,6 @@
 """tutorial.ipynb runs top to bottom, in the repo root, as a student would run it, and its exercises name code
 that exists."""
+import ast
 import glob
 import keyword
 import os
@@ -22,10 +23,15 @@ def test_exercises_name_code_that_exists():
     change is in the file it names, verbatim."""
     nb = nbformat.read(os.path.join(ROOT, "tutorial.ipynb"), as_version=4)
     (exercises,) = [c.source for c in nb.cells if c.cell_type == "markdown" and c.source.startswith("## Exercises")]
-    code = "\n".join(open(f, encoding="utf-8").read() for f in glob.glob(os.path.join(ROOT, "*.py")))
+    defined = set()  # every name the code uses or defines: variables, attributes, functions, arguments
+    for f in glob.glob(os.path.join(ROOT, "*.py")):
+        for node in ast.walk(ast.parse(open(f, encoding="utf-8").read())):
+            defined.update(getattr(node, key) for key in ("id", "attr", "name", "arg")
+                           if isinstance(getattr(node, key, None), str))
     quoted = re.findall(r"`([^`]+)`", exercises)
-    names = {n for q in quoted for n in re.findall(r"[A-Za-z_][A-Za-z_0-9]+", q) if not keyword.iskeyword(n)}
-    missing = [n for n in names if not re.search(rf"\b{n}\b", code) and not os.path.exists(os.path.join(ROOT, n))]
+    names = {n for q in quoted for n in re.findall(r"[A-Za-z_][A-Za-z_0-9]*", q.removesuffix(".py"))
+             if not keyword.iskeyword(n)}
+    missing = [n for n in names if n not in defined and not os.path.exists(os.path.join(ROOT, n + ".py"))]
     assert len(names) > 10 and not missing, missing
     for file, snippet in re.findall(r"in `([\w.]+\.py)`, change `([^`]+)`", exercises):
         assert snippet in open(os.path.join(ROOT, file), encoding="utf-8").read(), (file, snippet)

@@ -39,8 +39,8 @@ def assert_same_state(a, b):
 
 def test_two_processes_give_the_same_bits(data_dir, tmp_path):
     """Same flags and seed, two processes: every tensor of both checkpoints (weights and optimizer state) is
-    equal, and a batch-1 sampling run (where sampling's few-row products may take the other layout) prints the
-    same text; another seed another text."""
+    equal, and a batch-1 sampling run (whose few-row products take this machine's layout) prints the same text;
+    another seed another text."""
     for name in ("a", "b"):
         r = run("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={tmp_path / name}", "--max_iters=5",
                 "--eval_interval=5", "--alpha_0=0.5")

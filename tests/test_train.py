@@ -120,7 +120,7 @@ def test_sample_cli(data_dir, tmp_path):
     assert r.returncode == 0 and line[:6] == "First " and line[8:16] == " Citizen" and "_" not in line, r.stdout
     assert "2 tokens generated" in r.stdout, "an infill text is the whole sequence: only its gaps are generated"
     for flag, message in [("--steps=0", "--steps=0 must be at least 1"),
-                          (("--length=99", "--chunk=16"), "--chunk=16 must"),
+                          (("--length=99", "--chunk=16"), "chunk=16 must be in [1, block_size=16)"),
                           (("--infill=First _", "--length=99"), "--infill works within one block"),
                           ("--start=" + "a" * 40, "longer than --length"), ("--start=~~", "not in this model's vocab"),
                           ("--top_p=0", "--top_p=0.0 must be in (0, 1]"), ("--alpha_0=-0.5", "must be in [0, 1]"),
@@ -227,5 +227,6 @@ def test_long_samples_and_scores_from_the_command_line(data_dir, tmp_path):
     assert r.returncode == 1 and "'~'" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     r = cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", "--out_dir=mdlm", "--max_iters=1", "--alpha_0=1",
             "--denoiser=mdlm", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
     r = cli("sample.py", "--score=First Citizen", "--out_dir=mdlm", "--device=cpu", cwd=tmp_path)
     assert r.returncode == 0 and "minus the NELBO" in r.stdout and "lower bound" in r.stdout, r.stdout + r.stderr
