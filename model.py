@@ -47,11 +47,12 @@ class Linear(nn.Linear):
         return super().forward(x)
 
     def transposed(self, x):
-        """F.linear as (W xᵀ)ᵀ, made contiguous (MKL is fast here only with a contiguous x read as xᵀ, so the
-        layer after needs it so); addmm puts the bias in, so that under autocast it has F.linear's dtype."""
-        xt = x.reshape(-1, x.size(-1)).transpose(0, 1)
+        """F.linear as (W xᵀ)ᵀ, returned as a transposed view (no copy). MKL is fast here only with a contiguous
+        x read as xᵀ, so an x that is such a view itself (ReLU² keeps the layout of c_fc's output) is copied
+        first. addmm puts the bias in, so that under autocast it has F.linear's dtype."""
+        xt = x.contiguous().view(-1, x.size(-1)).transpose(0, 1)
         y = torch.mm(self.weight, xt) if self.bias is None else torch.addmm(self.bias[:, None], self.weight, xt)
-        return y.transpose(0, 1).contiguous().view(*x.shape[:-1], -1)
+        return y.transpose(0, 1).view(*x.shape[:-1], -1)
 
 
 @contextlib.contextmanager
@@ -85,7 +86,7 @@ def cpu_vendor():
 
 
 def rotary(x, cos, sin):
-    """RoPE, rotate-half form, on q and k at once: x (B, T, 2, nh, hd); cos, sin (B, T, 1, 1, hd): [cos, cos]
+    """RoPE, rotate-half form, on q and k at once: x (2, B, nh, T, hd); cos, sin (B, 1, T, hd): [cos, cos]
     and [-sin, sin] at each token's own position, so that x·cos + (x with its halves swapped)·sin rotates
     every pair (x_i, x_{i+hd/2}) by its angle."""
     swapped = x.view(*x.shape[:-1], 2, -1).flip(-2).view(x.shape)
@@ -108,13 +109,15 @@ class CausalSelfAttention(nn.Module):
         that get logits); every row gives K/V."""
         B, T, C = x.size()
         hd = C // self.n_head
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, hd)
+        # (3, B, nh, T, hd); contiguous first, as SDPA's fused kernels need unit stride along hd and a sampling
+        # step's few-row product is a transposed view (Linear.transposed)
+        qkv = self.c_attn(x).contiguous().view(B, T, 3, self.n_head, hd).permute(2, 0, 3, 1, 4)
         # QK-norm: q and k scaled to unit length per head, and attention scaled by √hd instead of 1/√hd, which
         # is attention over RMS-normalised q and k; then RoPE (so the cache holds rotated keys); both in fp32,
         # whatever autocast computed qkv in (bf16 would round the rotation)
-        qk = rotary(F.normalize(qkv[:, :, :2].float(), dim=-1), *rope)
-        q = qk[:, rows, 0].transpose(1, 2)  # (B, nh, rows, hd)
-        k, v = qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)  # (B, nh, T, hd)
+        qk = qkv[:2].float()
+        qk = rotary(qk / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min(1e-12), *rope)  # F.normalize
+        q, k, v = qk[0, :, :, rows], qk[1], qkv[2]  # (B, nh, rows or T, hd)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nh, keys, hd): the committed slots and these
         if attn_mask is not None and rows != slice(None):
@@ -214,7 +217,7 @@ class GPT(nn.Module):
         (B, len(out)), the per-token NLL (B, len(out)): computed only where targets >= 0, 0 elsewhere (nanoGPT's
         ignore_index=-1). The carry-over loss scores masked tokens only, so clean tokens never reach lm_head.
         """
-        rope = (self.rope_cos[pos][:, :, None, None], self.rope_sin[pos][:, :, None, None])  # (B, T, 1, 1, hd)
+        rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])  # (B, 1, T, hd)
         if attn_mask is not None:  # additive, once for every layer (SDPA would convert a boolean mask in each),
             dev = idx.device.type  # in the dtype autocast hands SDPA
             dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
