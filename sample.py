@@ -109,7 +109,8 @@ def new_cache(model, batch_size, L, device, ctx=contextlib.nullcontext(), static
     """A KVCache for `model`, its K/V in the dtype the model makes them (autocast's, else fp32); None for MDLM,
     which never caches. A caller that samples more than once with static shapes hands the same one to every run."""
     config = unwrap(model).config
-    dtype = ctx.fast_dtype if isinstance(ctx, torch.autocast) else torch.float32
+    on = isinstance(ctx, torch.autocast) and getattr(ctx, "_enabled", True)  # (an autocast may be switched off)
+    dtype = ctx.fast_dtype if on else torch.float32
     return None if config.denoiser == "mdlm" else KVCache.for_model(config, batch_size, L, device, dtype, static)
 
 

@@ -133,6 +133,8 @@ def test_seeds():
     b, _ = generate(model, masks(None), 3, 4, 0.5, seed=1)
     c, _ = generate(model, masks(None), 3, 4, 0.5, seed=2)
     assert torch.equal(a, b) and not torch.equal(a, c)
+    off = torch.autocast("cpu", dtype=torch.bfloat16, enabled=False)  # an autocast switched off is no autocast
+    assert torch.equal(generate(model, masks(None), 3, 4, 0.5, seed=1, ctx=off)[0], a)
 
 
 def test_paper_walkthrough_l8():
