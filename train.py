@@ -497,6 +497,10 @@ def main(argv=None):
         train(cfg, user_keys)
     except KeyboardInterrupt:
         sys.exit(130)
+    if "RANK" in os.environ:  # a torchrun rank: DDP keeps the process group, and with it gloo's worker threads,
+        sys.stdout.flush()  # alive past destroy_process_group; a worker that frees the tensors of the last
+        sys.stderr.flush()  # collective while Python shuts down aborts the process (now and then). So a rank
+        os._exit(0)  # whose work is done and written leaves without Python's shutdown.
 
 
 if __name__ == "__main__":
