@@ -32,13 +32,13 @@ from torch.nn import functional as F
 
 
 class Linear(nn.Linear):
-    """nn.Linear, except in a sampling step on the CPU. A cached step feeds 2 to 8 tokens, and on an AMD EPYC
-    MKL multiplies 2 rows at half the speed as F.linear, x Wᵀ, as it does as (W xᵀ)ᵀ (`python bench.py
-    --what=linear` measures both on your machine). The two round differently, so which one runs is a fixed
-    property of the machine, never a timing, which a busy machine would flip: (W xᵀ)ᵀ on an AMD CPU with MKL,
-    F.linear elsewhere; the environment variable ESO_LM_FEW_ROWS=linear or transposed overrides it
-    (few_rows_transposed). Every process of a machine samples the same tokens from the same seed. Training and
-    eval always run F.linear."""
+    """nn.Linear, except in a sampling step on the CPU. A cached step feeds 2 to 8 tokens, and how fast BLAS
+    multiplies so few rows depends on the machine: on an AMD EPYC, MKL computes F.linear (x Wᵀ) several times
+    slower than (W xᵀ)ᵀ (`python bench.py --what=linear` measures both on yours). The two round differently, so
+    which one runs is a fixed property of the machine, never a timing, which a busy machine would flip: (W xᵀ)ᵀ
+    on an AMD CPU with MKL, F.linear elsewhere; the environment variable ESO_LM_FEW_ROWS=linear or transposed
+    overrides it (few_rows_transposed). Every process of a machine samples the same tokens from the same seed.
+    Training and eval always run F.linear."""
     transpose_few_rows = False  # True while the sampler runs on a machine where (W xᵀ)ᵀ pays (sampling_products)
 
     def forward(self, x):

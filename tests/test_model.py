@@ -1,6 +1,7 @@
 """The method: orderings, masks, the hybrid NELBO and the exact likelihood."""
 import itertools
 import math
+import os
 import re
 
 import pytest
@@ -415,7 +416,9 @@ def test_few_row_layout_is_a_property_of_the_machine(monkeypatch):
     finally:
         monkeypatch.undo()
         model.few_rows_transposed.cache_clear()
-    assert isinstance(model.cpu_vendor(), str)
+    vendor = model.cpu_vendor()  # the real one: this machine's vendor_id line
+    assert vendor and f"vendor_id\t: {vendor}" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") \
+        else isinstance(vendor, str)
 
 
 def test_bad_calls_are_value_errors():
