@@ -186,20 +186,21 @@ def windows(L, block_size, chunk):
 
 
 def check_request(config, tokens, chunk, alpha_0):
-    """ValueErrors for what generate() and score() cannot do: no tokens, more than one sequence, an impossible
-    α0, and past the block size, a chunk that would leave a window no text before it, or gaps to infill."""
+    """What generate() and score() cannot do, as a UserError (a ValueError that the scripts print as one line):
+    no tokens, more than one sequence, an impossible α0, and past the block size, a chunk that would leave a
+    window no text before it, or gaps to infill. Any other error keeps its traceback."""
     if tokens.dim() != 1 or not len(tokens):
-        raise ValueError(f"expected one sequence of tokens (L,), got shape {tuple(tokens.shape)}")
+        raise UserError(f"expected one sequence of tokens (L,), got shape {tuple(tokens.shape)}")
     if not 0 <= alpha_0 <= 1:
-        raise ValueError(f"alpha_0={alpha_0} must be in [0, 1]")
+        raise UserError(f"alpha_0={alpha_0} must be in [0, 1]")
     if len(tokens) > config.block_size:
         if not 1 <= chunk < config.block_size:
-            raise ValueError(f"chunk={chunk} must be in [1, block_size={config.block_size}): each window keeps at "
-                             "least one token of the text before it")
+            raise UserError(f"chunk={chunk} must be in [1, block_size={config.block_size}): each window keeps at "
+                            "least one token of the text before it")
         is_gen = (tokens == config.mask_id).int()
         if not torch.equal(is_gen, is_gen.cummax(0).values):
-            raise ValueError(f"a template longer than block_size={config.block_size} must be a prompt followed by "
-                             "masks: infilling works within one block")
+            raise UserError(f"a template longer than block_size={config.block_size} must be a prompt followed by "
+                            "masks: infilling works within one block")
 
 
 def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=1.0, top_p=0.9,
@@ -536,12 +537,7 @@ def main(argv=None):
     device, ctx, model, tok = load(cfg)
     if "compile" not in user_keys:
         cfg.compile = device.startswith("cuda")
-    try:
-        (score_main if cfg.score else sample_main)(cfg, device, ctx, model, tok)
-    except UserError:
-        raise
-    except ValueError as e:  # what generate() and score() refuse, as one line too
-        raise UserError(str(e)) from e
+    (score_main if cfg.score else sample_main)(cfg, device, ctx, model, tok)
 
 
 if __name__ == "__main__":
