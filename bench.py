@@ -9,6 +9,7 @@ depend on the weights):
     python bench.py --what=prepare       # data.prepare on a generated ~200 MB text: MB/s and peak memory
     python bench.py --what=linear        # few-row products, F.linear vs (W xᵀ)ᵀ, and the layout sampling picks
     python bench.py --what=profile --lengths=1024   # where a cached sampling step's time goes (torch.profiler)
+    python bench.py --what=profile --lengths=1024 --compile=True   # ... and the compiled static step beside it
     python bench.py --what=gpu           # the whole GPU report: Table 11's protocol, throughput, training
 
 MDLM is the baseline the paper compares with: the same network with no attention mask (bidirectional), a full
@@ -353,7 +354,8 @@ def bench_profile(cfg, device):
     """Where the time of a cached sampling step goes (Eso-LM (B), batch 1, NFE = L, L the last of --lengths):
     under torch.profiler, the op calls per step (nested ones counted) and ms per step by op (CPU-side: on a GPU
     that is launch overhead); then, unprofiled, in --rounds interleaved rounds: the step, its weight products
-    alone (the same Linear modules, rows and layout: the step's floor), and AR decoding through the same cache."""
+    alone (the same Linear modules, rows and layout: the step's floor), and AR decoding through the same cache;
+    with --compile=True also the static-shape step of sample.py --compile=True, eager and compiled."""
     L = int(cfg.lengths.split(",")[-1])
     torch.manual_seed(0)
     model = GPT(GPTConfig(L, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd)).to(device).eval()
@@ -391,20 +393,34 @@ def bench_profile(cfg, device):
                 for (lin, _), x in zip(lins, xs):
                     lin(x)
         return n
-    ms = {"step": [], "products alone": [], "AR step": []}
+    runs = {"step": step, "products alone": products, "AR step": lambda: step(0.0)}
+    if cfg.compile:  # the GPU path's step (static shapes, as sample.py --compile=True), eager and compiled
+        cache = new_cache(model, 1, L, device, static=True)
+        static = lambda net: generate(net, template, 1, 10 ** 6, 1.0, top_p=1.0, static=True, cache=cache)[1]
+        net = torch.compile(model, mode="reduce-overhead")
+        for _ in range(2):  # as sample.py: every step shape compiled and warmed up before anything is timed
+            static(net)
+        runs.update({"static step, eager": lambda: static(model), "static step, compiled": lambda: static(net)})
+    ms = {name: [] for name in runs}
     for _ in range(cfg.rounds):
-        for name, fn in zip(ms, (step, products, lambda: step(0.0))):
+        for name, fn in runs.items():
             dt, n = timed(fn, device)
             ms[name].append(dt / n * 1000)
-    floor = sorted(a / b for a, b in zip(ms["step"], ms["products alone"]))
-    ar = sorted(a / b for a, b in zip(ms["step"], ms["AR step"]))
+    ratio = lambda a, b: sorted(x / y for x, y in zip(ms[a], ms[b]))  # per round: drift hits both alike
+    said = lambda r: f"{statistics.median(r):.2f}x [{r[0]:.2f}-{r[-1]:.2f}]"
+    floor, ar = ratio("step", "products alone"), ratio("step", "AR step")
     print(f"unprofiled, median of {cfg.rounds} interleaved rounds: " +
           ", ".join(f"{k} {statistics.median(v):.2f} ms" for k, v in ms.items()) +
-          f"; the step is {statistics.median(floor):.2f}x its products alone [{floor[0]:.2f}-{floor[-1]:.2f}] and "
-          f"{statistics.median(ar):.2f}x an AR step [{ar[0]:.2f}-{ar[-1]:.2f}]")
-    return [dict(L=L, nfe=nfe, op_calls_per_step=calls, products_per_step=len(lins),
-                 **{f"{k} ms": v for k, v in groups.items()}, **{f"{k} ms rounds": v for k, v in ms.items()},
-                 step_over_products=statistics.median(floor), step_over_ar=statistics.median(ar))]
+          f"; the step is {said(floor)} its products alone and {said(ar)} an AR step")
+    row = dict(L=L, nfe=nfe, op_calls_per_step=calls, products_per_step=len(lins),
+               **{f"{k} ms": v for k, v in groups.items()}, **{f"{k} ms rounds": v for k, v in ms.items()},
+               step_over_products=statistics.median(floor), step_over_ar=statistics.median(ar))
+    if cfg.compile:
+        compiled, static = ratio("static step, compiled", "step"), ratio("static step, eager", "step")
+        print(f"the compiled static step is {said(compiled)} the eager step; run eagerly, the static step (a padded "
+              f"chunk, the cache read up to the next quarter of L) is {said(static)} it")
+        row.update(compiled_over_eager=statistics.median(compiled), static_over_eager=statistics.median(static))
+    return [row]
 
 
 def bench_linear(cfg, device):
