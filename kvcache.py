@@ -11,10 +11,10 @@ overwrites with the same tokens' clean K/V (a mask's K/V, committed, would be re
 it were context). The model reads and writes the cache it is handed but never advances it.
 
 For CUDA graphs (torch.compile's reduce-overhead mode) every step must have the same shapes and the buffers
-the same addresses: the sampler then feeds a padded chunk and reads the slots up to the next quarter of
-max_len (four sizes), and a caller that samples more than once hands the same cache to every run (static=True).
-Each layer's buffer is a tensor of its own, marked static, so that a compiled step writes it in place (a write
-into a slice of one big buffer is compiled as a copy of the whole slice).
+the same addresses: the sampler then feeds a padded chunk and reads all max_len slots, and a caller that
+samples more than once hands the same cache to every run (static=True). Each layer's buffer is a tensor of its
+own, marked static, so that a compiled step writes it in place (a write into a slice of one big buffer is
+compiled as a copy of the whole slice).
 """
 import torch
 

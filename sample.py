@@ -129,8 +129,7 @@ def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, 
     static=True gives every step one of a few shapes, for CUDA graphs (torch.compile's reduce-overhead): the
     fed chunk is padded to a power of two (at least 2, so that a run's first step needs no graph of its own)
     with the slots that follow it (the causal mask hides them from the real tokens; their K/V land in slots
-    nobody has committed), and cached steps attend to the slots up to the next quarter of L, padding included:
-    four sizes, where all L slots would make a step at NFE = L read twice what it needs on average.
+    nobody has committed) and cached steps attend to all L slots.
     cache: a KVCache to reuse (reset here), so that graphs captured in one call replay in the next.
     After each step, callback(step, start, done, end, x, order, logits, cache) sees it: slots [start, done)
     were fed clean, [done, end) as masks and now hold their samples; x is in σ order. The loop runs in
@@ -147,14 +146,14 @@ def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, 
         if cache is not None:
             assert cache.k[0].size(0) == B and cache.max_len == L, "the cache does not fit this run"
             cache.reset()
-        slots, quarter = torch.arange(L, device=x.device), -(-L // 4)
+        slots = torch.arange(L, device=x.device)
         for step, k in enumerate(tqdm(chunks, disable=not progress, leave=False, desc="steps")):
             end = done + k
             cached = cache is not None and (config.denoiser == "B" or done >= seq_start)
             first = cache.committed if cached else 0  # cached: what the cache lacks; else everything
             n = (L if config.denoiser == "mdlm" else end) - first  # tokens to feed
             T = min(max(2, 1 << (n - 1).bit_length()), L - first) if static else n  # static: a power of two >= 2
-            keys = (min(L, -(-(first + T) // quarter) * quarter) if static else first + n) if cached else T
+            keys = (L if static else first + n) if cached else T
             if cached:
                 cache.feed(T, keys)
             mask = attention_mask(config.denoiser, slots[first:first + T, None], slots[:keys], min(done, seq_start))
