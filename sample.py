@@ -29,8 +29,8 @@ from tqdm import tqdm
 from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, run_cli
 from data import Tokenizer, load_checkpoint
 from kvcache import KVCache
-from model import (GPT, attention_mask, has_likelihood, likelihood_order, nelbo, permute, sampling_products,
-                   token_nll, unpermute, unwrap)
+from model import (GPT, attention_mask, few_rows_transposed, has_likelihood, likelihood_order, nelbo, permute,
+                   sampling_products, token_nll, unpermute, unwrap)
 
 GAP = "_"  # in --infill text, each '_' is one token to generate
 
@@ -303,10 +303,15 @@ def validate(cfg):
               (cfg.schedule in ("random", "strided"), f"--schedule={cfg.schedule} must be random or strided"),
               (not cfg.score or not (cfg.start or cfg.infill), "--score scores a text on its own: leave out --start "
                "and --infill"),
-              (cfg.score or not cfg.score_svg, "--score_svg draws a scored text: give --score too")]
+              (cfg.score or not cfg.score_svg, "--score_svg draws a scored text: give --score too"),
+              (0 <= cfg.seed < 2 ** 63, f"--seed={cfg.seed} must be in [0, 2**63)")]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
+    try:
+        few_rows_transposed()  # the environment's ESO_LM_FEW_ROWS, checked before anything runs
+    except ValueError as e:
+        raise UserError(str(e)) from e
 
 
 def find_checkpoint():
@@ -324,6 +329,8 @@ def read_text(arg):
             return f.read()
     except OSError as e:
         raise UserError(f"cannot read {arg[5:]}: {e.strerror}")
+    except UnicodeDecodeError:
+        raise UserError(f"{arg[5:]} is not UTF-8 text")
 
 
 def make_template(tok, mask_id, length, block_size, start="", infill=""):
@@ -494,6 +501,10 @@ def score_main(cfg, device, ctx, model, tok):
     config = model.config
     if not ids.numel():
         raise UserError("--score needs a text of at least one token")
+    if len(ids) > config.block_size and not has_likelihood(config):
+        raise UserError(f"denoiser {config.denoiser} scores texts of up to {config.block_size} tokens (its NELBO "
+                        f"has no window-by-window form here); this one has {len(ids)}")
+    check_request(config, ids, cfg.chunk or config.block_size // 2, cfg.alpha_0)  # before anything is printed
     print(model.about, file=sys.stderr)
     t0 = time.time()
     if has_likelihood(config):
@@ -503,9 +514,6 @@ def score_main(cfg, device, ctx, model, tok):
         if len(ids) > config.block_size:
             what += ", window by window past the block size, each conditioned on the text before it"
     else:
-        if len(ids) > config.block_size:
-            raise UserError(f"denoiser {config.denoiser} scores texts of up to {config.block_size} tokens (its NELBO "
-                            f"has no window-by-window form here); this one has {len(ids)}")
         torch.manual_seed(cfg.seed)
         with torch.no_grad(), ctx:  # 2K draws of the bound's noise (split between its two terms for 0 < α0 < 1)
             logp = -nelbo(model, ids.expand(2 * cfg.score_k, -1), cfg.alpha_0)[0].item() * len(ids)

@@ -9,6 +9,7 @@ import torch
 from conftest import TEXT, TINY_TRAIN, cli
 
 from data import Tokenizer, eval_batches, get_batch, load_split, prepare, token_bytes
+from model import few_rows_transposed
 
 
 def test_char_dataset_layout(data_dir):
@@ -105,7 +106,7 @@ def test_both_flag_forms(data_dir, tmp_path):
     assert json.loads((tmp_path / "o" / "eval.json").read_text())["alpha_0"] == 1.0
 
 
-def test_sample_cli(data_dir, tmp_path):
+def test_sample_cli(data_dir, tmp_path, monkeypatch):
     """sample.py finds the newest out*/ckpt.pt, prints samples and one NFE line; errors are one line."""
     r = cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", "--out_dir=out-tiny", "--max_iters=2",
             "--eval_interval=2", "--alpha_0=0.5", cwd=tmp_path)
@@ -126,8 +127,18 @@ def test_sample_cli(data_dir, tmp_path):
                           ("--top_p=0", "--top_p=0.0 must be in (0, 1]"), ("--alpha_0=-0.5", "must be in [0, 1]"),
                           ("--out_dir=nowhere", "no checkpoint at nowhere/ckpt.pt"),
                           ("--start=First Citizen:\nB", "nothing to generate"),
-                          ("--infill=" + "First _" * 4, "longer than the trained block size 16")]:
-        r = cli("sample.py", *((flag,) if isinstance(flag, str) else flag), "--device=cpu", cwd=tmp_path)
+                          ("--infill=" + "First _" * 4, "longer than the trained block size 16"),
+                          ("--seed=" + str(10 ** 23), "must be in [0, 2**63)"),
+                          ("--score=FILE:latin1.txt", "latin1.txt is not UTF-8 text"),
+                          (("--chunk=16", "--score=" + "First " * 9), "chunk=16 must be in [1, block_size=16)"),
+                          ((), "ESO_LM_FEW_ROWS='bogus' must be 'linear' or 'transposed'")]:
+        (tmp_path / "latin1.txt").write_bytes("Citizen caf\xe9".encode("latin-1"))
+        few_rows_transposed.cache_clear()  # read the environment afresh: the last case sets it
+        with monkeypatch.context() as env:
+            if flag == ():
+                env.setenv("ESO_LM_FEW_ROWS", "bogus")
+            r = cli("sample.py", *((flag,) if isinstance(flag, str) else flag), "--device=cpu", cwd=tmp_path)
+        few_rows_transposed.cache_clear()
         assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, (flag, r.stderr)
 
 
