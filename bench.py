@@ -418,7 +418,7 @@ def bench_profile(cfg, device):
     if cfg.compile:
         compiled, static = ratio("static step, compiled", "step"), ratio("static step, eager", "step")
         print(f"the compiled static step is {said(compiled)} the eager step; run eagerly, the static step (a padded "
-              f"chunk, the cache read up to the next quarter of L) is {said(static)} it")
+              f"chunk, all {L} cache slots read) is {said(static)} it")
         row.update(compiled_over_eager=statistics.median(compiled), static_over_eager=statistics.median(static))
     return [row]
 
