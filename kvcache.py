@@ -41,7 +41,8 @@ class KVCache:
     def feed(self, T, keys):
         """The next forward pass is fed T tokens: it writes their K/V at slots [committed, committed + T) (a
         tensor of indices, so that a captured graph can be replayed at any `committed`) and reads [0, keys)."""
-        assert self.committed + T <= self.max_len and keys <= self.max_len, f"cache of {self.max_len} slots"
+        assert self.committed + T <= keys <= self.max_len, \
+            f"a pass must read the slots it writes: writes {T} at {self.committed}, reads {keys} of {self.max_len}"
         self.slots = torch.arange(self.committed, self.committed + T, device=self.k[0].device)
         self.keys = keys
 
