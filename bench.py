@@ -396,11 +396,11 @@ def bench_profile(cfg, device):
     runs = {"step": step, "products alone": products, "AR step": lambda: step(0.0)}
     if cfg.compile:  # the GPU path's step (static shapes, as sample.py --compile=True), eager and compiled
         cache = new_cache(model, 1, L, device, static=True)
-        static = lambda net: generate(net, template, 1, 10 ** 6, 1.0, top_p=1.0, static=True, cache=cache)[1]
+        static_run = lambda net: generate(net, template, 1, 10 ** 6, 1.0, top_p=1.0, static=True, cache=cache)[1]
         net = torch.compile(model, mode="reduce-overhead")
         for _ in range(2):  # as sample.py: every step shape compiled and warmed up before anything is timed
-            static(net)
-        runs.update({"static step, eager": lambda: static(model), "static step, compiled": lambda: static(net)})
+            static_run(net)
+        runs.update({"static step, eager": lambda: static_run(model), "static step, compiled": lambda: static_run(net)})
     ms = {name: [] for name in runs}
     for _ in range(cfg.rounds):
         for name, fn in runs.items():

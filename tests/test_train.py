@@ -120,6 +120,7 @@ def test_sample_cli(data_dir, tmp_path, monkeypatch):
     line = r.stdout.split("\n")[0]
     assert r.returncode == 0 and line[:6] == "First " and line[8:16] == " Citizen" and "_" not in line, r.stdout
     assert "2 tokens generated" in r.stdout, "an infill text is the whole sequence: only its gaps are generated"
+    (tmp_path / "latin1.txt").write_bytes("Citizen caf\xe9".encode("latin-1"))
     for flag, message in [("--steps=0", "--steps=0 must be at least 1"),
                           (("--length=99", "--chunk=16"), "chunk=16 must be in [1, block_size=16)"),
                           (("--infill=First _", "--length=99"), "--infill works within one block"),
@@ -132,11 +133,10 @@ def test_sample_cli(data_dir, tmp_path, monkeypatch):
                           ("--score=FILE:latin1.txt", "latin1.txt is not UTF-8 text"),
                           (("--chunk=16", "--score=" + "First " * 9), "chunk=16 must be in [1, block_size=16)"),
                           ((), "ESO_LM_FEW_ROWS='bogus' must be 'linear' or 'transposed'")]:
-        (tmp_path / "latin1.txt").write_bytes("Citizen caf\xe9".encode("latin-1"))
-        few_rows_transposed.cache_clear()  # read the environment afresh: the last case sets it
         with monkeypatch.context() as env:
-            if flag == ():
+            if flag == ():  # no flag: the environment is wrong (read afresh, and forgotten after)
                 env.setenv("ESO_LM_FEW_ROWS", "bogus")
+                few_rows_transposed.cache_clear()
             r = cli("sample.py", *((flag,) if isinstance(flag, str) else flag), "--device=cpu", cwd=tmp_path)
         few_rows_transposed.cache_clear()
         assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, (flag, r.stderr)
