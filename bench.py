@@ -475,14 +475,34 @@ def bench_linear(cfg, device):
     return rows
 
 
+def validate(cfg, benches):
+    """The flags' values, checked before anything is timed, each wrong one as one line."""
+    numbers = lambda text, extra=(): all(s in extra or (s.isdigit() and int(s) >= 1) for s in text.split(","))
+    checks = [(cfg.what in benches, f"--what={cfg.what} must be one of {', '.join(benches)}"),
+              (numbers(cfg.lengths), f"--lengths={cfg.lengths} must be positive integers separated by commas"),
+              (numbers(cfg.steps_list, ("L",)), f"--steps_list={cfg.steps_list} must be positive integers or L, "
+               "separated by commas"),
+              (min(cfg.rounds, cfg.iters, cfg.small_steps, cfg.sample_batch, cfg.num_samples, cfg.prepare_mb) >= 1,
+               "--rounds, --iters, --small_steps, --sample_batch, --num_samples and --prepare_mb must be positive"),
+              (cfg.mdlm_steps >= 0, f"--mdlm_steps={cfg.mdlm_steps} must be >= 0 (0: all of them)"),
+              (not cfg.json_out or os.path.isdir(os.path.dirname(os.path.abspath(cfg.json_out))),
+               f"--json_out={cfg.json_out}: its folder does not exist")]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+    try:
+        few_rows_transposed()  # the environment's ESO_LM_FEW_ROWS
+    except ValueError as e:
+        raise UserError(str(e)) from e
+
+
 def main(argv=None):
     cfg = BenchConfig()
     parse_args(cfg, argv)
-    device = pick_device(cfg.device)
     benches = {"sample": bench_sample, "train": bench_train, "frontier": bench_frontier, "linear": bench_linear,
                "prepare": bench_prepare, "gpu": bench_gpu, "profile": bench_profile}
-    if cfg.what not in benches:
-        raise UserError(f"--what={cfg.what} must be one of {', '.join(benches)}")
+    validate(cfg, benches)
+    device = pick_device(cfg.device)
     rows = benches[cfg.what](cfg, device)
     if cfg.json_out:
         with open(cfg.json_out, "w") as f:

@@ -10,6 +10,7 @@ one line and exit 1, with no traceback.
 import ast
 import contextlib
 import dataclasses
+import inspect
 import sys
 
 import torch
@@ -54,10 +55,15 @@ def parse_args(config, argv=None):
         if not arg.startswith("--"):  # a nanoGPT-style config file of `key = value` lines
             namespace = {}
             try:
-                exec(open(arg).read(), {}, namespace)
+                with open(arg) as f:
+                    source = f.read()
             except OSError as e:
                 raise UserError(f"cannot read config file {arg}: {e.strerror}")
-            overrides += [(k, v) for k, v in namespace.items() if not k.startswith("_")]
+            try:
+                exec(source, {}, namespace)
+            except Exception as e:  # a config file is Python: any error in it is the file's, not the program's
+                raise UserError(f"config file {arg}: {type(e).__name__}: {e}")
+            overrides += [(k, v) for k, v in namespace.items() if not k.startswith("_") and not inspect.ismodule(v)]
             i += 1
             continue
         key, eq, raw = arg[2:].partition("=")

@@ -46,8 +46,7 @@ def diffusion_counts(n, steps, alpha_0, generator=None):
     the same law, with no Python loop over T, so T = 10^6 costs nothing."""
     u = torch.rand(n, generator=generator)
     step = (u[u < alpha_0] / alpha_0 * steps).long().clamp(max=steps - 1)
-    counts = torch.bincount(step, minlength=steps)
-    return counts[counts > 0].tolist()
+    return torch.unique_consecutive(step.sort().values, return_counts=True)[1].tolist()  # (no tensor of length T)
 
 
 def plan(is_gen, num_samples, steps, alpha_0, generator=None, schedule="random"):
@@ -292,19 +291,22 @@ class SampleConfig:
 
 
 def validate(cfg):
-    checks = [(cfg.steps >= 1, f"--steps={cfg.steps} must be at least 1"),
+    checks = [(1 <= cfg.steps < 2 ** 53, f"--steps={cfg.steps} must be in [1, 2**53)"),
               (cfg.alpha_0 == -1 or 0 <= cfg.alpha_0 <= 1, f"--alpha_0={cfg.alpha_0} must be in [0, 1]"),
               (0 < cfg.top_p <= 1, f"--top_p={cfg.top_p} must be in (0, 1]"),
               (cfg.temperature >= 0, f"--temperature={cfg.temperature} must be >= 0"),
               (cfg.num_samples >= 1, f"--num_samples={cfg.num_samples} must be at least 1"),
-              (cfg.length >= 0, f"--length={cfg.length} must be positive"),
-              (cfg.chunk >= 0, f"--chunk={cfg.chunk} must be positive"),
+              (cfg.length >= 0, f"--length={cfg.length} must be >= 0 (0: the block size)"),
+              (cfg.chunk >= 0, f"--chunk={cfg.chunk} must be >= 0 (0: half the block size)"),
               (cfg.score_k >= 1, f"--score_k={cfg.score_k} must be at least 1"),
               (cfg.schedule in ("random", "strided"), f"--schedule={cfg.schedule} must be random or strided"),
               (not cfg.score or not (cfg.start or cfg.infill), "--score scores a text on its own: leave out --start "
                "and --infill"),
               (cfg.score or not cfg.score_svg, "--score_svg draws a scored text: give --score too"),
               (0 <= cfg.seed < 2 ** 63, f"--seed={cfg.seed} must be in [0, 2**63)")]
+    checks += [(not path or os.path.isdir(os.path.dirname(os.path.abspath(path))),  # not found after the work
+                f"--{flag}={path}: its folder does not exist") for flag, path in
+               (("trajectory", cfg.trajectory), ("score_svg", cfg.score_svg))]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
@@ -333,6 +335,14 @@ def read_text(arg):
         raise UserError(f"{arg[5:]} is not UTF-8 text")
 
 
+def write_text(path, flag, text):
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise UserError(f"{flag}={path}: cannot write it: {e.strerror}")
+
+
 def make_template(tok, mask_id, length, block_size, start="", infill=""):
     """The sequence to complete: given tokens, and mask_id where tokens are to be generated. --start gives a
     prefix, followed by masks up to `length` (default: the block size; more is sampled window by window);
@@ -344,11 +354,11 @@ def make_template(tok, mask_id, length, block_size, start="", infill=""):
     for i, piece in enumerate(infill.split(GAP) if infill else []):
         ids += ([mask_id] if i else []) + (tok.encode(piece) if piece else [])
     length = length or (len(ids) if infill else block_size)  # an infill text is the whole sequence
+    what = "infill text" if infill else "prompt"
+    if len(ids) > block_size:  # (first: raising --length cannot fix this one)
+        raise UserError(f"the {what} is {len(ids)} tokens, longer than the trained block size {block_size}; shorten it")
     if len(ids) > length:
-        raise UserError(f"the prompt is {len(ids)} tokens, longer than --length={length}; shorten it or raise --length")
-    if len(ids) > block_size:
-        raise UserError(f"the {'infill text' if infill else 'prompt'} is {len(ids)} tokens, longer than the trained "
-                        f"block size {block_size}; shorten it")
+        raise UserError(f"the {what} is {len(ids)} tokens, longer than --length={length}; shorten it or raise --length")
     if infill and length > block_size:
         raise UserError(f"--infill works within one block ({block_size} tokens); --length={length} asks for more")
     if mask_id not in ids and len(ids) == length:
@@ -437,7 +447,7 @@ def load(cfg):
     return device, ctx, model, Tokenizer(ckpt["meta"])
 
 
-def compiled(cfg, model, run, cache):
+def compiled(model, run, cache):
     """torch.compile the model (CUDA graphs over static shapes on a GPU) and run the schedule twice, so that
     every step shape is compiled, warmed up and recorded before the timed run. If compiling fails, one line
     says so, and the model itself samples. Returns (network, static shapes?)."""
@@ -472,7 +482,7 @@ def sample_main(cfg, device, ctx, model, tok):
     net, static, cache = model, False, None
     if cfg.compile:  # one cache for the warm-up and the real run, so that the captured graphs keep its address
         cache = new_cache(model, cfg.num_samples, min(len(template), block_size), device, ctx, static=True)
-        net, static = compiled(cfg, model, run, cache)
+        net, static = compiled(model, run, cache)
     trajectory = Trajectory(tok) if cfg.trajectory else None
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -487,9 +497,9 @@ def sample_main(cfg, device, ctx, model, tok):
     n_gen = int((template == model.config.mask_id).sum()) * cfg.num_samples
     print(f"NFE {nfe}, {n_gen} tokens generated, {dt:.2f} s, {n_gen / dt:.1f} tokens/s")
     if trajectory:
-        with open(cfg.trajectory, "w", encoding="utf-8") as f:
-            f.write(trajectory.svg(f"Eso-LM, alpha_0={cfg.alpha_0}, T={cfg.steps}: {len(trajectory.frames)} steps, "
-                                   "grey = mask, red = revealed at that step"))
+        title = f"Eso-LM, alpha_0={cfg.alpha_0}, T={cfg.steps}: {len(trajectory.frames)} steps, grey = mask, red = " \
+                "revealed at that step"
+        write_text(cfg.trajectory, "--trajectory", trajectory.svg(title))
         print(f"wrote the trajectory of sample 1 to {cfg.trajectory}", file=sys.stderr)
 
 
@@ -501,6 +511,8 @@ def score_main(cfg, device, ctx, model, tok):
     config = model.config
     if not ids.numel():
         raise UserError("--score needs a text of at least one token")
+    if cfg.score_svg and not has_likelihood(config):
+        raise UserError(f"--score_svg needs per-token likelihoods, which denoiser {config.denoiser} has not")
     if len(ids) > config.block_size and not has_likelihood(config):
         raise UserError(f"denoiser {config.denoiser} scores texts of up to {config.block_size} tokens (its NELBO "
                         f"has no window-by-window form here); this one has {len(ids)}")
@@ -524,8 +536,6 @@ def score_main(cfg, device, ctx, model, tok):
     print(f"  {logp:.3f} nats: {-logp / len(ids):.4f} nats/token, {-logp / math.log(2) / n_bytes:.4f} bits/byte, "
           f"perplexity {math.exp(-logp / len(ids)):.3f}")
     if surprise is None:
-        if cfg.score_svg:
-            raise UserError(f"--score_svg needs per-token likelihoods, which denoiser {config.denoiser} has not")
         return
     pieces = [tok.decode([t]) for t in ids.tolist()]
     cells = [f"{p.replace(chr(10), '⏎')!s}:{s:.2f}" for p, s in zip(pieces, surprise.tolist())]
@@ -533,8 +543,7 @@ def score_main(cfg, device, ctx, model, tok):
     print(textwrap.fill(" ".join(cells), width=100, initial_indent="    ", subsequent_indent="    "))
     if cfg.score_svg:
         title = f"surprise of each token, alpha_0={cfg.alpha_0}: {-logp / len(ids):.3f} nats/token"
-        with open(cfg.score_svg, "w", encoding="utf-8") as f:
-            f.write(surprise_svg(pieces, surprise, title, scale=math.log(config.vocab_size)))
+        write_text(cfg.score_svg, "--score_svg", surprise_svg(pieces, surprise, title, math.log(config.vocab_size)))
         print(f"wrote the surprise of each token to {cfg.score_svg}", file=sys.stderr)
 
 

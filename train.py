@@ -100,6 +100,8 @@ PRESETS = {
 }
 MODEL_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "denoiser")
 KEPT_ON_RESUME = MODEL_KEYS[:1] + MODEL_KEYS[2:] + ("alpha_0", "batch_split", "dataset", "optimizer")
+# where and how this process runs: flags a resumed run never takes from its checkpoint
+RUN_KEYS = ("init_from", "eval_only", "out_dir", "data_dir", "device", "dtype", "compile", "backend")
 
 
 
@@ -122,6 +124,9 @@ def validate(cfg):
         (cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1 and cfg.eval_k >= 1,
          "--eval_interval, --eval_iters, --log_interval and --eval_k must be positive"),
         (cfg.grad_clip >= 0, f"--grad_clip={cfg.grad_clip} must be >= 0"),
+        (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, f"--beta1={cfg.beta1} and --beta2={cfg.beta2} must be in [0, 1)"),
+        (cfg.weight_decay >= 0, f"--weight_decay={cfg.weight_decay} must be >= 0"),
+        (0 <= cfg.seed < 2 ** 63, f"--seed={cfg.seed} must be in [0, 2**63)"),
         (cfg.eval_windows == 0 or cfg.eval_windows >= cfg.batch_size,
          f"--eval_windows={cfg.eval_windows} must be 0 (all) or at least --batch_size={cfg.batch_size}"),
         (cfg.denoiser in DENOISERS, f"--denoiser={cfg.denoiser} must be one of {', '.join(DENOISERS)}"),
@@ -225,6 +230,8 @@ class Trainer:
         self.rank, self.world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if self.ddp else (0, 1)
         self.master = self.rank == 0
         self.device = pick_device(cfg.device)
+        if cfg.backend not in ("auto", "nccl", "gloo", "mpi", "ucc", "xccl"):  # (before DDP starts with it)
+            raise UserError(f"--backend={cfg.backend} must be auto, nccl, gloo, mpi, ucc or xccl")
         if self.ddp:
             if self.device.startswith("cuda"):
                 self.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -259,7 +266,9 @@ class Trainer:
 
     def checkpoint_to_continue(self, user_keys):
         """The checkpoint a resumed run (last.pt) or --eval_only (ckpt.pt, the best weights) starts from, or
-        None; its model and method flags replace the defaults (one the user set differently is an error)."""
+        None. Every flag the user did not set is the checkpoint's, but for those of where and how this process
+        runs (RUN_KEYS), so that `--init_from=resume --out_dir=DIR` alone continues the run it was; a model or
+        method flag (KEPT_ON_RESUME) that the user set differently is an error."""
         cfg = self.cfg
         if cfg.init_from != "resume" and not cfg.eval_only:
             return None
@@ -272,6 +281,9 @@ class Trainer:
                 raise UserError(f"--{k}={getattr(cfg, k)} differs from the checkpoint's {saved}; "
                                 "a resumed or evaluated run keeps it")
             setattr(cfg, k, saved)
+        for k, saved in ckpt["config"].items():
+            if k not in user_keys and k not in RUN_KEYS and hasattr(cfg, k):
+                setattr(cfg, k, saved)
         return ckpt
 
     def load_data(self):
@@ -316,7 +328,10 @@ class Trainer:
         self.objective = self.make_objective(compiled=cfg.compile)
         self.history = {"loss": [], "eval": []}  # (iter, train loss), (iter, train nelbo, val nelbo, val nll)
         if self.master:
-            os.makedirs(cfg.out_dir, exist_ok=True)
+            try:
+                os.makedirs(cfg.out_dir, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"cannot create --out_dir={cfg.out_dir}: {e.strerror}")
             tokens = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
             self.log(f"device {self.device} ({cfg.dtype}), {self.world} process(es); tokens per iteration will be: "
                      f"{tokens:,}")
@@ -406,7 +421,9 @@ class Trainer:
             self.log(f"step {it}: train nelbo {tr['nelbo']:.4f}, val nelbo {va['nelbo']:.4f}{nll}")
             self.history["eval"].append((it, tr["nelbo"], va["nelbo"], va.get("nll_k1", math.nan)))
             finite = all(map(math.isfinite, (*tr.values(), *va.values())))
-            improved = finite and va["nelbo"] < self.best_val  # (a run's first eval always improves)
+            # the first eval of a trained model always improves; nothing is saved at iteration 0 of a run that goes
+            # on (nanoGPT's rule), so that a run from scratch that diverges leaves the out_dir as it found it
+            improved = finite and va["nelbo"] < self.best_val and not it == 0 < cfg.max_iters
             if improved:
                 self.best_val, self.best_iter = va["nelbo"], it
             if finite and (improved or it > self.iter_num or it == cfg.max_iters):
@@ -433,7 +450,7 @@ class Trainer:
         (ckpt.pt), NELBO and the IW NLL at K = 1 and eval_k; printed and written to eval.json."""
         cfg = self.cfg
         weights_iter = it
-        if not cfg.eval_only:  # (every run writes ckpt.pt at its first eval: it is never another run's)
+        if not cfg.eval_only:  # (every run writes ckpt.pt at its first eval past iteration 0: never another run's)
             best = load_checkpoint(cfg.out_dir, self.device)
             self.model.load_state_dict(best["model"])
             weights_iter = best["iter_num"]
@@ -450,7 +467,8 @@ class Trainer:
 def train(cfg, user_keys=()):
     """Train (or, with eval_only, evaluate) as the flags say. Returns the final eval metrics (the contents of
     eval.json) plus the loss history, on the master process; None elsewhere. Ctrl-C (SIGINT) or SIGTERM stops
-    every rank at the next iteration boundary, saves last.pt and raises KeyboardInterrupt."""
+    every rank at the next iteration boundary, saves last.pt (once an iteration has run) and raises
+    KeyboardInterrupt."""
     run = Trainer(cfg, user_keys)
     stop = []  # the signal handlers append to it
     handlers = {sig: signal.signal(sig, lambda *_: stop.append(1)) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -460,9 +478,12 @@ def train(cfg, user_keys=()):
         while True:
             if run.all_ranks_agree(bool(stop)):  # every rank stops at the same iteration if any was signalled
                 stop += [1]
-                if run.master:
-                    run.save(it, best=False)
-                run.log(f"interrupted at iter {it}; resume with --init_from=resume --out_dir={cfg.out_dir}")
+                if it == 0 < cfg.max_iters:  # an untrained state replaces nothing in out_dir (eval_and_save)
+                    run.log("interrupted at iter 0, before any training: nothing saved")
+                else:
+                    if run.master:
+                        run.save(it, best=False)
+                    run.log(f"interrupted at iter {it}; resume with --init_from=resume --out_dir={cfg.out_dir}")
                 break
             if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not cfg.eval_only:
                 run.eval_and_save(it)

@@ -55,12 +55,15 @@ def test_two_processes_give_the_same_bits(data_dir, tmp_path):
 
 def test_resume_continues_the_state_exactly(data_dir, tmp_path):
     """A run stopped at iteration 3 and resumed to 6, with 2 micro-batches per iteration, ends in the very state
-    (weights and optimizer) of a run straight to 6: the data, the noise and the optimizer carry over."""
+    (weights and optimizer) of a run straight to 6: the data, the noise and the optimizer carry over, and so do
+    the flags: the resumed run is given only where it runs and how far (every other flag is its checkpoint's)."""
     common = [*TINY_TRAIN, f"--data_dir={data_dir}", "--eval_interval=3", "--gradient_accumulation_steps=2",
-              "--alpha_0=0.5", "--lr_decay_iters=6"]  # the schedule of the whole run, whatever max_iters says
+              "--alpha_0=0.5", "--lr_decay_iters=6", "--loss_type=low_var", "--learning_rate=3e-3", "--seed=7",
+              "--batch_split=0.25"]  # lr_decay_iters: the schedule of the whole run, whatever max_iters says
     assert cli("train.py", *common, f"--out_dir={tmp_path / 'straight'}", "--max_iters=6").returncode == 0
     assert cli("train.py", *common, f"--out_dir={tmp_path / 'resumed'}", "--max_iters=3").returncode == 0
-    r = cli("train.py", *common, f"--out_dir={tmp_path / 'resumed'}", "--max_iters=6", "--init_from=resume")
+    r = cli("train.py", f"--data_dir={data_dir}", "--device=cpu", f"--out_dir={tmp_path / 'resumed'}", "--max_iters=6",
+            "--init_from=resume")
     assert r.returncode == 0 and min(losses(r.stdout)) == 4, r.stderr
     assert_same_state(tmp_path / "straight" / "last.pt", tmp_path / "resumed" / "last.pt")
 
@@ -124,7 +127,7 @@ def test_sigkill_while_checkpointing_leaves_complete_checkpoints(data_dir, tmp_p
 
 def test_ctrl_c_saves_and_stops_cleanly(data_dir, tmp_path):
     out = tmp_path / "o"
-    p = start(*TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=100000", "--eval_interval=1000")
+    p = start(*TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=100000", "--eval_interval=2")
     deadline = time.time() + 120
     while not (out / "last.pt").exists():
         assert p.poll() is None and time.time() < deadline, p.communicate(timeout=30)[0][-3000:]
@@ -139,7 +142,8 @@ def test_ctrl_c_saves_and_stops_cleanly(data_dir, tmp_path):
 
 def test_non_finite_loss_stops_without_saving(data_dir, tmp_path):
     """A good run saves; resumed with an absurd learning rate it diverges, stops with the iteration in one
-    line, and the checkpoint on disk is still the good one, byte for byte."""
+    line, and the checkpoint on disk is still the good one, byte for byte; so does a new run from scratch into
+    the same out_dir that diverges (nothing is saved at iteration 0, as in nanoGPT)."""
     out = tmp_path / "o"
     common = [*TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--eval_interval=1"]
     assert cli("train.py", *common, "--max_iters=2").returncode == 0
@@ -148,6 +152,9 @@ def test_non_finite_loss_stops_without_saving(data_dir, tmp_path):
     assert r.returncode == 1 and re.search(r"not finite at iter \d+; stopped without saving", r.stderr), r.stderr
     assert r.stderr.strip().count("\n") == 0
     assert [(out / name).read_bytes() for name in ("ckpt.pt", "last.pt")] == good
+    r = cli("train.py", *common, "--max_iters=50", "--learning_rate=1e30", "--grad_clip=0")  # from scratch, same dir
+    assert r.returncode == 1 and re.search(r"not finite at iter 1; stopped without saving", r.stderr), r.stderr
+    assert [(out / name).read_bytes() for name in ("ckpt.pt", "last.pt")] == good, "nothing is saved at iteration 0"
 
 
 def test_no_network_says_where_to_put_the_file(tmp_path, monkeypatch):
@@ -213,7 +220,7 @@ def test_ctrl_c_under_ddp_stops_every_rank_and_saves(data_dir, tmp_path):
     out = tmp_path / "o"
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           os.path.join(ROOT, "train.py"), *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}",
-                          "--max_iters=100000", "--eval_interval=1000",
+                          "--max_iters=100000", "--eval_interval=2",
                           "--gradient_accumulation_steps=2"],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 120

@@ -1,12 +1,13 @@
 """train.py and data.py as a user runs them: checkpoints, resume, eval.json, and bad input."""
 import json
 import math
+import os
 import re
 
 import numpy as np
 import pytest
 import torch
-from conftest import TEXT, TINY_TRAIN, cli
+from conftest import ROOT, TEXT, TINY_TRAIN, cli
 
 from data import Tokenizer, eval_batches, get_batch, load_split, prepare, token_bytes
 from model import few_rows_transposed
@@ -90,6 +91,11 @@ def test_always_save_checkpoint_keeps_the_latest(data_dir, tmp_path):
     ("--init_from=resume", "no checkpoint at"),
     ("--eval_windows=2", "--eval_windows=2 must be 0 (all) or at least --batch_size=4"),
     ("--block_size=150", "holds fewer than --batch_size=4 windows of 150"),
+    ("--beta2=1.5", "--beta1=0.9 and --beta2=1.5 must be in [0, 1)"),
+    ("--weight_decay=-1", "--weight_decay=-1.0 must be >= 0"),
+    ("--seed=" + str(10 ** 20), "must be in [0, 2**63)"),
+    ("--backend=foo", "--backend=foo must be auto, nccl"),
+    ("--out_dir=" + os.path.join(ROOT, "README.md", "o"), "cannot create --out_dir="),
 ])
 def test_bad_input_is_one_line(data_dir, tmp_path, flag, message):
     r = cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}", "--max_iters=1", flag)
@@ -121,10 +127,13 @@ def test_sample_cli(data_dir, tmp_path, monkeypatch):
     assert r.returncode == 0 and line[:6] == "First " and line[8:16] == " Citizen" and "_" not in line, r.stdout
     assert "2 tokens generated" in r.stdout, "an infill text is the whole sequence: only its gaps are generated"
     (tmp_path / "latin1.txt").write_bytes("Citizen caf\xe9".encode("latin-1"))
-    for flag, message in [("--steps=0", "--steps=0 must be at least 1"),
+    for flag, message in [("--steps=0", "--steps=0 must be in [1, 2**53)"), ("--steps=" + str(2 ** 53), "2**53"),
                           (("--length=99", "--chunk=16"), "chunk=16 must be in [1, block_size=16)"),
                           (("--infill=First _", "--length=99"), "--infill works within one block"),
-                          ("--start=" + "a" * 40, "longer than --length"), ("--start=~~", "not in this model's vocab"),
+                          (("--start=First", "--length=3"), "the prompt is 5 tokens, longer than --length=3"),
+                          (("--start=" + "a" * 40, "--length=99"), "longer than the trained block size 16"),
+                          ("--start=~~", "not in this model's vocab"), ("--length=-1", "must be >= 0 (0: the block"),
+                          ("--trajectory=nowhere/t.svg", "--trajectory=nowhere/t.svg: its folder does not exist"),
                           ("--top_p=0", "--top_p=0.0 must be in (0, 1]"), ("--alpha_0=-0.5", "must be in [0, 1]"),
                           ("--out_dir=nowhere", "no checkpoint at nowhere/ckpt.pt"),
                           ("--start=First Citizen:\nB", "nothing to generate"),
@@ -241,3 +250,5 @@ def test_long_samples_and_scores_from_the_command_line(data_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     r = cli("sample.py", "--score=First Citizen", "--out_dir=mdlm", "--device=cpu", cwd=tmp_path)
     assert r.returncode == 0 and "minus the NELBO" in r.stdout and "lower bound" in r.stdout, r.stdout + r.stderr
+    r = cli("sample.py", "--score=First Citizen", "--out_dir=mdlm", f"--score_svg={svg}", "--device=cpu", cwd=tmp_path)
+    assert r.returncode == 1 and "needs per-token likelihoods" in r.stderr and not r.stdout, "refused before scoring"
