@@ -477,7 +477,8 @@ def bench_linear(cfg, device):
 
 def validate(cfg, benches):
     """The flags' values, checked before anything is timed, each wrong one as one line."""
-    numbers = lambda text, extra=(): all(s in extra or (s.isdigit() and int(s) >= 1) for s in text.split(","))
+    numbers = lambda text, extra=(): all(s.strip() in extra or (s.strip().isdigit() and int(s) >= 1)
+                                         for s in text.split(","))
     checks = [(cfg.what in benches, f"--what={cfg.what} must be one of {', '.join(benches)}"),
               (numbers(cfg.lengths), f"--lengths={cfg.lengths} must be positive integers separated by commas"),
               (numbers(cfg.steps_list, ("L",)), f"--steps_list={cfg.steps_list} must be positive integers or L, "

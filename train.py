@@ -230,7 +230,8 @@ class Trainer:
         self.rank, self.world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if self.ddp else (0, 1)
         self.master = self.rank == 0
         self.device = pick_device(cfg.device)
-        if cfg.backend not in ("auto", "nccl", "gloo", "mpi", "ucc", "xccl"):  # (before DDP starts with it)
+        names = [b.split(":")[-1].lower() for b in cfg.backend.split(",")]  # (torch's form: gloo or cpu:gloo,cuda:nccl)
+        if cfg.backend != "auto" and not set(names) <= {"nccl", "gloo", "mpi", "ucc", "xccl"}:  # before DDP starts
             raise UserError(f"--backend={cfg.backend} must be auto, nccl, gloo, mpi, ucc or xccl")
         if self.ddp:
             if self.device.startswith("cuda"):
@@ -426,7 +427,7 @@ class Trainer:
             improved = finite and va["nelbo"] < self.best_val and not it == 0 < cfg.max_iters
             if improved:
                 self.best_val, self.best_iter = va["nelbo"], it
-            if finite and (improved or it > self.iter_num or it == cfg.max_iters):
+            if finite and (improved or it > self.iter_num or it >= cfg.max_iters):
                 self.save(it, best=improved or cfg.always_save_checkpoint)
         if self.all_ranks_agree(not finite):
             raise UserError(f"the eval loss is not finite at iter {it}; stopped without saving; "
@@ -485,7 +486,8 @@ def train(cfg, user_keys=()):
                         run.save(it, best=False)
                     run.log(f"interrupted at iter {it}; resume with --init_from=resume --out_dir={cfg.out_dir}")
                 break
-            if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not cfg.eval_only:
+            # >=: a run resumed past its max_iters evaluates too (saving ckpt.pt if it never has) before its final eval
+            if (it % cfg.eval_interval == 0 or it >= cfg.max_iters) and not cfg.eval_only:
                 run.eval_and_save(it)
             if it >= cfg.max_iters or cfg.eval_only:
                 break

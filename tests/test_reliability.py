@@ -1,4 +1,5 @@
 """What long training runs go through: DDP, SIGKILL while checkpointing, Ctrl-C, NaNs, reproducibility."""
+import json
 import os
 import re
 import signal
@@ -138,6 +139,32 @@ def test_ctrl_c_saves_and_stops_cleanly(data_dir, tmp_path):
     assert p.returncode == 130 and "Traceback" not in output, output[-2000:]
     it = int(re.search(r"interrupted at iter (\d+)", output)[1])
     assert it > 0 and torch.load(out / "last.pt", weights_only=True)["iter_num"] == it
+
+
+def test_a_run_stopped_before_its_first_save_never_reports_another_runs_weights(data_dir, tmp_path, monkeypatch):
+    """A run into a folder that holds another run's ckpt.pt, stopped (Ctrl-C) after 4 iterations and before any
+    eval past iteration 0, saves last.pt alone; resumed with a max_iters it has already passed, it evaluates and
+    saves its own weights, and its final eval reports those, never the other run's."""
+    import train
+    out = tmp_path / "o"
+    assert cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2",
+               "--eval_interval=2", "--seed=5").returncode == 0
+    step = train.Trainer.step
+
+    def interrupted(self, it):  # Ctrl-C during iteration 3
+        if it == 3:
+            signal.raise_signal(signal.SIGINT)
+        return step(self, it)
+    monkeypatch.setattr(train.Trainer, "step", interrupted)
+    r = cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=1000",
+            "--eval_interval=1000")
+    assert r.returncode == 130 and "interrupted at iter 4" in r.stdout, r.stdout + r.stderr
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 2, "the other run's ckpt.pt is left alone"
+    monkeypatch.setattr(train.Trainer, "step", step)
+    r = cli("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", "--device=cpu", "--init_from=resume",
+            "--max_iters=2")
+    assert r.returncode == 0 and "final eval of the weights of iter 4 (ckpt.pt)" in r.stdout, r.stdout + r.stderr
+    assert json.loads((out / "eval.json").read_text())["iter"] == 4
 
 
 def test_non_finite_loss_stops_without_saving(data_dir, tmp_path):
