@@ -304,7 +304,7 @@ def validate(cfg):
                "and --infill"),
               (cfg.score or not cfg.score_svg, "--score_svg draws a scored text: give --score too"),
               (0 <= cfg.seed < 2 ** 63, f"--seed={cfg.seed} must be in [0, 2**63)")]
-    checks += [(not path or os.path.isdir(os.path.dirname(os.path.abspath(path))),  # not found after the work
+    checks += [(not path or os.path.isdir(os.path.dirname(os.path.abspath(path))),  # now, not after the sampling
                 f"--{flag}={path}: its folder does not exist") for flag, path in
                (("trajectory", cfg.trajectory), ("score_svg", cfg.score_svg))]
     for ok, msg in checks:

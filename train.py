@@ -276,15 +276,14 @@ class Trainer:
         out_dir = cfg.out_dir or default_out_dir(cfg)
         resume = cfg.init_from == "resume" and not cfg.eval_only and os.path.exists(os.path.join(out_dir, "last.pt"))
         ckpt = load_checkpoint(out_dir, self.device, "last.pt" if resume else "ckpt.pt")
+        saved = ckpt["config"]
         for k in KEPT_ON_RESUME:
-            saved = ckpt["config"][k]
-            if k in user_keys and getattr(cfg, k) != saved:
-                raise UserError(f"--{k}={getattr(cfg, k)} differs from the checkpoint's {saved}; "
+            if k in user_keys and getattr(cfg, k) != saved[k]:
+                raise UserError(f"--{k}={getattr(cfg, k)} differs from the checkpoint's {saved[k]}; "
                                 "a resumed or evaluated run keeps it")
-            setattr(cfg, k, saved)
-        for k, saved in ckpt["config"].items():
+        for k, value in saved.items():
             if k not in user_keys and k not in RUN_KEYS and hasattr(cfg, k):
-                setattr(cfg, k, saved)
+                setattr(cfg, k, value)
         return ckpt
 
     def load_data(self):
