@@ -130,8 +130,9 @@ def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, 
     with the slots that follow it (the causal mask hides them from the real tokens; their K/V land in slots
     nobody has committed) and cached steps attend to all L slots.
     cache: a KVCache to reuse (reset here), so that graphs captured in one call replay in the next.
-    After each step, callback(step, start, done, end, x, order, logits, cache) sees it: slots [start, done)
-    were fed clean, [done, end) as masks and now hold their samples; x is in σ order. The loop runs in
+    After each step, callback(step, start, done, end, x, order, logits, cache, phase) sees it: slots [start, done)
+    were fed clean, [done, end) as masks and now hold their samples; x is in σ order; phase is "diffusion" or
+    "sequential" (a diffusion step may reveal one token too). The loop runs in
     inference mode: tensors a callback keeps are inference tensors (clone() them for autograd)."""
     config = unwrap(model).config
     if config.denoiser == "mdlm" and sequential:
@@ -165,7 +166,8 @@ def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, 
             if cached:
                 cache.commit(done - first)  # the clean tokens just fed, never the k masks: their slots are scratch
             if callback:
-                callback(step=step, start=first, done=done, end=end, x=x, order=order, logits=logits, cache=cache)
+                callback(step=step, start=first, done=done, end=end, x=x, order=order, logits=logits, cache=cache,
+                         phase="sequential" if step >= len(chunks) - sequential else "diffusion")
             done = end
         x = unpermute(x, order)
     return x.clone()  # a normal tensor again, usable with autograd

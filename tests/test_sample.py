@@ -139,17 +139,22 @@ def test_seeds():
 
 def test_paper_walkthrough_l8():
     """Suppl. B.5 / §5.3: counts (2,1,2), diffusion positions (3,1,6,4,7), AR positions (2,5,8): 6 NFEs,
-    and at each step exactly these tokens are fed and committed (positions 1-based)."""
+    and at each step exactly these tokens are fed and committed (positions 1-based); the callback names each
+    step's phase."""
     model = sharp_model(block_size=8)
     order = torch.tensor([[3, 1, 6, 4, 7, 2, 5, 8]]) - 1
     chunks = [2, 1, 2, 1, 1, 1]
     log = []
 
-    def callback(step, start, done, end, x, order, logits, cache, **_):
+    phases = []
+
+    def callback(step, start, done, end, x, order, logits, cache, phase, **_):
         fed = (order[0, start:end] + 1).tolist()
         log.append((fed, done - start, cache.committed))
+        phases.append(phase)
 
-    x = denoise(model, torch.full((1, 8), V), order, chunks, callback=callback)
+    x = denoise(model, torch.full((1, 8), V), order, chunks, callback=callback, sequential=3)
+    assert phases == ["diffusion"] * 3 + ["sequential"] * 3, phases
     assert log == [
         ([3, 1], 0, 0),           # step 1: M@3, M@1; nothing clean, nothing committed
         ([3, 1, 6], 2, 2),        # step 2: x3, x1 (clean now) and M@6; commit x3, x1
