@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, run_cli
-from data import get_batch, load_checkpoint, load_split
-from model import GPT, GPTConfig, Linear, few_rows_transposed, iw_nll, nelbo, sampling_products
-from sample import generate, new_cache
+from data import atomic_write, get_batch, load_checkpoint, load_split, prepare, tokenizer_of
+from model import GPT, GPTConfig, Linear, few_rows_transposed, iw_nll, nelbo, sampling_products, unwrap
+from sample import generate, new_cache, plan
 
 
 @dataclass
@@ -89,9 +89,11 @@ def sample_run(model, template, batch, steps, alpha_0, cfg, device, kv_cache=Tru
 
 def mdlm_run(model, template, batch, steps, cfg, device):
     """MDLM's (seconds, NFE): all steps, or --mdlm_steps of them scaled to NFE (every step is a full forward
-    over all L tokens, so they all cost the same)."""
+    over all L tokens, so they all cost the same). NFE is that of the schedule generate() draws for this seed
+    (one window: its first plan), as empty steps are dropped."""
     L = len(template)
-    nfe = min(steps, L)
+    is_gen = template.cpu() == unwrap(model).config.mask_id
+    nfe = len(plan(is_gen, batch, steps, 1.0, torch.Generator().manual_seed(cfg.seed))[1])
     if not cfg.mdlm_steps or cfg.mdlm_steps >= nfe:
         return (*sample_run(model, template, batch, steps, 1.0, cfg, device, kv_cache=False), "")
     part = template.clone()
@@ -144,8 +146,9 @@ def bench_sample(cfg, device):
             ratios = sorted(m / c for m, c in zip(times[mdlm_name], times[cached]))
             cached_row = rows[-len(runs)]  # the first of these rows
             cached_row.update(speedup=statistics.median(ratios), speedup_min=ratios[0], speedup_max=ratios[-1])
-            extra = (f", cached / AR {statistics.median(times[cached]) / statistics.median(times[ar_name]):.2f}"
-                     if ar_name in times else "")
+            per_ar = sorted(c / a for c, a in zip(times[cached], times.get(ar_name, [])))  # per round, as above
+            extra = (f", cached / AR {statistics.median(per_ar):.2f} [{per_ar[0]:.2f}-{per_ar[-1]:.2f}]"
+                     if per_ar else "")
             print(f"{'':>5} -> {label}: Eso-LM (B) cached is {statistics.median(ratios):.1f}x faster than MDLM "
                   f"[{ratios[0]:.1f}-{ratios[-1]:.1f}]{extra}")
     return rows
@@ -268,7 +271,16 @@ def bench_frontier(cfg, device):
         raise UserError(f"--scorer={cfg.scorer} was trained with alpha_0={scorer_ckpt['config']['alpha_0']}; "
                         "the scorer must be an AR model (alpha_0=0)")
     scorer = GPT.from_checkpoint(scorer_ckpt, device).eval()
+    ckpts = {out_dir: load_checkpoint(out_dir, device) for out_dir in cfg.out_dirs.split(",")}
+    for out_dir, ckpt in ckpts.items():  # a scorer reads the samples' token ids as its own, within its block
+        if tokenizer_of(ckpt["meta"]) != tokenizer_of(scorer_ckpt["meta"]):
+            raise UserError(f"{out_dir} and the scorer {cfg.scorer} have different tokenizers; score with an "
+                            "alpha_0=0 model of the same dataset")
+        if ckpt["model_args"]["block_size"] > scorer.config.block_size:
+            raise UserError(f"{out_dir} samples {ckpt['model_args']['block_size']} tokens, more than the scorer's "
+                            f"block size {scorer.config.block_size}")
     scfg = scorer_ckpt["config"]
+    prepare(scfg["dataset"], scfg["data_dir"])  # (its val split: prepared again if missing)
     val = load_split(scfg["dataset"], "val", scfg["data_dir"])
     real = get_batch(val, cfg.num_samples, scorer.config.block_size, device, torch.Generator().manual_seed(cfg.seed))
     with torch.no_grad():
@@ -280,8 +292,7 @@ def bench_frontier(cfg, device):
     print(f"{cfg.num_samples} samples each; seconds cached and uncached; gen NLL: nats/token under {cfg.scorer}")
     print(f"{'checkpoint':<40} {'schedule':>8} {'T':>5} {'NFE':>5} {'cached':>8} {'uncached':>9} {'gen NLL':>8} "
           f"{'entropy':>8}")
-    for out_dir in cfg.out_dirs.split(","):
-        ckpt = load_checkpoint(out_dir, device)
+    for out_dir, ckpt in ckpts.items():
         model = GPT.from_checkpoint(ckpt, device).eval()
         L, alpha_0 = model.config.block_size, ckpt["config"]["alpha_0"]
         template = torch.full((L,), model.config.mask_id, device=device)
@@ -486,8 +497,11 @@ def validate(cfg, benches):
               (min(cfg.rounds, cfg.iters, cfg.small_steps, cfg.sample_batch, cfg.num_samples, cfg.prepare_mb) >= 1,
                "--rounds, --iters, --small_steps, --sample_batch, --num_samples and --prepare_mb must be positive"),
               (cfg.mdlm_steps >= 0, f"--mdlm_steps={cfg.mdlm_steps} must be >= 0 (0: all of them)"),
-              (not cfg.json_out or os.path.isdir(os.path.dirname(os.path.abspath(cfg.json_out))),
-               f"--json_out={cfg.json_out}: its folder does not exist")]
+              (set(cfg.schedules.split(",")) <= {"random", "strided"}, f"--schedules={cfg.schedules} must be random, "
+               "strided or both, separated by a comma"),
+              (not cfg.json_out or os.path.isdir(os.path.dirname(os.path.abspath(cfg.json_out)))
+               and not os.path.isdir(cfg.json_out), f"--json_out={cfg.json_out} must name a file in a folder that "
+               "exists")]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
@@ -506,8 +520,7 @@ def main(argv=None):
     device = pick_device(cfg.device)
     rows = benches[cfg.what](cfg, device)
     if cfg.json_out:
-        with open(cfg.json_out, "w") as f:
-            json.dump(rows, f, indent=1)
+        atomic_write(cfg.json_out, lambda f: json.dump(rows, f, indent=1), "w")
 
 
 if __name__ == "__main__":

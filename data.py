@@ -126,7 +126,8 @@ def encoded(pieces, encode, threads=1):
 
 
 def prepare(dataset, data_dir="data"):
-    """Build data/<dataset>/{train,val}.bin and meta.pkl if missing; return the meta dict. The text is streamed:
+    """Build data/<dataset>/{train,val}.bin and meta.pkl if missing, or again if input.txt has changed since (its
+    size or modification time); return the meta dict. The text is streamed:
     memory stays bounded (a few pieces of PIECE characters) however large input.txt is. BPE datasets keep only
     the GPT-2 tokens that occur in the text, renumbered densely (meta['gpt2_ids'] maps them back): Tiny
     Shakespeare uses 11,706 of GPT-2's 50,257, so the output layer is 4x smaller and the token sequences are
@@ -134,8 +135,10 @@ def prepare(dataset, data_dir="data"):
     out = os.path.join(data_dir, dataset)
     meta_path = os.path.join(out, "meta.pkl")
     bins = [os.path.join(out, f"{s}.bin") for s in ("train", "val")]
-    if not (os.path.exists(meta_path) and all(map(os.path.exists, bins))):
-        src = _input_path(dataset, data_dir)
+    src = _input_path(dataset, data_dir)
+    if not (os.path.exists(meta_path) and all(map(os.path.exists, bins))) or _changed(src, meta_path):
+        if os.path.exists(meta_path):
+            tqdm.write(f"{src} has changed since {out} was prepared from it: preparing it again")
         if not os.path.exists(src):
             if os.path.basename(os.path.dirname(src)) != "shakespeare":
                 raise UserError(f"dataset '{dataset}' needs its text at {src}")
@@ -144,6 +147,9 @@ def prepare(dataset, data_dir="data"):
         n, chars = count_chars(src, chars=char_level)
         if n < 100:
             raise UserError(f"{src} holds {n} characters; a dataset needs at least a few thousand")
+        if char_level and len(chars) > 1 << 16:
+            raise UserError(f"{src} holds {len(chars):,} distinct characters, more than the 65,536 ids a character "
+                            f"dataset stores; use --dataset={dataset.removesuffix('_char')} (BPE)")
         os.makedirs(out, exist_ok=True)
         bar = tqdm(total=n, unit="char", unit_scale=True, desc=f"preparing {dataset}", leave=False,
                    disable=n < 50_000_000)
@@ -170,12 +176,34 @@ def prepare(dataset, data_dir="data"):
                 del ids
                 os.remove(tmp)
             meta = {"vocab_size": len(used), "tokenizer": "gpt2", "gpt2_ids": used.tolist()}
+        meta["source"] = _stamp(src)  # the bins are the text's as long as it has this size and time (_changed)
         bar.close()
         atomic_write(meta_path, lambda f: pickle.dump(meta, f))
     with open(meta_path, "rb") as f:
         meta = pickle.load(f)
     meta.setdefault("tokenizer", "char" if "stoi" in meta else "gpt2")  # a meta.pkl written by nanoGPT
     return meta
+
+
+def _stamp(path):
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _changed(src, meta_path):
+    """Has input.txt changed since its bins were written? (Only if both are there and the meta says what it was:
+    bins without their text, or from nanoGPT's prepare, are taken as they are.)"""
+    if not (os.path.exists(src) and os.path.exists(meta_path)):
+        return False
+    with open(meta_path, "rb") as f:
+        stamp = pickle.load(f).get("source")
+    return stamp is not None and stamp != _stamp(src)
+
+
+def tokenizer_of(meta):
+    """What makes two metas the same tokenizer: its kind and its vocabulary, in id order."""
+    vocab = [meta["itos"][i] for i in range(meta["vocab_size"])] if "itos" in meta else meta.get("gpt2_ids")
+    return meta.get("tokenizer", "char" if "itos" in meta else "gpt2"), meta["vocab_size"], vocab
 
 
 def write_bins(paths, tokens, bar):

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, run_cli
 from data import (atomic_write, eval_batches, get_batch, load_checkpoint, load_split, prepare, save_checkpoint,
-                  token_bytes)
+                  token_bytes, tokenizer_of)
 from model import DENOISERS, GPT, GPTConfig, diffusion_rows, has_likelihood, iw_nll, nelbo, stratified_times, unwrap
 
 @dataclass
@@ -101,7 +101,7 @@ PRESETS = {
 MODEL_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "denoiser")
 KEPT_ON_RESUME = MODEL_KEYS[:1] + MODEL_KEYS[2:] + ("alpha_0", "batch_split", "dataset", "optimizer")
 # where and how this process runs: flags a resumed run never takes from its checkpoint
-RUN_KEYS = ("init_from", "eval_only", "out_dir", "data_dir", "device", "dtype", "compile", "backend")
+RUN_KEYS = ("init_from", "eval_only", "out_dir", "device", "dtype", "compile", "backend")
 
 
 
@@ -257,6 +257,10 @@ class Trainer:
         self.accum = cfg.gradient_accumulation_steps // self.world
         self.ctx, cfg.dtype = autocast_context(self.device, cfg.dtype)
         self.load_data()
+        if ckpt is not None and tokenizer_of(ckpt["meta"]) != tokenizer_of(self.meta):
+            raise UserError(f"{cfg.out_dir}'s checkpoint was trained with another tokenizer than {cfg.data_dir}/"
+                            f"{cfg.dataset}/meta.pkl (its input.txt has changed since?); train from scratch into "
+                            "another --out_dir")
         self.build_model(ckpt)
 
     def log(self, msg):

@@ -57,14 +57,13 @@ def test_two_processes_give_the_same_bits(data_dir, tmp_path):
 def test_resume_continues_the_state_exactly(data_dir, tmp_path):
     """A run stopped at iteration 3 and resumed to 6, with 2 micro-batches per iteration, ends in the very state
     (weights and optimizer) of a run straight to 6: the data, the noise and the optimizer carry over, and so do
-    the flags: the resumed run is given only where it runs and how far (every other flag is its checkpoint's)."""
+    the flags (the data folder included): the resumed run is given only its device, out_dir and max_iters."""
     common = [*TINY_TRAIN, f"--data_dir={data_dir}", "--eval_interval=3", "--gradient_accumulation_steps=2",
               "--alpha_0=0.5", "--lr_decay_iters=6", "--loss_type=low_var", "--learning_rate=3e-3", "--seed=7",
               "--batch_split=0.25"]  # lr_decay_iters: the schedule of the whole run, whatever max_iters says
     assert cli("train.py", *common, f"--out_dir={tmp_path / 'straight'}", "--max_iters=6").returncode == 0
     assert cli("train.py", *common, f"--out_dir={tmp_path / 'resumed'}", "--max_iters=3").returncode == 0
-    r = cli("train.py", f"--data_dir={data_dir}", "--device=cpu", f"--out_dir={tmp_path / 'resumed'}", "--max_iters=6",
-            "--init_from=resume")
+    r = cli("train.py", "--device=cpu", f"--out_dir={tmp_path / 'resumed'}", "--max_iters=6", "--init_from=resume")
     assert r.returncode == 0 and min(losses(r.stdout)) == 4, r.stderr
     assert_same_state(tmp_path / "straight" / "last.pt", tmp_path / "resumed" / "last.pt")
 

@@ -199,7 +199,7 @@ def test_bench_tables(tmp_path):
     thrown away)."""
     out = tmp_path / "rows.json"
     tiny = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--device=cpu", f"--json_out={out}"]
-    r = conftest.run("bench.py", "--lengths=16,32", "--small_steps=4", *tiny)
+    r = conftest.run("bench.py", "--lengths=16,32", "--small_steps=4", "--mdlm_steps=2", *tiny)
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())
     schedules = ["NFE=L"] * 3 + ["T=4"] * 2
@@ -207,6 +207,10 @@ def test_bench_tables(tmp_path):
     assert all(row["nfe"] == row["L"] for row in rows if row["sampler"].startswith("AR"))
     assert all(row["nfe"] <= 4 for row in rows if row["schedule"] == "T=4")
     assert r.stdout.count("cached is") == 4
+    assert len(re.findall(r"cached / AR [0-9.]+ \[[0-9.]+-[0-9.]+\]", r.stdout)) == 2, "per round, with the range"
+    for cached, mdlm in zip(rows, rows[1:]):  # MDLM timed on 2 steps, its NFE that of the schedule drawn (α0 = 1 both)
+        if cached["sampler"].startswith("Eso-LM"):
+            assert mdlm["extrapolated"] and mdlm["nfe"] == cached["nfe"], (cached, mdlm)
     for cached, mdlm in zip(rows, rows[1:]):  # the speed-up over MDLM: the median of the rounds' ratios, their range
         if cached["sampler"].startswith("Eso-LM"):
             assert mdlm["sampler"].startswith("MDLM") and len(cached["seconds_rounds"]) == 3

@@ -207,6 +207,24 @@ def test_prepare_streams_in_pieces(data_dir, monkeypatch):
     assert whole["tiny"][0]["vocab_size"] > 0
 
 
+def test_a_changed_text_is_prepared_again_and_a_checkpoint_keeps_its_tokenizer(data_dir, tmp_path):
+    """An input.txt edited after it was prepared is prepared again; a run resumed from a checkpoint whose tokenizer
+    the new text no longer has stops in one line (its data folder is the checkpoint's); a character dataset of more
+    distinct characters than its uint16 ids can hold is refused."""
+    out = tmp_path / "o"
+    assert cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=1").returncode == 0
+    assert "Z" not in prepare("tiny_char", str(data_dir))["stoi"]
+    (data_dir / "tiny" / "input.txt").write_text(TEXT + "Zebra!\n")
+    r = cli("train.py", "--init_from=resume", f"--out_dir={out}", "--device=cpu", "--max_iters=2")
+    assert r.returncode == 1 and "trained with another tokenizer" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert "has changed since" in r.stdout and "Z" in prepare("tiny_char", str(data_dir))["stoi"]
+    os.makedirs(data_dir / "wide")
+    wide = "".join(chr(i) for i in range(0x100, 0x11200) if not 0xD800 <= i < 0xE000)  # 67,840 distinct characters
+    (data_dir / "wide" / "input.txt").write_text(wide)
+    with pytest.raises(ValueError, match="65,536 ids a character dataset stores; use --dataset=wide"):
+        prepare("wide_char", str(data_dir))
+
+
 def test_prepare_reads_any_bytes_as_it_counts_them(tmp_path):
     """Windows line endings, a stray Latin-1 byte and a file cut inside a UTF-8 character: the text is read with
     universal newlines and replacement characters, counted the same way, split 90/10 by those characters,
