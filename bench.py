@@ -280,7 +280,9 @@ def bench_frontier(cfg, device):
             raise UserError(f"{out_dir} samples {ckpt['model_args']['block_size']} tokens, more than the scorer's "
                             f"block size {scorer.config.block_size}")
     scfg = scorer_ckpt["config"]
-    prepare(scfg["dataset"], scfg["data_dir"])  # (its val split: prepared again if missing)
+    if tokenizer_of(prepare(scfg["dataset"], scfg["data_dir"])) != tokenizer_of(scorer_ckpt["meta"]):
+        raise UserError(f"the scorer {cfg.scorer} was trained with another tokenizer than {scfg['data_dir']}/"
+                        f"{scfg['dataset']}/meta.pkl (its input.txt has changed since?): its val text cannot be scored")
     val = load_split(scfg["dataset"], "val", scfg["data_dir"])
     real = get_batch(val, cfg.num_samples, scorer.config.block_size, device, torch.Generator().manual_seed(cfg.seed))
     with torch.no_grad():

@@ -13,6 +13,7 @@ if that exists, as nanoGPT's `shakespeare_char` folder has one).
 Checkpoints are files too: train.py writes them and every script reads them through load_checkpoint.
 """
 import collections
+import hashlib
 import itertools
 import os
 import pickle
@@ -126,8 +127,8 @@ def encoded(pieces, encode, threads=1):
 
 
 def prepare(dataset, data_dir="data"):
-    """Build data/<dataset>/{train,val}.bin and meta.pkl if missing, or again if input.txt has changed since (its
-    size or modification time); return the meta dict. The text is streamed:
+    """Build data/<dataset>/{train,val}.bin and meta.pkl if missing, or again if input.txt has changed since
+    (_changed); return the meta dict. The text is streamed:
     memory stays bounded (a few pieces of PIECE characters) however large input.txt is. BPE datasets keep only
     the GPT-2 tokens that occur in the text, renumbered densely (meta['gpt2_ids'] maps them back): Tiny
     Shakespeare uses 11,706 of GPT-2's 50,257, so the output layer is 4x smaller and the token sequences are
@@ -136,13 +137,15 @@ def prepare(dataset, data_dir="data"):
     meta_path = os.path.join(out, "meta.pkl")
     bins = [os.path.join(out, f"{s}.bin") for s in ("train", "val")]
     src = _input_path(dataset, data_dir)
-    if not (os.path.exists(meta_path) and all(map(os.path.exists, bins))) or _changed(src, meta_path):
-        if os.path.exists(meta_path):
-            tqdm.write(f"{src} has changed since {out} was prepared from it: preparing it again")
+    changed = _changed(src, meta_path)
+    if changed:
+        tqdm.write(f"{src} has changed since {out} was prepared from it: preparing it again")
+    if changed or not (os.path.exists(meta_path) and all(map(os.path.exists, bins))):
         if not os.path.exists(src):
             if os.path.basename(os.path.dirname(src)) != "shakespeare":
                 raise UserError(f"dataset '{dataset}' needs its text at {src}")
             _download_shakespeare(src)
+        source = _stamp(src)  # (before reading it: a text edited while it is prepared is prepared again next time)
         char_level = dataset.endswith("_char")
         n, chars = count_chars(src, chars=char_level)
         if n < 100:
@@ -176,7 +179,7 @@ def prepare(dataset, data_dir="data"):
                 del ids
                 os.remove(tmp)
             meta = {"vocab_size": len(used), "tokenizer": "gpt2", "gpt2_ids": used.tolist()}
-        meta["source"] = _stamp(src)  # the bins are the text's as long as it has this size and time (_changed)
+        meta["source"] = source
         bar.close()
         atomic_write(meta_path, lambda f: pickle.dump(meta, f))
     with open(meta_path, "rb") as f:
@@ -186,18 +189,33 @@ def prepare(dataset, data_dir="data"):
 
 
 def _stamp(path):
-    st = os.stat(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    """What the bins were made from: the text's size, modification time and SHA-256."""
+    st, sha = os.stat(path), hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            sha.update(block)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha.hexdigest()}
 
 
 def _changed(src, meta_path):
-    """Has input.txt changed since its bins were written? (Only if both are there and the meta says what it was:
-    bins without their text, or from nanoGPT's prepare, are taken as they are.)"""
+    """Has input.txt changed since its bins were written? Its size and time say it has not, without reading it; if
+    they differ (a copy, a checkout), its hash decides, and a text that is the same gets the new time in the meta
+    when the folder is writable. Bins without their text, or without a stamp (nanoGPT's), are taken as they are."""
     if not (os.path.exists(src) and os.path.exists(meta_path)):
         return False
     with open(meta_path, "rb") as f:
-        stamp = pickle.load(f).get("source")
-    return stamp is not None and stamp != _stamp(src)
+        meta = pickle.load(f)
+    old, st = meta.get("source"), os.stat(src)
+    if old is None or (old["size"], old["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
+        return False
+    new = _stamp(src)
+    if new["sha256"] != old.get("sha256"):
+        return True
+    try:
+        atomic_write(meta_path, lambda f: pickle.dump({**meta, "source": new}, f))
+    except OSError:  # a read-only data folder: the hash is read again next time
+        pass
+    return False
 
 
 def tokenizer_of(meta):

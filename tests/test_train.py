@@ -208,13 +208,18 @@ def test_prepare_streams_in_pieces(data_dir, monkeypatch):
 
 
 def test_a_changed_text_is_prepared_again_and_a_checkpoint_keeps_its_tokenizer(data_dir, tmp_path):
-    """An input.txt edited after it was prepared is prepared again; a run resumed from a checkpoint whose tokenizer
-    the new text no longer has stops in one line (its data folder is the checkpoint's); a character dataset of more
-    distinct characters than its uint16 ids can hold is refused."""
+    """An input.txt edited after it was prepared is prepared again, one only touched is not; a run resumed from a
+    checkpoint whose tokenizer the new text no longer has stops in one line (its data folder is the checkpoint's);
+    a character dataset of more distinct characters than its uint16 ids can hold is refused."""
     out = tmp_path / "o"
     assert cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=1").returncode == 0
     assert "Z" not in prepare("tiny_char", str(data_dir))["stoi"]
-    (data_dir / "tiny" / "input.txt").write_text(TEXT + "Zebra!\n")
+    text, train_bin = data_dir / "tiny" / "input.txt", data_dir / "tiny_char" / "train.bin"
+    written = train_bin.stat().st_mtime_ns
+    os.utime(text, ns=(text.stat().st_atime_ns, text.stat().st_mtime_ns + 10 ** 9))  # touched (a copy, a checkout)
+    assert prepare("tiny_char", str(data_dir))["source"]["mtime_ns"] == text.stat().st_mtime_ns
+    assert train_bin.stat().st_mtime_ns == written, "the same text is not prepared again"
+    text.write_text(TEXT + "Zebra!\n")
     r = cli("train.py", "--init_from=resume", f"--out_dir={out}", "--device=cpu", "--max_iters=2")
     assert r.returncode == 1 and "trained with another tokenizer" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert "has changed since" in r.stdout and "Z" in prepare("tiny_char", str(data_dir))["stoi"]
