@@ -81,6 +81,19 @@ def test_schedule_counts_and_nfe():
     assert plan(torch.ones(100, dtype=torch.bool), 2, 8, 0.0, g)[1] == [1] * 100, "α0 = 0: NFE = L"
     mean = sum(sum(diffusion_counts(100, 16, 0.5, g)) for _ in range(400)) / 400
     assert abs(mean - 50) < 1.5, f"the diffusion share is Binomial(L, α0): mean {mean}"
+    per_step = torch.tensor([diffusion_counts(1000, 4, 0.5, g) for _ in range(100)]).float().mean(0)
+    assert (per_step - 125).abs().max() < 5, f"Alg. 2: each of T steps takes L α0 / T tokens on average, {per_step}"
+
+
+def test_temperature_divides_the_logits():
+    """Sampling at temperature τ draws exactly what sampling logits / τ at temperature 1 draws, with the same noise;
+    τ = 0 is the argmax."""
+    logits = torch.randn(3, 5, 9)
+    for tau, top_p in ((0.5, 1.0), (2.0, 0.9)):
+        draw = lambda lg, t: sample_tokens(lg, t, top_p, torch.Generator().manual_seed(3))
+        assert torch.equal(draw(logits, tau), draw(logits / tau, 1.0))
+        assert not torch.equal(draw(logits, tau), draw(logits, 1.0)), "a temperature changes the draws"
+    assert torch.equal(sample_tokens(logits, 0.0), logits[..., :-1].argmax(-1))
 
 
 def test_nfe_counts_the_forward_passes():
@@ -382,6 +395,8 @@ def test_generation_past_the_block_size():
         assert offsets == [min(k * i, 70 - 24) for i in range(len(offsets))] and offsets[-1] == 70 - 24, offsets
         for s in steps[True]:
             if s["step"] == 0 and s["offset"]:  # a window's given slots: the text before its new tokens
+                previous = offsets[offsets.index(s["offset"]) - 1]
+                assert s["done"] == previous + 24 - s["offset"] > 0, "a window's prompt is the text before it"
                 given = s["order"][:, : s["done"]] + s["offset"]
                 assert torch.equal(s["x"][:, : s["done"]], x.gather(1, given)), "a window's prompt is not the text"
 
@@ -401,6 +416,11 @@ def test_score_is_a_distribution_and_the_one_pass_likelihood():
             p.mul_(3)
     total = sum(math.exp(score(model, torch.tensor(s), 0.0, chunk=2)[0]) for s in itertools.product(range(3), repeat=5))
     assert abs(total - 1) < 1e-4, total
+    x = torch.tensor([[2, 0, 1, 1, 2]])  # windows [0, 4) and [1, 5): log p(x_0..3) + log p(x_4 | x_1..3)
+    ascending = lambda n: torch.arange(n)[None]
+    chain = (log_likelihood(model, x[:, :4], ascending(4)) + log_likelihood(model, x[:, 1:], ascending(4))
+             - log_likelihood(model, x[:, 1:4], ascending(3))).item()
+    assert abs(score(model, x[0], 0.0, chunk=2)[0] - chain) < 1e-5, "the second window is conditioned on the first"
     ids = torch.tensor([2, 0, 1, 1])
     order = likelihood_order(1, 4, 0.5, generator=torch.Generator().manual_seed(7))
     logp, surprise = score(model, ids, 0.5, K=1, seed=7)

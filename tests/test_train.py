@@ -33,7 +33,9 @@ def test_batches(data_dir):
     assert all(b.shape == (4, 16) for b in batches) and len(batches) == len(val) // 16 // 4
     assert torch.equal(batches[0][1], torch.from_numpy(val[16:32].astype(np.int64))), "consecutive windows"
     spread = list(eval_batches(val, 4, 16, max_windows=8))
-    assert len(spread) == 2
+    n = len(val) // 16
+    last = torch.from_numpy(val[(n - 1) * 16: n * 16].astype(np.int64))
+    assert len(spread) == 2 and torch.equal(spread[-1][-1], last), "max_windows spreads its windows to the last one"
 
 
 def test_train_writes_checkpoint_and_eval_json_then_resumes(data_dir, tmp_path):
@@ -69,6 +71,21 @@ def test_train_writes_checkpoint_and_eval_json_then_resumes(data_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     best = torch.load(out / "ckpt.pt", weights_only=True)
     assert "NELBO" in r.stderr + r.stdout and json.loads((out / "eval.json").read_text())["iter"] == best["iter_num"]
+
+
+def test_the_final_eval_measures_the_best_weights(data_dir, tmp_path):
+    """A run whose best eval is not its last: the final eval (eval.json) measures ckpt.pt's weights, the same
+    numbers --eval_only gives from ckpt.pt, not the weights the run ended with."""
+    out = tmp_path / "out"
+    r = cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=3",
+            "--eval_interval=1", "--learning_rate=0.5")
+    best = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
+    assert r.returncode == 0 and best < 3, (r.stderr, best)
+    final = json.loads((out / "eval.json").read_text())
+    r = cli("train.py", f"--out_dir={out}", "--device=cpu", "--eval_only=True")
+    assert r.returncode == 0, r.stderr
+    again = json.loads((out / "eval.json").read_text())
+    assert final["iter"] == again["iter"] == best and abs(final["nelbo"] - again["nelbo"]) < 1e-6, (final, again)
 
 
 def test_always_save_checkpoint_keeps_the_latest(data_dir, tmp_path):
