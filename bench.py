@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, run_cli
 from data import atomic_write, get_batch, load_checkpoint, load_split, prepare, tokenizer_of
 from model import GPT, GPTConfig, Linear, few_rows_transposed, iw_nll, nelbo, sampling_products, unwrap
-from sample import generate, new_cache, plan
+from sample import check_environment, generate, new_cache, plan
 
 
 @dataclass
@@ -507,10 +507,7 @@ def validate(cfg, benches):
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
-    try:
-        few_rows_transposed()  # the environment's ESO_LM_FEW_ROWS
-    except ValueError as e:
-        raise UserError(str(e)) from e
+    check_environment()
 
 
 def main(argv=None):

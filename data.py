@@ -219,9 +219,10 @@ def _changed(src, meta_path):
 
 
 def tokenizer_of(meta):
-    """What makes two metas the same tokenizer: its kind and its vocabulary, in id order."""
+    """What makes two metas (prepare's, or a checkpoint's copy of one) the same tokenizer: its kind and its
+    vocabulary, in id order."""
     vocab = [meta["itos"][i] for i in range(meta["vocab_size"])] if "itos" in meta else meta.get("gpt2_ids")
-    return meta.get("tokenizer", "char" if "itos" in meta else "gpt2"), meta["vocab_size"], vocab
+    return meta["tokenizer"], meta["vocab_size"], vocab
 
 
 def write_bins(paths, tokens, bar):

@@ -312,8 +312,13 @@ def validate(cfg):
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
+    check_environment()
+
+
+def check_environment():
+    """The environment's ESO_LM_FEW_ROWS (model.few_rows_transposed), checked before anything runs."""
     try:
-        few_rows_transposed()  # the environment's ESO_LM_FEW_ROWS, checked before anything runs
+        few_rows_transposed()
     except ValueError as e:
         raise UserError(str(e)) from e
 

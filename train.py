@@ -482,12 +482,11 @@ def train(cfg, user_keys=()):
         while True:
             if run.all_ranks_agree(bool(stop)):  # every rank stops at the same iteration if any was signalled
                 stop += [1]
-                if it == 0 < cfg.max_iters:  # an untrained state replaces nothing in out_dir (eval_and_save)
-                    run.log("interrupted at iter 0, before any training: nothing saved")
-                else:
-                    if run.master:
-                        run.save(it, best=False)
-                    run.log(f"interrupted at iter {it}; resume with --init_from=resume --out_dir={cfg.out_dir}")
+                untrained = it == 0 < cfg.max_iters  # an untrained state replaces nothing in out_dir (eval_and_save)
+                if run.master and not untrained:
+                    run.save(it, best=False)
+                run.log("interrupted at iter 0, before any training: nothing saved" if untrained else
+                        f"interrupted at iter {it}; resume with --init_from=resume --out_dir={cfg.out_dir}")
                 break
             # >=: a run resumed past its max_iters evaluates too (saving ckpt.pt if it never has) before its final eval
             if (it % cfg.eval_interval == 0 or it >= cfg.max_iters) and not cfg.eval_only:
