@@ -363,12 +363,28 @@ def bench_prepare(cfg, device):
     return rows
 
 
+# ops that make a view, allocate, or pass their input through: no kernel runs (on a GPU, none is launched)
+NO_KERNEL = frozenset(f"aten::{op}" for op in (
+    "view as_strided transpose t permute slice select expand expand_as unsqueeze squeeze alias reshape _unsafe_view "
+    "flatten narrow resolve_conj resolve_neg empty empty_like empty_strided lift_fresh detach contiguous to "
+    "dropout result_type").split())
+
+
+def kernels(events):
+    """How many of the profiled events ran a kernel: an aten op outside NO_KERNEL, or one of Inductor's fused C++
+    kernels, that calls none itself (aten::layer_norm calls native_layer_norm, which is counted once)."""
+    runs = lambda e: (e.name.startswith("aten::") and e.name not in NO_KERNEL) or "cpp_fused" in e.name
+    inner = lambda e: any(runs(c) or inner(c) for c in e.cpu_children)
+    return sum(runs(e) and not inner(e) for e in events)
+
+
 def bench_profile(cfg, device):
     """Where the time of a cached sampling step goes (Eso-LM (B), batch 1, NFE = L, L the last of --lengths):
-    under torch.profiler, the op calls per step (nested ones counted) and ms per step by op (CPU-side: on a GPU
-    that is launch overhead); then, unprofiled, in --rounds interleaved rounds: the step, its weight products
-    alone (the same Linear modules, rows and layout: the step's floor), and AR decoding through the same cache;
-    with --compile=True also the static-shape step of sample.py --compile=True, eager and compiled."""
+    under torch.profiler, the op calls per step (nested ones counted), how many of them run a kernel, and ms per
+    step by op (CPU-side: on a GPU that is launch overhead); then, unprofiled, in --rounds interleaved rounds: the
+    step, its weight products alone (the same Linear modules, rows and layout: the step's floor), and AR decoding
+    through the same cache; with --compile=True also the static-shape step of sample.py --compile=True, eager and
+    compiled (on the CPU, its op calls and kernels counted as the eager step's)."""
     L = int(cfg.lengths.split(",")[-1])
     torch.manual_seed(0)
     model = GPT(GPTConfig(L, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd)).to(device).eval()
@@ -384,10 +400,11 @@ def bench_profile(cfg, device):
     groups = {}
     for key, ms in per_step.items():
         groups[group(key)] = groups.get(group(key), 0) + ms
-    calls = len(prof.events()) / nfe
+    calls, launched = len(prof.events()) / nfe, kernels(prof.events()) / nfe
+    mm_calls = sum(e.count for e in ops if group(e.key) == "matrix products") / nfe
     print(f"one cached sampling step, L={L}, NFE={nfe}, {cfg.n_layer} x {cfg.n_embd}, {device}, "
-          f"{torch.get_num_threads()} threads: {calls:.0f} op calls (nested ones counted); under torch.profiler "
-          f"{sum(per_step.values()):.2f} ms, of which")
+          f"{torch.get_num_threads()} threads: {calls:.0f} op calls (nested ones counted), {launched:.0f} of which run a "
+          f"kernel (the rest make views or allocate); under torch.profiler {sum(per_step.values()):.2f} ms, of which")
     for name, ms in groups.items():
         print(f"  {name:<20} {ms:7.3f} ms")
     print(f"  {'op':<52} {'ms/step':>8} {'calls/step':>10}")
@@ -411,8 +428,16 @@ def bench_profile(cfg, device):
         cache = new_cache(model, 1, L, device, static=True)
         static_run = lambda net: generate(net, template, 1, 10 ** 6, 1.0, top_p=1.0, static=True, cache=cache)[1]
         net = torch.compile(model, mode="reduce-overhead")
-        for _ in range(2):  # as sample.py: every step shape compiled and warmed up before anything is timed
-            static_run(net)
+        with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):  # C++ kernels seen by the profiler
+            for _ in range(2):  # as sample.py: every step shape compiled and warmed up before anything is timed
+                static_run(net)
+        if device == "cpu":  # (on a GPU the profiler would see one CUDA graph replay per step)
+            with torch.profiler.profile() as prof:
+                steps = static_run(net)
+            fused = sum("cpp_fused" in e.name for e in prof.events()) / steps
+            compiled_calls, compiled_launched = len(prof.events()) / steps, kernels(prof.events()) / steps
+            print(f"the compiled static step: {compiled_calls:.0f} op calls, {compiled_launched:.0f} of which run a "
+                  f"kernel ({fused:.0f} of Inductor's fused C++ kernels, the rest products, attention and sampling)")
         runs.update({"static step, eager": lambda: static_run(model), "static step, compiled": lambda: static_run(net)})
     ms = {name: [] for name in runs}
     for _ in range(cfg.rounds):
@@ -425,7 +450,7 @@ def bench_profile(cfg, device):
     print(f"unprofiled, median of {cfg.rounds} interleaved rounds: " +
           ", ".join(f"{k} {statistics.median(v):.2f} ms" for k, v in ms.items()) +
           f"; the step is {said(floor)} its products alone and {said(ar)} an AR step")
-    row = dict(L=L, nfe=nfe, op_calls_per_step=calls, products_per_step=len(lins),
+    row = dict(L=L, nfe=nfe, op_calls_per_step=calls, kernels_per_step=launched, products_per_step=mm_calls,
                **{f"{k} ms": v for k, v in groups.items()}, **{f"{k} ms rounds": v for k, v in ms.items()},
                step_over_products=statistics.median(floor), step_over_ar=statistics.median(ar))
     if cfg.compile:
@@ -433,6 +458,8 @@ def bench_profile(cfg, device):
         print(f"the compiled static step is {said(compiled)} the eager step; run eagerly, the static step (a padded "
               f"chunk, all {L} cache slots read) is {said(static)} it")
         row.update(compiled_over_eager=statistics.median(compiled), static_over_eager=statistics.median(static))
+        if device == "cpu":
+            row.update(compiled_op_calls_per_step=compiled_calls, compiled_kernels_per_step=compiled_launched)
     return [row]
 
 

@@ -112,3 +112,22 @@ def test_inductor_compiles_the_static_sampler_with_in_place_cache_writes():
     code = "\n".join(code)
     assert code.count("empty_strided_cpu((") > 10 and code.count("empty_strided_cpu((1, 2, 40, 16)") == 0, \
         "a compiled step copies a layer's cache"
+
+
+def test_profile_counts_the_kernels_a_compiled_step_runs():
+    """bench.py --what=profile --compile=True on a tiny model: kernels() counts the ops that run a kernel (a view or
+    an allocation is none; a wrapper that calls one is counted once), and the compiled static step, in which
+    Inductor fuses the elementwise ops, runs fewer of them than the eager step, with the same matrix products."""
+    x = torch.randn(4, 6)
+    with torch.profiler.profile() as prof:
+        x.t().contiguous()  # a copy: 1
+        torch.nn.functional.layer_norm(x, (6,))  # layer_norm -> native_layer_norm: 1
+        x.view(24)[2:].unsqueeze(0)  # views: 0
+        x.to(torch.float32)  # already fp32: 0
+        x @ x.t()  # mm: 1
+    assert bench.kernels(prof.events()) == 3, [e.name for e in prof.events()]
+    torch._dynamo.reset()
+    cfg = bench.BenchConfig(what="profile", lengths="16", n_layer=1, n_head=2, n_embd=16, rounds=1, compile=True)
+    (row,) = bench.bench_profile(cfg, "cpu")
+    assert row["products_per_step"] == 5 and row["op_calls_per_step"] > row["compiled_op_calls_per_step"]
+    assert row["kernels_per_step"] > row["compiled_kernels_per_step"] > 5, row
