@@ -1,7 +1,7 @@
 """
 Benchmarks that print tables (timings live here, never in tests). Sampling follows the paper's latency protocol
-(§5.6: batch 1, T = 10^6 so that NFE = L, nucleus off) on a fixed randomly initialised model (speed does not
-depend on the weights):
+(Sec. 5.3, Table 11: batch 1, T = 10^6 so that NFE ≈ L, nucleus off) on a fixed randomly initialised model
+(speed does not depend on the weights):
 
     python bench.py                      # sampling: Eso-LM (B) cached vs MDLM vs AR decoding, L = 256, 1024
     python bench.py --what=train         # one training iteration: hybrid (α0=.5) vs diffusion (α0=1) vs AR
@@ -37,7 +37,7 @@ from sample import check_environment, generate, new_cache, plan
 @dataclass
 class BenchConfig:
     what: str = "sample"  # sample, train, frontier, prepare, linear, profile or gpu
-    lengths: str = "256,1024"  # sequence lengths for --what=sample
+    lengths: str = "256,1024"  # sequence lengths for --what=sample (linear and profile: the last one)
     small_steps: int = 32  # the "small T" column
     sample_batch: int = 1  # --what=sample: sequences sampled at once (the paper's latency protocol: 1)
     mdlm_steps: int = 128  # --what=sample: time this many MDLM steps and scale to NFE (0: run them all)
@@ -47,8 +47,8 @@ class BenchConfig:
     vocab_size: int = 65
     batch_size: int = 12  # --what=train
     block_size: int = 64  # --what=train
-    iters: int = 20  # --what=train: timed iterations per row and round
-    rounds: int = 3  # --what=sample and train: interleaved rounds; medians and the ratios' range are printed
+    iters: int = 20  # --what=train and linear: timed iterations per row (and round)
+    rounds: int = 3  # --what=sample, train, linear, profile: interleaved rounds; medians and ratio ranges printed
     compile: bool = False  # torch.compile the model (sampling: CUDA graphs over static shapes)
     optimizer: str = "muon"  # --what=train: the recipe's (muon) or adamw
     out_dirs: str = ""  # --what=frontier: comma-separated checkpoints to sample from
@@ -325,7 +325,6 @@ def bench_prepare(cfg, device):
     import subprocess
     import sys
     import tempfile
-    from data import prepare
     prepare("shakespeare")  # the lines to shuffle (downloaded if missing)
     lines = open(os.path.join("data", "shakespeare", "input.txt"), encoding="utf-8").read().splitlines(keepends=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -403,8 +402,8 @@ def bench_profile(cfg, device):
     calls, launched = len(prof.events()) / nfe, kernels(prof.events()) / nfe
     mm_calls = sum(e.count for e in ops if group(e.key) == "matrix products") / nfe
     print(f"one cached sampling step, L={L}, NFE={nfe}, {cfg.n_layer} x {cfg.n_embd}, {device}, "
-          f"{torch.get_num_threads()} threads: {calls:.0f} op calls (nested ones counted), {launched:.0f} of which run a "
-          f"kernel (the rest make views or allocate); under torch.profiler {sum(per_step.values()):.2f} ms, of which")
+          f"{torch.get_num_threads()} threads: {calls:.0f} op calls (nested ones counted), {launched:.0f} of which run "
+          f"a kernel (the rest make views or allocate); under torch.profiler {sum(per_step.values()):.2f} ms, of which")
     for name, ms in groups.items():
         print(f"  {name:<20} {ms:7.3f} ms")
     print(f"  {'op':<52} {'ms/step':>8} {'calls/step':>10}")

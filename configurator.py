@@ -1,7 +1,7 @@
 """
 What every script shares: the command line (nanoGPT-style but importable and strict), the device and the precision.
 
-    python train.py [config/file.py] --key=value --key value ...
+    python train.py [config_file.py] --key=value --key value ...
 
 A config is a dataclass; each flag names a field and is parsed to the field's type (ints, floats, bools,
 strings). Unknown keys, wrong types and files that don't exist are a `UserError`: the scripts print it as

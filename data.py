@@ -4,7 +4,8 @@ Datasets in nanoGPT's layout, built on first use:
     data/<name>/input.txt   raw text (Tiny Shakespeare is downloaded when missing)
     data/<name>/train.bin   uint16 tokens, first 90% of the text
     data/<name>/val.bin     uint16 tokens, last 10%
-    data/<name>/meta.pkl    {'vocab_size', 'tokenizer', 'stoi', 'itos'} (nanoGPT's meta.pkl, plus 'tokenizer')
+    data/<name>/meta.pkl    nanoGPT's meta.pkl: {'vocab_size', 'stoi', 'itos'} for characters, {'vocab_size',
+                            'gpt2_ids'} for BPE; plus 'tokenizer' and 'source' (input.txt's size, time, SHA-256)
 
 `--dataset=<name>` tokenises data/<name>/input.txt with GPT-2 BPE (tiktoken), as nanoGPT's `shakespeare`;
 `--dataset=<name>_char` tokenises the same text by characters (reading data/<name>_char/input.txt instead

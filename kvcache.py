@@ -1,6 +1,7 @@
 """
-The KV cache of the Eso-LM sampler (paper §5.3), in the gpt-fast spirit: one K and one V buffer per layer,
-preallocated for the batch and the sequence length, written by index, never grown by concatenation.
+The KV cache of the Eso-LM sampler (the paper's unified cache, Fig. 2), in the gpt-fast spirit: one K and one V
+buffer per layer, preallocated for the batch and the sequence length, written by index, never grown by
+concatenation.
 
 Slots [0, committed) hold the post-RoPE K/V of clean tokens, in denoising order; they never change.
 Before each forward pass the sampler says how many tokens it feeds and how many slots attention reads

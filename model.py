@@ -17,7 +17,7 @@ Changes that make small models train faster, from modded-nanoGPT:
   - every residual projection (c_proj) starts at zero, so each block starts as the identity;
   - the blocks' matrices are trained with Muon (configure_optimizers).
 The second half of the file is the method: orderings, masks, the hybrid NELBO (eq. 7) and the exact
-likelihood (§4). The sampler lives in sample.py, the KV cache in kvcache.py.
+likelihood (Theorem 3.1). The sampler lives in sample.py, the KV cache in kvcache.py.
 """
 import contextlib
 import functools
@@ -273,7 +273,7 @@ def unwrap(model):
 
 
 # -----------------------------------------------------------------------------
-# Orderings and attention masks (paper §3 and Suppl. B; Figs. 6, 9, 13)
+# Orderings and attention masks (paper Suppl. B; Figs. 6, 9, 13)
 # An ordering `order` (B, L) lists original positions in processing order: order[b, j] is the position
 # of the token processed j-th, so permute(x, order)[b, j] = x[b, order[b, j]], and that token's RoPE
 # position is order[b, j], not j. Sorted, every sequence is [clean tokens ; masks].
@@ -360,7 +360,7 @@ def sequential_mask(denoiser, n_clean, m, L):
 
 
 # -----------------------------------------------------------------------------
-# The hybrid NELBO (eq. 7) and the exact likelihood (§4). All in nats.
+# The hybrid NELBO (eq. 7) and the exact likelihood (Theorem 3.1). All in nats.
 
 EPS_T = 1e-3  # diffusion times live in [EPS_T, 1]: the weight α0/(1-α_t) stays below 1/EPS_T
 
@@ -380,8 +380,8 @@ def stratified_times(n, device=None, u=None, offset=0, total=None):
 
 
 def diffusion_loss(model, x, alpha_0, t=None, low_var=False):
-    """MDM term of eq. 7, per token: mean of w(t) * [-log p(x_l | z_t)] over the masked positions of z_t,
-    with α_t = α0 (1 - t) and w = α0 / (1 - α_t); low_var sets w = 1 (training only)."""
+    """MDM term of eq. 7, per token: w(t) * [-log p(x_l | z_t)] summed over the masked positions of z_t and
+    divided by all tokens of x, with α_t = α0 (1 - t) and w = α0 / (1 - α_t); low_var sets w = 1 (training only)."""
     n, L = x.shape
     config = unwrap(model).config
     t = stratified_times(n, x.device) if t is None else t
@@ -405,7 +405,7 @@ def sequential_nll(model, x, z0, order):
     the same RoPE positions: x is not given positions L..2L-1) through sequential_mask. `order` must put z0's
     clean tokens first (training's sequential_order then puts the masks left to right; the likelihood, in σ's
     order). Returns (B, m): row r is the r-th mask in σ order, 0 past a row's last mask. m changes from draw to
-    draw: for a compiled model it is marked dynamic, so that this pass is compiled once for every m."""
+    draw: for a compiled model it is marked dynamic, so that this pass is compiled once, for all m."""
     B, L = x.shape
     config = unwrap(model).config
     n_clean = L - (z0 == config.mask_id).sum(1)
@@ -432,7 +432,8 @@ def sequential_loss(model, x, alpha_0):
 
 
 def diffusion_rows(B, alpha_0, batch_split):
-    """How many of B rows get the MDM term: all at α0 = 1, none at α0 = 0, else int(κ B) (§2.1)."""
+    """How many of B rows get the MDM term (the paper's batch split κ): all at α0 = 1, none at α0 = 0, else
+    int(κ B)."""
     return B if alpha_0 == 1 else 0 if alpha_0 == 0 else int(batch_split * B)
 
 
@@ -496,8 +497,8 @@ def log_likelihood(model, x, order):
 
 
 def iw_nll(model, x, alpha_0, K=1):
-    """Importance-weighted NLL per token (§4): -log mean_k p(x | σ_k), σ_k ~ P_L^{α0}. It is an upper bound
-    on -log p(x) that decreases with K towards it."""
+    """Importance-weighted NLL per token (Theorem 3.1, Suppl. B.2-B.3): -log mean_k p(x | σ_k), σ_k ~ P_L^{α0}.
+    It is an upper bound on -log p(x) that decreases with K towards it."""
     B, L = x.shape
     logp = torch.stack([log_likelihood(model, x, likelihood_order(B, L, alpha_0, x.device)) for _ in range(K)])
     return -(logp.logsumexp(dim=0) - math.log(K)) / L  # (B,)

@@ -1,6 +1,6 @@
 """
-Sample from a trained Eso-LM with the exact KV cache (paper §5), or score a text with its exact likelihood
-(§4). Right after `python train.py`:
+Sample from a trained Eso-LM with the exact KV cache (paper Alg. 2, Fig. 2), or score a text with its exact likelihood
+(Theorem 3.1). Right after `python train.py`:
 
     python sample.py --steps 32                       # from the checkpoint train.py wrote last
     python sample.py --start "ROMEO:" --alpha_0 0.25  # a prompt; a quarter of the tokens by diffusion
@@ -36,15 +36,16 @@ GAP = "_"  # in --infill text, each '_' is one token to generate
 
 
 # -----------------------------------------------------------------------------
-# the schedule (§5.1, Alg. 2)
+# the schedule (Alg. 2)
 
 def diffusion_counts(n, steps, alpha_0, generator=None):
     """Tokens revealed per diffusion step, empty steps dropped. Alg. 2 draws, for t = 1, 1-1/T, ..., 1/T,
     n_t ~ Binomial(masks left, (α_s - α_t)/(1 - α_t)) with α_t = α0 (1 - t): a Binomial chain, i.e. a
     Multinomial(n; α0/T, ..., α0/T, 1 - α0). We draw that Multinomial one token at a time (a token is in
     diffusion step i when u ∈ [iα0/T, (i+1)α0/T), and left to the sequential phase when u >= α0):
-    the same law, with no Python loop over T, so T = 10^6 costs nothing."""
-    u = torch.rand(n, generator=generator)
+    the same law, with no Python loop over T, so T = 10^6 costs nothing. u is fp64: fp32 has only 2^24 values
+    in [0, 1), which would leave some of T steps more likely than others, and most empty once T passes 2^24."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
     step = (u[u < alpha_0] / alpha_0 * steps).long().clamp(max=steps - 1)
     return torch.unique_consecutive(step.sort().values, return_counts=True)[1].tolist()  # (no tensor of length T)
 
@@ -102,7 +103,7 @@ def sample_tokens(logits, temperature=1.0, top_p=0.9, generator=None):
 
 
 # -----------------------------------------------------------------------------
-# the sampler loop (§5.3)
+# the sampler loop (Fig. 2: one KV cache for both phases)
 
 def new_cache(model, batch_size, L, device, ctx=contextlib.nullcontext(), static=False):
     """A KVCache for `model`, its K/V in the dtype the model makes them (autocast's, else fp32); None for MDLM,
@@ -119,9 +120,9 @@ def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, 
     `sequential` chunks (of one token each) are the sequential phase. Each step feeds the tokens revealed at
     the previous step (now clean) and the masks to reveal now, with the mask of the model's denoiser
     (attention_mask in model.py):
-      B     cached in both phases: each step feeds only what the cache lacks (§5.3);
+      B     cached in both phases: each step feeds only what the cache lacks (Fig. 2);
       A     its clean tokens see each other, so a diffusion step changes all of their K/V: it feeds every clean
-            token at every diffusion step, and caches from the sequential phase on (§3);
+            token at every diffusion step, and caches from the sequential phase on (Fig. 15);
       mdlm  feeds all L tokens, masks still to come included, at every step, and never caches.
     kv_cache=False is the reference path: every step feeds every revealed token and the current masks from
     slot 0. Both paths draw the same noise, so they give the same tokens.
@@ -239,7 +240,7 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
 
 @torch.no_grad()
 def score(model, ids, alpha_0, K=16, chunk=0, seed=1337, ctx=contextlib.nullcontext()):
-    """The log-likelihood of the token sequence `ids` (L,) under an Eso-LM (B) (§4): the importance-weighted
+    """The log-likelihood of the token sequence `ids` (L,) under an Eso-LM (B) (Theorem 3.1): the importance-weighted
     estimate over K orderings σ ~ P^{α0} (eq. 22), log mean_k p(x | σ_k), a lower bound that rises to
     log p(x) as K grows; at α0 = 0 every ordering is left to right and it is the exact chain rule. A text
     longer than the block size is scored in the windows generate() samples it in: each window's own tokens
@@ -288,7 +289,7 @@ class SampleConfig:
     compile: bool = False  # torch.compile + CUDA graphs over static shapes; default True on CUDA
     trajectory: str = ""  # write the first sample's denoising trajectory (its first block) as an SVG here
     score: str = ""  # score this text (or FILE:path) instead of sampling: its log-likelihood and token surprises
-    score_k: int = 16  # orderings of the importance-weighted estimate (draws of the NELBO for A and MDLM)
+    score_k: int = 16  # orderings of the importance-weighted estimate (for A and MDLM: 2 score_k NELBO draws)
     score_svg: str = ""  # with --score: draw the text coloured by each token's surprise, as an SVG here
 
 

@@ -89,7 +89,7 @@ class TrainConfig:
 # dataset's tokenizer. The CPU character preset is nanoGPT's "baby" Shakespeare recipe (the defaults above,
 # with Muon); the CPU BPE preset stops after 1500 iterations (5.5 minutes on 2 cores). The GPU presets are
 # nanoGPT's train_shakespeare_char model for 2500 iterations (characters) and 1000 (BPE, a third as many tokens
-# per epoch); ckpt.pt keeps the best-val weights whatever comes after. They are not measured yet.
+# per epoch); ckpt.pt keeps the best-val weights whatever comes after. No figure of them is in the README.
 PRESETS = {
     ("cpu", "char"): {},
     ("cpu", "bpe"): dict(max_iters=1500),
@@ -99,7 +99,10 @@ PRESETS = {
                           max_iters=1000, eval_interval=100, eval_iters=100, log_interval=100, compile=True),
 }
 MODEL_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "denoiser")
-KEPT_ON_RESUME = MODEL_KEYS[:1] + MODEL_KEYS[2:] + ("alpha_0", "batch_split", "dataset", "optimizer")
+# the model's flags (but vocab_size, which comes from the data), the method's, the data and the optimizer: a resumed
+# run keeps them, and a user who gives one of them again must give the checkpoint's value
+KEPT_ON_RESUME = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "denoiser", "alpha_0", "batch_split",
+                  "dataset", "optimizer")
 # where and how this process runs: flags a resumed run never takes from its checkpoint
 RUN_KEYS = ("init_from", "eval_only", "out_dir", "device", "dtype", "compile", "backend")
 
@@ -114,7 +117,7 @@ def validate(cfg):
         (cfg.optimizer in ("adamw", "muon"), f"--optimizer={cfg.optimizer} must be adamw or muon"),
         (cfg.batch_size >= 1, f"--batch_size={cfg.batch_size} must be at least 1"),
         (cfg.block_size >= 1, f"--block_size={cfg.block_size} must be at least 1"),
-        (cfg.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
+        (1 <= cfg.gradient_accumulation_steps <= 10006, "--gradient_accumulation_steps must be in 1..10006"),
         (min(cfg.n_layer, cfg.n_head, cfg.n_embd) >= 1, "--n_layer, --n_head and --n_embd must be positive"),
         (cfg.n_embd % cfg.n_head == 0 and (cfg.n_embd // cfg.n_head) % 2 == 0,
          f"--n_embd={cfg.n_embd} must be --n_head={cfg.n_head} times an even head size (RoPE)"),
@@ -160,7 +163,8 @@ def get_lr(it, cfg):
 
 
 def micro_seed(seed, it, g):
-    """Seed of micro-batch g of iteration it: distinct for every (it, g) with fewer than 10007 micro-batches."""
+    """Seed of micro-batch g of iteration it: distinct for every (it, g) with 0 <= g < 10007. g = 10006 seeds the
+    iteration's diffusion times, so a batch has at most 10006 micro-batches (validate)."""
     return seed + 10007 * it + g
 
 
@@ -427,7 +431,7 @@ class Trainer:
             finite = all(map(math.isfinite, (*tr.values(), *va.values())))
             # the first eval of a trained model always improves; nothing is saved at iteration 0 of a run that goes
             # on (nanoGPT's rule), so that a run from scratch that diverges leaves the out_dir as it found it
-            improved = finite and va["nelbo"] < self.best_val and not it == 0 < cfg.max_iters
+            improved = finite and va["nelbo"] < self.best_val and not (it == 0 and cfg.max_iters > 0)
             if improved:
                 self.best_val, self.best_iter = va["nelbo"], it
             if finite and (improved or it > self.iter_num or it >= cfg.max_iters):
@@ -482,7 +486,8 @@ def train(cfg, user_keys=()):
         while True:
             if run.all_ranks_agree(bool(stop)):  # every rank stops at the same iteration if any was signalled
                 stop += [1]
-                untrained = it == 0 < cfg.max_iters  # an untrained state replaces nothing in out_dir (eval_and_save)
+                # an untrained state replaces nothing in out_dir (eval_and_save)
+                untrained = it == 0 and cfg.max_iters > 0
                 if run.master and not untrained:
                     run.save(it, best=False)
                 run.log("interrupted at iter 0, before any training: nothing saved" if untrained else

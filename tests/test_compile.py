@@ -36,7 +36,7 @@ def test_bf16_paths_run_on_cpu(data_dir, tmp_path):
 
 def test_compiled_training_compiles_two_graphs(data_dir, tmp_path, monkeypatch):
     """50 compiled iterations at α0 = 0.5 (aot_eager: AOTAutograd's tracing without Inductor's codegen) compile
-    GPT.forward twice: the diffusion pass, and the sequential pass once for every length m; the run ends where
+    GPT.forward twice: the diffusion pass, and the sequential pass once for all lengths m; the run ends where
     an eager run ends."""
     monkeypatch.setattr(torch, "compile", with_backend("aot_eager"))
     torch._dynamo.reset()
