@@ -32,13 +32,13 @@ from torch.nn import functional as F
 
 
 class Linear(nn.Linear):
-    """nn.Linear, except in a sampling step on the CPU. A cached step feeds 2 to 8 tokens, and how fast BLAS
-    multiplies so few rows depends on the machine: on an AMD EPYC, MKL computes F.linear (x Wᵀ) several times
-    slower than (W xᵀ)ᵀ (`python bench.py --what=linear` measures both on yours). The two round differently, so
-    which one runs is a fixed property of the machine, never a timing, which a busy machine would flip: (W xᵀ)ᵀ
-    on an AMD CPU with MKL, F.linear elsewhere; the environment variable ESO_LM_FEW_ROWS=linear or transposed
-    overrides it (few_rows_transposed). Every process of a machine samples the same tokens from the same seed.
-    Training and eval always run F.linear."""
+    """nn.Linear, except for few rows (2 to 8: batch × tokens fed) on the CPU while sampling, as in a cached
+    sequential step, which feeds 2 tokens. How fast BLAS multiplies so few rows depends on the machine: on an AMD
+    EPYC, MKL computes F.linear (x Wᵀ) several times slower than (W xᵀ)ᵀ (`python bench.py --what=linear`
+    measures both on yours). The two round differently, so which one runs is a fixed property of the machine,
+    never a timing, which a busy machine would flip: (W xᵀ)ᵀ on an AMD CPU with MKL, F.linear elsewhere; the
+    environment variable ESO_LM_FEW_ROWS=linear or transposed overrides it (few_rows_transposed). Every process
+    of a machine samples the same tokens from the same seed. Training and eval always run F.linear."""
     transpose_few_rows = False  # True while the sampler runs on a machine where (W xᵀ)ᵀ pays (sampling_products)
 
     def forward(self, x):
@@ -103,7 +103,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
 
-    def forward(self, x, rope, attn_mask, kv_cache=None, layer=0, rows=slice(None)):
+    def forward(self, x, rope, attn_mask, cache=None, layer=0, rows=slice(None)):
         """rope: (cos, sin) at each token's position; attn_mask: (T, keys) or (B, 1, T, keys), additive (0 or
         -inf), or None: everything visible. rows: the queries to compute (the last layer needs only the rows
         that get logits); every row gives K/V."""
@@ -118,8 +118,8 @@ class CausalSelfAttention(nn.Module):
         qk = qkv[:2].float()
         qk = rotary(qk / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min(1e-12), *rope)  # F.normalize
         q, k, v = qk[0, :, :, rows], qk[1], qkv[2]  # (B, nh, rows or T, hd)
-        if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)  # (B, nh, keys, hd): the committed slots and these
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nh, keys, hd): the committed slots and these
         if attn_mask is not None and rows != slice(None):
             attn_mask = attn_mask[..., rows, :]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=hd ** 0.5,
@@ -149,8 +149,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, attn_mask, kv_cache=None, layer=0, rows=slice(None)):
-        y = self.attn(self.ln_1(x), rope, attn_mask, kv_cache, layer, rows)
+    def forward(self, x, rope, attn_mask, cache=None, layer=0, rows=slice(None)):
+        y = self.attn(self.ln_1(x), rope, attn_mask, cache, layer, rows)
         x = (x if rows == slice(None) else x[:, rows]) + y
         return x + self.mlp(self.ln_2(x))
 
@@ -207,11 +207,12 @@ class GPT(nn.Module):
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, pos, attn_mask, kv_cache=None, out=slice(None), targets=None):
+    def forward(self, idx, pos, attn_mask, cache=None, out=slice(None), targets=None):
         """
         idx, pos: (B, T) token ids and their original positions, in the order the tokens are processed.
         attn_mask: (T, S) or (B, 1, T, S) bool, True where query t may attend to key s (with a cache, S is the
-        slots it reads: kv_cache.keys), or None: every token sees every other.
+        slots it reads: cache.keys), or None: every token sees every other.
+        cache: a KVCache (kvcache.py) that every layer writes its K/V to and reads the fed slots' K/V from, or None.
         out: the rows that get an output (a slice); the last layer computes only those queries.
         Returns fp32 logits (B, len(out), vocab_size + 1) with the mask token's logit at -1e6 or, given targets
         (B, len(out)), the per-token NLL (B, len(out)): computed only where targets >= 0, 0 elsewhere (nanoGPT's
@@ -225,7 +226,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx))
         last = len(self.transformer.h) - 1
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, rope, attn_mask, kv_cache, layer, out if layer == last else slice(None))
+            x = block(x, rope, attn_mask, cache, layer, out if layer == last else slice(None))
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.head(x)

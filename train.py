@@ -135,7 +135,7 @@ def validate(cfg):
         (cfg.denoiser in DENOISERS, f"--denoiser={cfg.denoiser} must be one of {', '.join(DENOISERS)}"),
         (cfg.denoiser != "mdlm" or cfg.alpha_0 == 1, f"--denoiser=mdlm is a pure diffusion model: it needs "
          f"--alpha_0=1, not {cfg.alpha_0}"),
-        (cfg.alpha_0 in (0, 1) or 0 < int(cfg.batch_split * cfg.batch_size) < cfg.batch_size,
+        (cfg.alpha_0 in (0, 1) or 0 < diffusion_rows(cfg.batch_size, cfg.alpha_0, cfg.batch_split) < cfg.batch_size,
          f"--batch_size={cfg.batch_size} with --batch_split={cfg.batch_split} leaves one half of the hybrid "
          "loss empty; use a larger batch"),
     ]

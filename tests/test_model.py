@@ -319,8 +319,8 @@ def test_iw_nll_decreases_with_k():
 def test_first_mask_of_the_diffusion_pass_is_the_likelihood_conditional():
     """In the diffusion pass the first mask after the clean prefix sees exactly that prefix and itself, as
     slot l of the one-pass likelihood does: the two give the same log-probability. (Later masks also see the
-    masks before them in σ, Fig. 6, which the likelihood pass never shows; that is why E[L^1] equals the
-    NELBO only for a denoiser that ignores them, Lemma B.3.)"""
+    masks before them in σ, Fig. 6, which the likelihood pass never shows; so E[L^1] and the NELBO, equal by
+    Lemma B.3 for the model it considers, can differ for this network unless it ignores those masks.)"""
     model = tiny_model(vocab_size=5, seed=1)
     torch.manual_seed(0)
     x = torch.randint(0, 5, (16, 8))
