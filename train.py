@@ -207,10 +207,10 @@ def evaluate(model, batches, cfg, ctx, ks=(1,), token_bytes=None):
     return metrics
 
 
-def report(metrics, meta, cfg, it):
+def report(metrics, meta, cfg, it, source):
     """The final printout: nats per token, bits per byte, bits per character (char data) and perplexity."""
     per_byte = f", {metrics['bytes_per_token']:.3f} UTF-8 bytes per token" if "bytes_per_token" in metrics else ""
-    lines = [f"final eval of the weights of iter {it} (ckpt.pt), denoiser {cfg.denoiser}, alpha_0={cfg.alpha_0}, "
+    lines = [f"final eval of the weights of iter {it} ({source}), denoiser {cfg.denoiser}, alpha_0={cfg.alpha_0}, "
              f"{metrics['windows']} val windows{per_byte}:"]
     names = {"nelbo": "NELBO", "nll_k1": "exact NLL, K=1", f"nll_k{cfg.eval_k}": f"exact NLL, K={cfg.eval_k}"}
     if "nll_k1" not in metrics:
@@ -334,6 +334,7 @@ class Trainer:
         if cfg.compile:
             self.log("compiling the model (torch.compile): the first iterations take a while")
         self.objective = self.make_objective(compiled=cfg.compile)
+        self.kept_out_dir = False  # a run of --max_iters=0 into a folder with checkpoints saves nothing
         self.history = {"loss": [], "eval": []}  # (iter, train loss), (iter, train nelbo, val nelbo, val nll)
         if self.master:
             try:
@@ -434,7 +435,13 @@ class Trainer:
             improved = finite and va["nelbo"] < self.best_val and not (it == 0 and cfg.max_iters > 0)
             if improved:
                 self.best_val, self.best_iter = va["nelbo"], it
-            if finite and (improved or it > self.iter_num or it >= cfg.max_iters):
+            # a run of --max_iters=0 saves its untrained model, but never over another run's checkpoints
+            self.kept_out_dir = it == cfg.max_iters == 0 and any(os.path.exists(os.path.join(cfg.out_dir, f))
+                                                                 for f in ("ckpt.pt", "last.pt"))
+            if self.kept_out_dir:
+                self.log(f"nothing saved: {cfg.out_dir} holds another run's checkpoints, which an untrained model "
+                         "never replaces")
+            elif finite and (improved or it > self.iter_num or it >= cfg.max_iters):
                 self.save(it, best=improved or cfg.always_save_checkpoint)
         if self.all_ranks_agree(not finite):
             raise UserError(f"the eval loss is not finite at iter {it}; stopped without saving; "
@@ -458,17 +465,23 @@ class Trainer:
         (ckpt.pt), NELBO and the IW NLL at K = 1 and eval_k; printed and written to eval.json."""
         cfg = self.cfg
         weights_iter = it
-        if not cfg.eval_only:  # (every run writes ckpt.pt at its first eval past iteration 0: never another run's)
+        # (every run writes ckpt.pt at its first eval past iteration 0, so this is never another run's; a run of
+        # --max_iters=0 that kept its out_dir as it was evaluates the weights it has)
+        source = "the untrained model" if self.kept_out_dir else "ckpt.pt"
+        if not cfg.eval_only and not self.kept_out_dir:
             best = load_checkpoint(cfg.out_dir, self.device)
             self.model.load_state_dict(best["model"])
             weights_iter = best["iter_num"]
         ks = (1, cfg.eval_k) if cfg.eval_k != 1 else (1,)
+        self.log(f"final eval of {source} on the val split (--eval_windows={cfg.eval_windows or 'all'}, "
+                 f"--eval_k={cfg.eval_k})...")
         batches = eval_batches(self.val_data, cfg.batch_size, cfg.block_size, self.device, cfg.eval_windows)
         metrics = evaluate(self.model, batches, cfg, self.ctx, ks, self.token_bytes)
-        self.log(report(metrics, self.meta, cfg, weights_iter))
+        self.log(report(metrics, self.meta, cfg, weights_iter, source))
         metrics.update(alpha_0=cfg.alpha_0, denoiser=cfg.denoiser, iter=weights_iter, trained_iters=it,
                        dataset=cfg.dataset, tokenizer=self.meta["tokenizer"])
-        atomic_write(os.path.join(cfg.out_dir, "eval.json"), lambda f: json.dump(metrics, f, indent=2), "w")
+        if not self.kept_out_dir:  # (the eval.json there is the other run's)
+            atomic_write(os.path.join(cfg.out_dir, "eval.json"), lambda f: json.dump(metrics, f, indent=2), "w")
         return metrics
 
 

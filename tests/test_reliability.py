@@ -183,6 +183,24 @@ def test_non_finite_loss_stops_without_saving(data_dir, tmp_path):
     assert [(out / name).read_bytes() for name in ("ckpt.pt", "last.pt")] == good, "nothing is saved at iteration 0"
 
 
+def test_an_untrained_model_never_replaces_a_runs_files(data_dir, tmp_path):
+    """--max_iters=0 evaluates the untrained model: into an empty out_dir it saves it (a random model to time
+    sampling with); into one with another run's checkpoints it saves nothing, and its final eval is of the weights
+    it has, not of the other run's ckpt.pt, whose eval.json stays too."""
+    out = tmp_path / "o"
+    common = [*TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--eval_interval=2"]
+    assert cli("train.py", *common, "--max_iters=2").returncode == 0
+    files = lambda: [(out / name).read_bytes() for name in ("ckpt.pt", "last.pt", "eval.json")]
+    trained = files()
+    r = cli("train.py", *common, "--max_iters=0")
+    assert r.returncode == 0 and "nothing saved" in r.stdout and files() == trained, r.stdout + r.stderr
+    fresh = cli("train.py", *common, "--max_iters=0", f"--out_dir={tmp_path / 'new'}")
+    final = lambda out: out.split("final eval of the weights")[1]
+    assert "of iter 0 (the untrained model)" in final(r.stdout) and "of iter 0 (ckpt.pt)" in final(fresh.stdout)
+    assert final(r.stdout).split(":", 1)[1] == final(fresh.stdout).split(":", 1)[1], "the same untrained model"
+    assert (tmp_path / "new" / "ckpt.pt").exists()
+
+
 def test_no_network_says_where_to_put_the_file(tmp_path, monkeypatch):
     import urllib.error
     import urllib.request
