@@ -129,7 +129,15 @@ def encoded(pieces, encode, threads=1):
 
 def prepare(dataset, data_dir="data"):
     """Build data/<dataset>/{train,val}.bin and meta.pkl if missing, or again if input.txt has changed since
-    (_changed); return the meta dict. The text is streamed:
+    (_changed); return the meta dict. A file that cannot be read or written stops with one line."""
+    try:
+        return _prepare(dataset, data_dir)
+    except OSError as e:
+        raise UserError(f"cannot prepare dataset '{dataset}': {e.strerror or e}: {e.filename}") from None
+
+
+def _prepare(dataset, data_dir):
+    """prepare(), whose OSErrors become one line. The text is streamed:
     memory stays bounded (a few pieces of PIECE characters) however large input.txt is. BPE datasets keep only
     the GPT-2 tokens that occur in the text, renumbered densely (meta['gpt2_ids'] maps them back): Tiny
     Shakespeare uses 11,706 of GPT-2's 50,257, so the output layer is 4x smaller and the token sequences are
@@ -138,6 +146,9 @@ def prepare(dataset, data_dir="data"):
     meta_path = os.path.join(out, "meta.pkl")
     bins = [os.path.join(out, f"{s}.bin") for s in ("train", "val")]
     src = _input_path(dataset, data_dir)
+    if not os.path.exists(meta_path) and any(map(os.path.exists, bins)):  # never overwrite bins of unknown ids
+        raise UserError(f"{out} holds .bin files but no meta.pkl to say what their ids are (nanoGPT's GPT-2 "
+                        "shakespeare, or a preparation that was stopped): move them away to prepare the dataset here")
     changed = _changed(src, meta_path)
     if changed:
         tqdm.write(f"{src} has changed since {out} was prepared from it: preparing it again")
@@ -157,6 +168,7 @@ def prepare(dataset, data_dir="data"):
         os.makedirs(out, exist_ok=True)
         bar = tqdm(total=n, unit="char", unit_scale=True, desc=f"preparing {dataset}", leave=False,
                    disable=n < 50_000_000)
+        staged = [f"{b}.{os.getpid()}.staged" for b in bins]  # renamed into place just before meta.pkl is written
         if char_level:
             chars = sorted(chars)
             meta = {"vocab_size": len(chars), "tokenizer": "char",
@@ -164,7 +176,7 @@ def prepare(dataset, data_dir="data"):
             lut = np.zeros(max(map(ord, chars)) + 1, dtype=np.uint16)
             lut[[ord(c) for c in chars]] = np.arange(len(chars))
             encode = lambda piece: lut[np.frombuffer(piece.encode("utf-32-le"), dtype=np.uint32)]
-            write_bins(bins, encoded(text_pieces(src, int(n * 0.9), cut=None), encode), bar)
+            write_bins(staged, encoded(text_pieces(src, int(n * 0.9), cut=None), encode), bar)
         else:
             enc = gpt2_encoding()
             gpt2_bins = [f"{b}.gpt2.{os.getpid()}.tmp" for b in bins]  # GPT-2 ids first, renumbered below
@@ -173,7 +185,7 @@ def prepare(dataset, data_dir="data"):
             used = np.flatnonzero(counts)
             lut = np.zeros(enc.n_vocab, dtype=np.uint16)
             lut[used] = np.arange(len(used))
-            for tmp, path in zip(gpt2_bins, bins):
+            for tmp, path in zip(gpt2_bins, staged):
                 ids = np.memmap(tmp, dtype=np.uint16, mode="r")
                 atomic_write(path, lambda f: [f.write(lut[ids[i: i + PIECE]].tobytes())
                                               for i in range(0, len(ids), PIECE)])
@@ -182,11 +194,20 @@ def prepare(dataset, data_dir="data"):
             meta = {"vocab_size": len(used), "tokenizer": "gpt2", "gpt2_ids": used.tolist()}
         meta["source"] = source
         bar.close()
+        for path, final in zip(staged, bins):
+            os.replace(path, final)
         atomic_write(meta_path, lambda f: pickle.dump(meta, f))
-    with open(meta_path, "rb") as f:
-        meta = pickle.load(f)
+    meta = read_meta(meta_path)
     meta.setdefault("tokenizer", "char" if "stoi" in meta else "gpt2")  # a meta.pkl written by nanoGPT
     return meta
+
+
+def read_meta(path):
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({type(e).__name__}); delete it to prepare the dataset again")
 
 
 def _stamp(path):
@@ -204,8 +225,7 @@ def _changed(src, meta_path):
     when the folder is writable. Bins without their text, or without a stamp (nanoGPT's), are taken as they are."""
     if not (os.path.exists(src) and os.path.exists(meta_path)):
         return False
-    with open(meta_path, "rb") as f:
-        meta = pickle.load(f)
+    meta = read_meta(meta_path)
     old, st = meta.get("source"), os.stat(src)
     if old is None or (old["size"], old["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
         return False
@@ -250,7 +270,11 @@ def write_bins(paths, tokens, bar):
 
 def load_split(dataset, split, data_dir="data"):
     """The tokens of one split as a read-only uint16 memmap."""
-    return np.memmap(os.path.join(data_dir, dataset, f"{split}.bin"), dtype=np.uint16, mode="r")
+    path = os.path.join(data_dir, dataset, f"{split}.bin")
+    if os.path.getsize(path) % 2:
+        raise UserError(f"{path} is cut short (an odd number of bytes, not uint16 tokens); delete it and "
+                        "meta.pkl beside it to prepare the dataset again")
+    return np.memmap(path, dtype=np.uint16, mode="r")
 
 
 def get_batch(data, batch_size, block_size, device="cpu", generator=None):

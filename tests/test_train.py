@@ -121,6 +121,32 @@ def test_bad_input_is_one_line(data_dir, tmp_path, flag, message):
     assert "Traceback" not in r.stderr
 
 
+def test_bad_data_is_one_line_and_loses_nothing(data_dir, tmp_path):
+    """A data folder that is a file, an input.txt that is a folder, a meta.pkl that is not one, a .bin cut short:
+    one line each. .bin files without a meta.pkl (nanoGPT's GPT-2 shakespeare has them) are refused, not
+    overwritten."""
+    one_line = lambda *flags: cli("train.py", *TINY_TRAIN, f"--out_dir={tmp_path / 'o'}", "--max_iters=1", *flags)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "d" / "tiny" / "input.txt").mkdir(parents=True)
+    def fails(message, *flags):
+        r = one_line(*flags)
+        assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and message in r.stderr, (flags, r.stderr)
+    fails("cannot prepare dataset 'shakespeare_char': Not a directory",  # (Tiny Shakespeare: downloaded if missing)
+          "--data_dir=" + str(tmp_path / "afile"), "--dataset=shakespeare_char")
+    fails("cannot prepare dataset 'tiny': Is a directory", "--data_dir=" + str(tmp_path / "d"), "--dataset=tiny")
+    assert cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}", "--max_iters=0",
+               "--eval_iters=1").returncode == 0  # prepares data_dir/tiny_char
+    prepared = data_dir / "tiny_char"
+    val = (prepared / "val.bin").read_bytes()
+    (prepared / "val.bin").write_bytes(val[:-1])
+    fails("val.bin is cut short", f"--data_dir={data_dir}")
+    (prepared / "meta.pkl").write_bytes(b"junk")
+    fails("meta.pkl cannot be read (UnpicklingError); delete it", f"--data_dir={data_dir}")
+    (prepared / "meta.pkl").unlink()
+    fails("holds .bin files but no meta.pkl", f"--data_dir={data_dir}")
+    assert (prepared / "val.bin").read_bytes() == val[:-1], "bins of unknown ids are never overwritten"
+
+
 def test_both_flag_forms(data_dir, tmp_path):
     """--key value works like --key=value."""
     r = cli("train.py", *TINY_TRAIN, "--data_dir", data_dir, "--out_dir", tmp_path / "o", "--max_iters", "0",
