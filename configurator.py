@@ -82,11 +82,17 @@ def parse_args(config, argv=None):
 
 
 def run_cli(main):
-    """Run `main()`, turning a UserError into one line on stderr and exit code 1."""
+    """Run `main()`, turning a UserError, or memory that runs out, into one line on stderr and exit code 1."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in str(e):
+            raise
+        print("error: out of memory; use a smaller --batch_size, --num_samples or model, or another --device",
+              file=sys.stderr)
         sys.exit(1)
 
 

@@ -310,6 +310,8 @@ def validate(cfg):
     checks += [(not path or os.path.isdir(os.path.dirname(os.path.abspath(path))),  # now, not after the sampling
                 f"--{flag}={path}: its folder does not exist") for flag, path in
                (("trajectory", cfg.trajectory), ("score_svg", cfg.score_svg))]
+    checks += [(not os.path.isdir(path), f"--{flag}={path} is a folder: give it a file name, e.g. {flag}.svg")
+               for flag, path in (("trajectory", cfg.trajectory), ("score_svg", cfg.score_svg)) if path]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)

@@ -110,6 +110,8 @@ def test_always_save_checkpoint_keeps_the_latest(data_dir, tmp_path):
     ("--block_size=150", "holds fewer than --batch_size=4 windows of 150"),
     ("--beta2=1.5", "--beta1=0.9 and --beta2=1.5 must be in [0, 1)"),
     ("--weight_decay=-1", "--weight_decay=-1.0 must be >= 0"),
+    ("--learning_rate=-1", "--learning_rate=-1.0 must be > 0"),
+    ("--gradient_accumulation_steps=10007", "--gradient_accumulation_steps must be in 1..10006"),
     ("--seed=" + str(10 ** 20), "must be in [0, 2**63)"),
     ("--backend=foo", "--backend=foo must be auto, nccl"),
     ("--out_dir=" + os.path.join(ROOT, "README.md", "o"), "cannot create --out_dir="),
@@ -177,6 +179,7 @@ def test_sample_cli(data_dir, tmp_path, monkeypatch):
                           (("--start=" + "a" * 40, "--length=99"), "longer than the trained block size 16"),
                           ("--start=~~", "not in this model's vocab"), ("--length=-1", "must be >= 0 (0: the block"),
                           ("--trajectory=nowhere/t.svg", "--trajectory=nowhere/t.svg: its folder does not exist"),
+                          ("--trajectory=out-tiny", "--trajectory=out-tiny is a folder: give it a file name"),
                           ("--top_p=0", "--top_p=0.0 must be in (0, 1]"), ("--alpha_0=-0.5", "must be in [0, 1]"),
                           ("--out_dir=nowhere", "no checkpoint at nowhere/ckpt.pt"),
                           ("--start=First Citizen:\nB", "nothing to generate"),
@@ -192,6 +195,8 @@ def test_sample_cli(data_dir, tmp_path, monkeypatch):
             r = cli("sample.py", *((flag,) if isinstance(flag, str) else flag), "--device=cpu", cwd=tmp_path)
         few_rows_transposed.cache_clear()
         assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, (flag, r.stderr)
+    r = cli("sample.py", "--num_samples=" + str(10 ** 11), "--device=cpu", cwd=tmp_path)  # after its "loaded" line
+    assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith("error: out of memory; use a smaller"), r.stderr
 
 
 def test_bpe_dataset(data_dir):
