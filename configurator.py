@@ -41,6 +41,21 @@ def _convert(key, raw, typ):
     return value
 
 
+def flag_help(config):
+    """--help: every flag with its default and the comment its field has in the config's source."""
+    notes = {}
+    try:
+        for line in inspect.getsource(type(config)).splitlines():
+            name, colon, rest = line.strip().partition(":")
+            if colon and name.isidentifier() and "  # " in rest:
+                notes[name] = rest.split("  # ", 1)[1]
+    except (OSError, TypeError):  # no source (a frozen build): the flags alone
+        pass
+    lines = [f"  --{f.name}={getattr(config, f.name)!r}" + (f"  # {notes[f.name]}" if f.name in notes else "")
+             for f in dataclasses.fields(config)]
+    return "flags (default), as --key=value or --key value:\n" + "\n".join(lines)
+
+
 def parse_args(config, argv=None):
     """Apply `argv` to the dataclass `config` in place; return the set of keys the user set."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -50,7 +65,7 @@ def parse_args(config, argv=None):
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            print("flags (default): " + " ".join(f"--{k}={getattr(config, k)!r}" for k in fields))
+            print(flag_help(config))
             sys.exit(0)
         if not arg.startswith("--"):  # a nanoGPT-style config file of `key = value` lines
             namespace = {}

@@ -1,4 +1,5 @@
 """train.py and data.py as a user runs them: checkpoints, resume, eval.json, and bad input."""
+import dataclasses
 import json
 import math
 import os
@@ -11,6 +12,8 @@ from conftest import ROOT, TEXT, TINY_TRAIN, cli
 
 from data import Tokenizer, eval_batches, get_batch, load_split, prepare, token_bytes
 from model import few_rows_transposed
+from sample import SampleConfig
+from train import TrainConfig
 
 
 def test_char_dataset_layout(data_dir):
@@ -147,6 +150,17 @@ def test_bad_data_is_one_line_and_loses_nothing(data_dir, tmp_path):
     (prepared / "meta.pkl").unlink()
     fails("holds .bin files but no meta.pkl", f"--data_dir={data_dir}")
     assert (prepared / "val.bin").read_bytes() == val[:-1], "bins of unknown ids are never overwritten"
+
+
+def test_help_lists_every_flag_with_its_comment():
+    """--help prints each flag of the script's config, its default, and what its field's comment says of it."""
+    for script, config in (("sample.py", SampleConfig), ("train.py", TrainConfig)):
+        r = cli(script, "--help")
+        lines = r.stdout.splitlines()[1:]
+        assert r.returncode == 0 and [line.split("=")[0].strip() for line in lines] == \
+            [f"--{f.name}" for f in dataclasses.fields(config)], r.stdout
+    assert "--alpha_0=-1.0  # fraction of tokens by diffusion; default: the alpha_0 the checkpoint" in \
+        cli("sample.py", "--help").stdout
 
 
 def test_both_flag_forms(data_dir, tmp_path):
