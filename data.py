@@ -146,9 +146,12 @@ def _prepare(dataset, data_dir):
     meta_path = os.path.join(out, "meta.pkl")
     bins = [os.path.join(out, f"{s}.bin") for s in ("train", "val")]
     src = _input_path(dataset, data_dir)
-    if not os.path.exists(meta_path) and any(map(os.path.exists, bins)):  # never overwrite bins of unknown ids
+    # bins with no meta.pkl are not overwritten (nanoGPT's GPT-2 shakespeare has them), unless a meta.pkl being
+    # written beside them says that a preparation here (another DDP rank's, or one that was stopped) made them
+    finishing = os.path.isdir(out) and any(f.startswith("meta.pkl.") and f.endswith(".tmp") for f in os.listdir(out))
+    if not os.path.exists(meta_path) and any(map(os.path.exists, bins)) and not finishing:
         raise UserError(f"{out} holds .bin files but no meta.pkl to say what their ids are (nanoGPT's GPT-2 "
-                        "shakespeare, or a preparation that was stopped): move them away to prepare the dataset here")
+                        "shakespeare?): move them away to prepare the dataset here")
     changed = _changed(src, meta_path)
     if changed:
         tqdm.write(f"{src} has changed since {out} was prepared from it: preparing it again")
@@ -168,7 +171,7 @@ def _prepare(dataset, data_dir):
         os.makedirs(out, exist_ok=True)
         bar = tqdm(total=n, unit="char", unit_scale=True, desc=f"preparing {dataset}", leave=False,
                    disable=n < 50_000_000)
-        staged = [f"{b}.{os.getpid()}.staged" for b in bins]  # renamed into place just before meta.pkl is written
+        staged = [f"{b}.{os.getpid()}.staged" for b in bins]  # renamed into place once meta.pkl's tmp is written
         if char_level:
             chars = sorted(chars)
             meta = {"vocab_size": len(chars), "tokenizer": "char",
@@ -194,9 +197,13 @@ def _prepare(dataset, data_dir):
             meta = {"vocab_size": len(used), "tokenizer": "gpt2", "gpt2_ids": used.tolist()}
         meta["source"] = source
         bar.close()
-        for path, final in zip(staged, bins):
+        meta_tmp = f"{meta_path}.{os.getpid()}.tmp"
+        with open(meta_tmp, "wb") as f:
+            pickle.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        for path, final in zip(staged + [meta_tmp], bins + [meta_path]):  # the bins first, meta.pkl last
             os.replace(path, final)
-        atomic_write(meta_path, lambda f: pickle.dump(meta, f))
     meta = read_meta(meta_path)
     meta.setdefault("tokenizer", "char" if "stoi" in meta else "gpt2")  # a meta.pkl written by nanoGPT
     return meta

@@ -129,7 +129,7 @@ def test_bad_input_is_one_line(data_dir, tmp_path, flag, message):
 def test_bad_data_is_one_line_and_loses_nothing(data_dir, tmp_path):
     """A data folder that is a file, an input.txt that is a folder, a meta.pkl that is not one, a .bin cut short:
     one line each. .bin files without a meta.pkl (nanoGPT's GPT-2 shakespeare has them) are refused, not
-    overwritten."""
+    overwritten, unless a meta.pkl's temporary file beside them says that a preparation here made them."""
     one_line = lambda *flags: cli("train.py", *TINY_TRAIN, f"--out_dir={tmp_path / 'o'}", "--max_iters=1", *flags)
     (tmp_path / "afile").write_text("x")
     (tmp_path / "d" / "tiny" / "input.txt").mkdir(parents=True)
@@ -150,6 +150,10 @@ def test_bad_data_is_one_line_and_loses_nothing(data_dir, tmp_path):
     (prepared / "meta.pkl").unlink()
     fails("holds .bin files but no meta.pkl", f"--data_dir={data_dir}")
     assert (prepared / "val.bin").read_bytes() == val[:-1], "bins of unknown ids are never overwritten"
+    (prepared / "meta.pkl.12345.tmp").write_bytes(b"")  # a preparation here was stopped before its last rename
+    r = cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o2'}", "--max_iters=0",
+            "--eval_iters=1")
+    assert r.returncode == 0 and (prepared / "val.bin").read_bytes() == val, "prepared again, as it was"
 
 
 def test_help_lists_every_flag_with_its_comment():
