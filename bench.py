@@ -103,7 +103,7 @@ def mdlm_run(model, template, batch, steps, cfg, device):
 
 
 def bench_sample(cfg, device):
-    """Eso-LM (B) with its KV cache, MDLM, and AR decoding through the same cache, at NFE = L and at a small T.
+    """Eso-LM (B) with its KV cache, MDLM, and AR decoding through the same cache, at NFE ≈ L and at a small T.
     The samplers take turns for --rounds rounds, so that drift on a shared machine hits them alike: each row is
     the median of its rounds, and the speed-up over MDLM the median of the rounds' ratios, with their range."""
     rows = []
@@ -161,7 +161,7 @@ GPU_TRAIN = dict(batch_size=64, block_size=256, n_layer=6, n_head=6, n_embd=384)
 
 
 def bench_gpu(cfg, device):
-    """One command, the whole GPU report: the paper's latency protocol (Table 11: batch 1, NFE = L) at its model
+    """One command, the whole GPU report: the paper's latency protocol (Table 11: batch 1, NFE ≈ L) at its model
     size (12 x 768) for L = 2048 and 8192 and at 6 x 384 for L = 1024; one batch-64 throughput row; the default
     `sample.py --steps 32` workload (4 samples of 256 tokens); one training iteration at the GPU preset. On CUDA
     everything is compiled (CUDA graphs for sampling), as train.py and sample.py do by default. Each part starts
@@ -365,8 +365,8 @@ def bench_prepare(cfg, device):
 # ops that make a view, allocate, or pass their input through: no kernel runs (on a GPU, none is launched)
 NO_KERNEL = frozenset(f"aten::{op}" for op in (
     "view as_strided transpose t permute slice select expand expand_as unsqueeze squeeze alias reshape _unsafe_view "
-    "flatten narrow resolve_conj resolve_neg empty empty_like empty_strided lift_fresh detach contiguous to "
-    "dropout result_type").split())
+    "flatten narrow resolve_conj resolve_neg empty empty_like empty_strided resize_ as_strided_ lift_fresh detach "
+    "contiguous to dropout result_type").split())
 
 
 def kernels(events):
@@ -378,7 +378,7 @@ def kernels(events):
 
 
 def bench_profile(cfg, device):
-    """Where the time of a cached sampling step goes (Eso-LM (B), batch 1, NFE = L, L the last of --lengths):
+    """Where the time of a cached sampling step goes (Eso-LM (B), batch 1, NFE ≈ L, L the last of --lengths):
     under torch.profiler, the op calls per step (nested ones counted), how many of them run a kernel, and ms per
     step by op (CPU-side: on a GPU that is launch overhead); then, unprofiled, in --rounds interleaved rounds: the
     step, its weight products alone (the same Linear modules, rows and layout: the step's floor), and AR decoding

@@ -11,6 +11,7 @@ import ast
 import contextlib
 import dataclasses
 import inspect
+import re
 import sys
 
 import torch
@@ -103,11 +104,12 @@ def run_cli(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in str(e):
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:  # (CPU and MPS: a RuntimeError that says so)
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and not re.search(
+                r"can't allocate memory|out of memory", str(e)):
             raise
-        print("error: out of memory; use a smaller --batch_size, --num_samples or model, or another --device",
-              file=sys.stderr)
+        print("error: out of memory; make the batch (--batch_size, --num_samples) or the model smaller, or use "
+              "another --device", file=sys.stderr)
         sys.exit(1)
 
 

@@ -4,8 +4,8 @@ Datasets in nanoGPT's layout, built on first use:
     data/<name>/input.txt   raw text (Tiny Shakespeare is downloaded when missing)
     data/<name>/train.bin   uint16 tokens, first 90% of the text
     data/<name>/val.bin     uint16 tokens, last 10%
-    data/<name>/meta.pkl    nanoGPT's meta.pkl: {'vocab_size', 'stoi', 'itos'} for characters, {'vocab_size',
-                            'gpt2_ids'} for BPE; plus 'tokenizer' and 'source' (input.txt's size, time, SHA-256)
+    data/<name>/meta.pkl    {'vocab_size', 'stoi', 'itos'} for characters (nanoGPT's meta.pkl), {'vocab_size',
+                            'gpt2_ids'} for BPE; both with 'tokenizer' and 'source' (input.txt's size, time, SHA-256)
 
 `--dataset=<name>` tokenises data/<name>/input.txt with GPT-2 BPE (tiktoken), as nanoGPT's `shakespeare`;
 `--dataset=<name>_char` tokenises the same text by characters (reading data/<name>_char/input.txt instead
@@ -133,7 +133,8 @@ def prepare(dataset, data_dir="data"):
     try:
         return _prepare(dataset, data_dir)
     except OSError as e:
-        raise UserError(f"cannot prepare dataset '{dataset}': {e.strerror or e}: {e.filename}") from None
+        where = f": {e.filename}" if e.filename else ""
+        raise UserError(f"cannot prepare dataset '{dataset}': {e.strerror or e}{where}") from None
 
 
 def _prepare(dataset, data_dir):
@@ -147,9 +148,11 @@ def _prepare(dataset, data_dir):
     bins = [os.path.join(out, f"{s}.bin") for s in ("train", "val")]
     src = _input_path(dataset, data_dir)
     # bins with no meta.pkl are not overwritten (nanoGPT's GPT-2 shakespeare has them), unless a meta.pkl being
-    # written beside them says that a preparation here (another DDP rank's, or one that was stopped) made them
-    finishing = os.path.isdir(out) and any(f.startswith("meta.pkl.") and f.endswith(".tmp") for f in os.listdir(out))
-    if not os.path.exists(meta_path) and any(map(os.path.exists, bins)) and not finishing:
+    # written beside them says that a preparation here (another DDP rank's, or one that was stopped) made them.
+    # (bins checked first: a preparation writes that file before it renames its bins into place, and renames it to
+    # meta.pkl last, so a bin seen here has one or the other beside it)
+    finishing = lambda: any(f.startswith("meta.pkl.") and f.endswith(".tmp") for f in os.listdir(out))
+    if any(map(os.path.exists, bins)) and not finishing() and not os.path.exists(meta_path):
         raise UserError(f"{out} holds .bin files but no meta.pkl to say what their ids are (nanoGPT's GPT-2 "
                         "shakespeare?): move them away to prepare the dataset here")
     changed = _changed(src, meta_path)
@@ -214,7 +217,8 @@ def read_meta(path):
         with open(path, "rb") as f:
             return pickle.load(f)
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, ValueError) as e:
-        raise UserError(f"{path} cannot be read ({type(e).__name__}); delete it to prepare the dataset again")
+        raise UserError(f"{path} cannot be read ({type(e).__name__}); delete it and the .bin files beside it to "
+                        "prepare the dataset again")
 
 
 def _stamp(path):
@@ -279,8 +283,8 @@ def load_split(dataset, split, data_dir="data"):
     """The tokens of one split as a read-only uint16 memmap."""
     path = os.path.join(data_dir, dataset, f"{split}.bin")
     if os.path.getsize(path) % 2:
-        raise UserError(f"{path} is cut short (an odd number of bytes, not uint16 tokens); delete it and "
-                        "meta.pkl beside it to prepare the dataset again")
+        raise UserError(f"{path} is cut short (an odd number of bytes, not uint16 tokens); delete it to prepare "
+                        "the dataset again")
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 

@@ -43,7 +43,7 @@ def diffusion_counts(n, steps, alpha_0, generator=None):
     n_t ~ Binomial(masks left, (α_s - α_t)/(1 - α_t)) with α_t = α0 (1 - t): a Binomial chain, i.e. a
     Multinomial(n; α0/T, ..., α0/T, 1 - α0). We draw that Multinomial one token at a time (a token is in
     diffusion step i when u ∈ [iα0/T, (i+1)α0/T), and left to the sequential phase when u >= α0):
-    the same law, with no Python loop over T, so T = 10^6 costs nothing. u is fp64: fp32 has only 2^24 values
+    the same law, with no Python loop over T, so T = 10^6 costs nothing. u is fp64: fp32 draws take only 2^24 values
     in [0, 1), which would leave some of T steps more likely than others, and most empty once T passes 2^24."""
     u = torch.rand(n, generator=generator, dtype=torch.float64)
     step = (u[u < alpha_0] / alpha_0 * steps).long().clamp(max=steps - 1)

@@ -183,10 +183,12 @@ def test_non_finite_loss_stops_without_saving(data_dir, tmp_path):
     assert [(out / name).read_bytes() for name in ("ckpt.pt", "last.pt")] == good, "nothing is saved at iteration 0"
 
 
-def test_an_untrained_model_never_replaces_a_runs_files(data_dir, tmp_path):
+def test_an_untrained_model_never_replaces_a_runs_files(data_dir, tmp_path, monkeypatch):
     """--max_iters=0 evaluates the untrained model: into an empty out_dir it saves it (a random model to time
     sampling with); into one with another run's checkpoints it saves nothing, and its final eval is of the weights
-    it has, not of the other run's ckpt.pt, whose eval.json stays too."""
+    it has, not of the other run's ckpt.pt, whose eval.json stays too; stopped (Ctrl-C) before it begins, it saves
+    nothing either."""
+    import train
     out = tmp_path / "o"
     common = [*TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--eval_interval=2"]
     assert cli("train.py", *common, "--max_iters=2").returncode == 0
@@ -199,6 +201,14 @@ def test_an_untrained_model_never_replaces_a_runs_files(data_dir, tmp_path):
     assert "of iter 0 (the untrained model)" in final(r.stdout) and "of iter 0 (ckpt.pt)" in final(fresh.stdout)
     assert final(r.stdout).split(":", 1)[1] == final(fresh.stdout).split(":", 1)[1], "the same untrained model"
     assert (tmp_path / "new" / "ckpt.pt").exists()
+
+    class Interrupted(train.tqdm):  # the progress bar is made once the signal handlers are in place: a Ctrl-C there
+        def __init__(self, *args, **kwargs):  # stops the run at iteration 0
+            signal.raise_signal(signal.SIGINT)
+            super().__init__(*args, **kwargs)
+    monkeypatch.setattr(train, "tqdm", Interrupted)
+    r = cli("train.py", *common, "--max_iters=0")
+    assert r.returncode == 130 and "nothing saved" in r.stdout and files() == trained, r.stdout + r.stderr
 
 
 def test_no_network_says_where_to_put_the_file(tmp_path, monkeypatch):
