@@ -16,7 +16,8 @@ Changes that make small models train faster, from modded-nanoGPT:
   - the MLP is Linear -> ReLU(x)² -> Linear;
   - every residual projection (c_proj) starts at zero, so each block starts as the identity;
   - the blocks' matrices are trained with Muon (configure_optimizers).
-The second half of the file is the method: orderings, masks, the hybrid NELBO (eq. 7) and the exact
+Linear, at the end of the network's half, is nn.Linear with a faster layout for sampling's few-row products on some
+CPUs. The second half of the file is the method: orderings, masks, the hybrid NELBO (eq. 7) and the exact
 likelihood (Theorem 3.1). The sampler lives in sample.py, the KV cache in kvcache.py.
 """
 import contextlib
@@ -29,60 +30,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-
-
-class Linear(nn.Linear):
-    """nn.Linear, except for few rows (2 to 8: batch × tokens fed) on the CPU while sampling, as in a cached
-    sequential step, which feeds 2 tokens. How fast BLAS multiplies so few rows depends on the machine: on an AMD
-    EPYC, MKL computes F.linear (x Wᵀ) several times slower than (W xᵀ)ᵀ (`python bench.py --what=linear`
-    measures both on yours). The two round differently, so which one runs is a fixed property of the machine,
-    never a timing, which a busy machine would flip: (W xᵀ)ᵀ on an AMD CPU with MKL, F.linear elsewhere; the
-    environment variable ESO_LM_FEW_ROWS=linear or transposed overrides it (few_rows_transposed). Every process
-    of a machine samples the same tokens from the same seed. Training and eval always run F.linear."""
-    transpose_few_rows = False  # True while the sampler runs on a machine where (W xᵀ)ᵀ pays (sampling_products)
-
-    def forward(self, x):
-        if Linear.transpose_few_rows and x.device.type == "cpu" and 2 <= x.numel() // x.size(-1) <= 8:
-            return self.transposed(x)
-        return super().forward(x)
-
-    def transposed(self, x):
-        """F.linear as (W xᵀ)ᵀ, returned as a transposed view (no copy). MKL is fast here only with a contiguous
-        x read as xᵀ, so an x that is such a view itself (ReLU² keeps the layout of c_fc's output) is copied
-        first. addmm puts the bias in, so that under autocast it has F.linear's dtype."""
-        xt = x.contiguous().view(-1, x.size(-1)).transpose(0, 1)
-        y = torch.mm(self.weight, xt) if self.bias is None else torch.addmm(self.bias[:, None], self.weight, xt)
-        return y.transpose(0, 1).view(*x.shape[:-1], -1)
-
-
-@contextlib.contextmanager
-def sampling_products():
-    """While the sampler runs, Linear computes few-row products as (W xᵀ)ᵀ if this machine calls for it (a flag
-    set here rather than a test inside forward, so that a compiled step takes the layout an eager one takes)."""
-    before, Linear.transpose_few_rows = Linear.transpose_few_rows, few_rows_transposed()
-    try:
-        yield
-    finally:
-        Linear.transpose_few_rows = before
-
-
-@functools.cache
-def few_rows_transposed():
-    """Does sampling on this machine compute few-row products as (W xᵀ)ᵀ? ESO_LM_FEW_ROWS if set, else: is the
-    CPU an AMD one and the BLAS MKL?"""
-    choice = os.environ.get("ESO_LM_FEW_ROWS", "")
-    if choice not in ("", "linear", "transposed"):
-        raise ValueError(f"ESO_LM_FEW_ROWS={choice!r} must be 'linear' or 'transposed'")
-    return choice == "transposed" if choice else torch.backends.mkl.is_available() and cpu_vendor() == "AuthenticAMD"
-
-
-def cpu_vendor():
-    """The CPU's vendor id ('AuthenticAMD', 'GenuineIntel', ...) from /proc/cpuinfo or the platform, or ''."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
-    except OSError:
-        return next((v for v in ("AuthenticAMD", "GenuineIntel") if v in platform.processor()), "")
 
 
 def rotary(x, cos, sin):
@@ -271,6 +218,64 @@ def unwrap(model):
     while isinstance(getattr(model, "module", None), nn.Module) or hasattr(model, "_orig_mod"):
         model = getattr(model, "_orig_mod", None) or model.module
     return model
+
+
+# -----------------------------------------------------------------------------
+# Linear, the blocks' nn.Linear: the same, but for how a sampling step on the CPU multiplies its 2 to 8 rows
+
+
+class Linear(nn.Linear):
+    """nn.Linear, except for few rows (2 to 8: batch × tokens fed) on the CPU while sampling, as in a cached
+    sequential step, which feeds 2 tokens. How fast BLAS multiplies so few rows depends on the machine: on an AMD
+    EPYC, MKL computes F.linear (x Wᵀ) several times slower than (W xᵀ)ᵀ (`python bench.py --what=linear`
+    measures both on yours). The two round differently, so which one runs is a fixed property of the machine,
+    never a timing, which a busy machine would flip: (W xᵀ)ᵀ on an AMD CPU with MKL, F.linear elsewhere; the
+    environment variable ESO_LM_FEW_ROWS=linear or transposed overrides it (few_rows_transposed). Every process
+    of a machine samples the same tokens from the same seed. Training and eval always run F.linear."""
+    transpose_few_rows = False  # True while the sampler runs on a machine where (W xᵀ)ᵀ pays (sampling_products)
+
+    def forward(self, x):
+        if Linear.transpose_few_rows and x.device.type == "cpu" and 2 <= x.numel() // x.size(-1) <= 8:
+            return self.transposed(x)
+        return super().forward(x)
+
+    def transposed(self, x):
+        """F.linear as (W xᵀ)ᵀ, returned as a transposed view (no copy). MKL is fast here only with a contiguous
+        x read as xᵀ, so an x that is such a view itself (ReLU² keeps the layout of c_fc's output) is copied
+        first. addmm puts the bias in, so that under autocast it has F.linear's dtype."""
+        xt = x.contiguous().view(-1, x.size(-1)).transpose(0, 1)
+        y = torch.mm(self.weight, xt) if self.bias is None else torch.addmm(self.bias[:, None], self.weight, xt)
+        return y.transpose(0, 1).view(*x.shape[:-1], -1)
+
+
+@contextlib.contextmanager
+def sampling_products():
+    """While the sampler runs, Linear computes few-row products as (W xᵀ)ᵀ if this machine calls for it (a flag
+    set here rather than a test inside forward, so that a compiled step takes the layout an eager one takes)."""
+    before, Linear.transpose_few_rows = Linear.transpose_few_rows, few_rows_transposed()
+    try:
+        yield
+    finally:
+        Linear.transpose_few_rows = before
+
+
+@functools.cache
+def few_rows_transposed():
+    """Does sampling on this machine compute few-row products as (W xᵀ)ᵀ? ESO_LM_FEW_ROWS if set, else: is the
+    CPU an AMD one and the BLAS MKL?"""
+    choice = os.environ.get("ESO_LM_FEW_ROWS", "")
+    if choice not in ("", "linear", "transposed"):
+        raise ValueError(f"ESO_LM_FEW_ROWS={choice!r} must be 'linear' or 'transposed'")
+    return choice == "transposed" if choice else torch.backends.mkl.is_available() and cpu_vendor() == "AuthenticAMD"
+
+
+def cpu_vendor():
+    """The CPU's vendor id ('AuthenticAMD', 'GenuineIntel', ...) from /proc/cpuinfo or the platform, or ''."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return next((v for v in ("AuthenticAMD", "GenuineIntel") if v in platform.processor()), "")
 
 
 # -----------------------------------------------------------------------------
