@@ -26,7 +26,8 @@ def sharp_model(seed=0, block_size=24, denoiser="B"):
     return model
 
 
-def run(model, template, kv_cache, seed=0, steps=6, alpha_0=0.5, num_samples=3, **kw):
+def sample_steps(model, template, kv_cache, seed=0, steps=6, alpha_0=0.5, num_samples=3, **kw):
+    """generate(), and every step its callback saw (tensors cloned)."""
     steps_seen = []
     x, nfe = generate(model, template, num_samples, steps, alpha_0, kv_cache=kv_cache, seed=seed,
                       callback=lambda **s: steps_seen.append({k: (v.clone() if torch.is_tensor(v) else v)
@@ -53,8 +54,8 @@ def test_cached_logits_equal_a_full_uncached_forward_at_every_step():
     template = masks(None)
     template[:4] = torch.tensor([1, 2, 3, 4])  # a prompt
     for alpha_0 in (1.0, 0.5, 0.0):
-        x_c, nfe_c, cached = run(model, template, True, alpha_0=alpha_0)
-        x_u, nfe_u, uncached = run(model, template, False, alpha_0=alpha_0)
+        x_c, nfe_c, cached = sample_steps(model, template, True, alpha_0=alpha_0)
+        x_u, nfe_u, uncached = sample_steps(model, template, False, alpha_0=alpha_0)
         assert nfe_c == nfe_u == len(cached)
         for a, b in zip(cached, uncached):
             assert torch.allclose(a["logits"], b["logits"], atol=1e-4), (alpha_0, a["step"])
@@ -259,9 +260,9 @@ def test_static_shapes_give_the_same_logits_and_tokens():
         model.transformer.wte.register_forward_hook(lambda m, i, o: shapes.append(i[0].shape[1]))
         for alpha_0, steps in runs:
             for kv_cache in (True, False):
-                x_d, _, dyn = run(model, template, kv_cache, alpha_0=alpha_0, steps=steps)
+                x_d, _, dyn = sample_steps(model, template, kv_cache, alpha_0=alpha_0, steps=steps)
                 shapes.clear()
-                x_s, _, sta = run(model, template, kv_cache, alpha_0=alpha_0, steps=steps, static=True)
+                x_s, _, sta = sample_steps(model, template, kv_cache, alpha_0=alpha_0, steps=steps, static=True)
                 for a, b in zip(dyn, sta):
                     assert torch.allclose(a["logits"], b["logits"], atol=1e-4), (denoiser, alpha_0, kv_cache, a["step"])
                 assert len(dyn) == len(sta) and torch.equal(x_d, x_s), (denoiser, alpha_0, kv_cache)
@@ -279,8 +280,8 @@ def test_eso_lm_a_caches_only_its_sequential_phase():
     template[:3] = torch.tensor([1, 2, 3])
     for alpha_0 in (0.5, 1.0, 0.0):
         seq_start = 20 - plan(template == V, 3, 6, alpha_0, torch.Generator().manual_seed(0))[2]
-        x_c, _, cached = run(model, template, True, alpha_0=alpha_0)
-        x_u, _, uncached = run(model, template, False, alpha_0=alpha_0)
+        x_c, _, cached = sample_steps(model, template, True, alpha_0=alpha_0)
+        x_u, _, uncached = sample_steps(model, template, False, alpha_0=alpha_0)
         assert torch.equal(x_c, x_u), alpha_0
         for a, b in zip(cached, uncached):
             assert a["start"] == 0 or a["done"] > seq_start, "a diffusion step must feed every clean token"
@@ -298,7 +299,7 @@ def test_mdlm_sampler_feeds_all_tokens_every_step():
     """MDLM: every step is a full forward over all L tokens, the masks still to come included, with no mask
     and no cache; NFE <= T; a sequential phase (α0 < 1) is refused."""
     model = sharp_model(denoiser="mdlm")
-    x, nfe, steps = run(model, masks(None), True, alpha_0=1.0, steps=5)
+    x, nfe, steps = sample_steps(model, masks(None), True, alpha_0=1.0, steps=5)
     assert nfe <= 5 and (x < V).all()
     for s in steps:
         assert s["start"] == 0, "MDLM feeds everything, every step"
@@ -337,8 +338,8 @@ def test_strided_schedule():
     model = sharp_model()
     template = masks(None)
     for alpha_0 in (1.0, 0.5):
-        x_c, _, _ = run(model, template, True, alpha_0=alpha_0, steps=4, schedule="strided")
-        x_u, _, _ = run(model, template, False, alpha_0=alpha_0, steps=4, schedule="strided")
+        x_c, _, _ = sample_steps(model, template, True, alpha_0=alpha_0, steps=4, schedule="strided")
+        x_u, _, _ = sample_steps(model, template, False, alpha_0=alpha_0, steps=4, schedule="strided")
         assert torch.equal(x_c, x_u)
 
 
@@ -386,7 +387,8 @@ def test_generation_past_the_block_size():
         steps, out = {}, {}
         for kv_cache in (True, False):
             calls.clear()
-            x, nfe, steps[kv_cache] = run(model, template, kv_cache, alpha_0=0.5, steps=6, num_samples=2, chunk=chunk)
+            x, nfe, steps[kv_cache] = sample_steps(model, template, kv_cache, alpha_0=0.5, steps=6, num_samples=2,
+                                                   chunk=chunk)
             assert x.shape == (2, 70) and (x < V).all() and torch.equal(x[:, :3], template[:3].expand(2, -1))
             assert nfe == len(calls) == len(steps[kv_cache])
             out[kv_cache] = x
