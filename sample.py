@@ -442,7 +442,8 @@ def surprise_svg(pieces, surprise, title, scale):
 
 
 def load(cfg):
-    """The device, autocast context, checkpoint, model and tokenizer the flags ask for."""
+    """The device, autocast context, model and tokenizer the flags ask for, and a line that says which checkpoint
+    was loaded (printed once the request is known to be sound)."""
     device = pick_device(cfg.device)
     ctx, _ = autocast_context(device, cfg.dtype)
     out_dir = cfg.out_dir or find_checkpoint()
@@ -452,9 +453,9 @@ def load(cfg):
         cfg.alpha_0 = ckpt["config"]["alpha_0"]
     if model.config.denoiser == "mdlm" and cfg.alpha_0 != 1:
         raise UserError(f"--alpha_0={cfg.alpha_0}: an MDLM checkpoint has no sequential phase; use --alpha_0=1")
-    model.about = (f"loaded {out_dir}/ckpt.pt (iter {ckpt['iter_num']}, denoiser {model.config.denoiser}, trained "
-                   f"with alpha_0={ckpt['config']['alpha_0']})")  # printed once the request is known to be sound
-    return device, ctx, model, Tokenizer(ckpt["meta"])
+    loaded = (f"loaded {out_dir}/ckpt.pt (iter {ckpt['iter_num']}, denoiser {model.config.denoiser}, trained "
+              f"with alpha_0={ckpt['config']['alpha_0']})")
+    return device, ctx, model, Tokenizer(ckpt["meta"]), loaded
 
 
 def compiled(model, run, cache):
@@ -477,13 +478,13 @@ def compiled(model, run, cache):
     return net, True
 
 
-def sample_main(cfg, device, ctx, model, tok):
+def sample_main(cfg, device, ctx, model, tok, loaded):
     block_size = model.config.block_size
     template = make_template(tok, model.config.mask_id, cfg.length, block_size, read_text(cfg.start),
                              read_text(cfg.infill)).to(device)
     chunk = cfg.chunk or block_size // 2
     check_request(model.config, template, chunk, cfg.alpha_0)  # before anything is printed: an error is one line
-    print(f"{model.about}; sampling with alpha_0={cfg.alpha_0}, steps={cfg.steps}, schedule={cfg.schedule}, "
+    print(f"{loaded}; sampling with alpha_0={cfg.alpha_0}, steps={cfg.steps}, schedule={cfg.schedule}, "
           f"kv_cache={cfg.kv_cache}" + (f", windows of {block_size} tokens moving by {chunk}"
                                         if len(template) > block_size else ""), file=sys.stderr)
     run = lambda net, static, cache, callback=None: generate(
@@ -513,7 +514,7 @@ def sample_main(cfg, device, ctx, model, tok):
         print(f"wrote the trajectory of sample 1 to {cfg.trajectory}", file=sys.stderr)
 
 
-def score_main(cfg, device, ctx, model, tok):
+def score_main(cfg, device, ctx, model, tok, loaded):
     """--score: the text's log-likelihood (Eso-LM (B)) or NELBO (A, MDLM: a bound), in nats, nats per token and
     bits per UTF-8 byte, and (B) each token's surprise, printed and, with --score_svg, drawn."""
     text = read_text(cfg.score)
@@ -527,7 +528,7 @@ def score_main(cfg, device, ctx, model, tok):
         raise UserError(f"denoiser {config.denoiser} scores texts of up to {config.block_size} tokens (its NELBO "
                         f"has no window-by-window form here); this one has {len(ids)}")
     check_request(config, ids, cfg.chunk or config.block_size // 2, cfg.alpha_0)  # before anything is printed
-    print(model.about, file=sys.stderr)
+    print(loaded, file=sys.stderr)
     t0 = time.time()
     if has_likelihood(config):
         logp, surprise = score(model, ids, cfg.alpha_0, cfg.score_k, cfg.chunk, cfg.seed, ctx)
@@ -561,10 +562,10 @@ def main(argv=None):
     cfg = SampleConfig()
     user_keys = parse_args(cfg, argv)
     validate(cfg)
-    device, ctx, model, tok = load(cfg)
+    device, ctx, model, tok, loaded = load(cfg)
     if "compile" not in user_keys:
         cfg.compile = device.startswith("cuda")
-    (score_main if cfg.score else sample_main)(cfg, device, ctx, model, tok)
+    (score_main if cfg.score else sample_main)(cfg, device, ctx, model, tok, loaded)
 
 
 if __name__ == "__main__":
