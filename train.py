@@ -494,7 +494,8 @@ def train(cfg, user_keys=()):
     run = Trainer(cfg, user_keys)
     stop = []  # the signal handlers append to it
     handlers = {sig: signal.signal(sig, lambda *_: stop.append(1)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    bar = tqdm(total=cfg.max_iters, initial=run.iter_num, disable=not run.master or cfg.eval_only or None, leave=False)
+    quiet = not run.master or cfg.eval_only  # else shown on a terminal only (disable=None)
+    bar = tqdm(total=cfg.max_iters, initial=run.iter_num, disable=True if quiet else None, leave=False)
     losses, dts, it = [], [], run.iter_num
     try:
         while True:
