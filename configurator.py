@@ -10,6 +10,7 @@ one line and exit 1, with no traceback.
 import ast
 import contextlib
 import dataclasses
+import difflib
 import inspect
 import re
 import sys
@@ -40,6 +41,9 @@ def _convert(key, raw, typ):
     if type(value) is not typ:
         raise UserError(f"--{key} expects {typ.__name__}, got {raw!r}")
     return value
+
+
+NANOGPT_FLAGS = {"max_new_tokens": "length", "top_k": "top_p"}  # nanoGPT's sample.py flags, and the nearest here
 
 
 def flag_help(config):
@@ -92,7 +96,9 @@ def parse_args(config, argv=None):
         i += 1
     for key, raw in overrides:
         if key not in fields:
-            raise UserError(f"unknown flag --{key}; the flags are: " + ", ".join(fields))
+            near = NANOGPT_FLAGS.get(key) or next(iter(difflib.get_close_matches(key, fields, 1)), None)
+            hint = f"did you mean --{near}? " if near in fields else ""
+            raise UserError(f"unknown flag --{key}; {hint}the flags are: " + ", ".join(fields))
         setattr(config, key, _convert(key, raw, fields[key]))
     return {key for key, _ in overrides}
 

@@ -102,7 +102,8 @@ def test_always_save_checkpoint_keeps_the_latest(data_dir, tmp_path):
 
 @pytest.mark.parametrize("flag, message", [
     ("--alpha_0=1.5", "--alpha_0=1.5 must be in [0, 1]"),
-    ("--no_such_flag=1", "unknown flag --no_such_flag"),
+    ("--no_such_flag=1", "unknown flag --no_such_flag; the flags are: dataset, "),
+    ("--max_itres=5", "unknown flag --max_itres; did you mean --max_iters?"),
     ("--batch_size=abc", "--batch_size expects int"),
     ("--compile=maybe", "--compile expects True or False"),
     ("--block_size=100000", "--block_size=100000 is longer than the val split"),
@@ -205,6 +206,7 @@ def test_sample_cli(data_dir, tmp_path, monkeypatch):
                           ("--start=~~", "not in this model's vocab"), ("--length=-1", "must be >= 0 (0: the block"),
                           ("--trajectory=nowhere/t.svg", "--trajectory=nowhere/t.svg: its folder does not exist"),
                           ("--trajectory=out-tiny", "--trajectory=out-tiny is a folder: give it a file name"),
+                          ("--max_new_tokens=9", "unknown flag --max_new_tokens; did you mean --length?"),
                           ("--top_p=0", "--top_p=0.0 must be in (0, 1]"), ("--alpha_0=-0.5", "must be in [0, 1]"),
                           ("--out_dir=nowhere", "no checkpoint at nowhere/ckpt.pt"),
                           ("--start=First Citizen:\nB", "nothing to generate"),
