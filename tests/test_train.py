@@ -104,6 +104,7 @@ def test_always_save_checkpoint_keeps_the_latest(data_dir, tmp_path):
     ("--alpha_0=1.5", "--alpha_0=1.5 must be in [0, 1]"),
     ("--no_such_flag=1", "unknown flag --no_such_flag; the flags are: dataset, "),
     ("--max_itres=5", "unknown flag --max_itres; did you mean --max_iters?"),
+    ("--dataset=../data/tiny_char", "must be the name of a folder in --data_dir"),
     ("--batch_size=abc", "--batch_size expects int"),
     ("--compile=maybe", "--compile expects True or False"),
     ("--block_size=100000", "--block_size=100000 is longer than the val split"),
