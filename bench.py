@@ -424,19 +424,7 @@ def bench_profile(cfg, device):
         return n
     runs = {"step": step, "products alone": products, "AR step": lambda: step(0.0)}
     if cfg.compile:  # the GPU path's step (static shapes, as sample.py --compile=True), eager and compiled
-        cache = new_cache(model, 1, L, device, static=True)
-        static_run = lambda net: generate(net, template, 1, 10 ** 6, 1.0, top_p=1.0, static=True, cache=cache)[1]
-        net = torch.compile(model, mode="reduce-overhead")
-        with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):  # C++ kernels seen by the profiler
-            for _ in range(2):  # as sample.py: every step shape compiled and warmed up before anything is timed
-                static_run(net)
-        if device == "cpu":  # (on a GPU the profiler would see one CUDA graph replay per step)
-            with torch.profiler.profile() as prof:
-                steps = static_run(net)
-            fused = sum("cpp_fused" in e.name for e in prof.events()) / steps
-            compiled_calls, compiled_launched = len(prof.events()) / steps, kernels(prof.events()) / steps
-            print(f"the compiled static step: {compiled_calls:.0f} op calls, {compiled_launched:.0f} of which run a "
-                  f"kernel ({fused:.0f} of Inductor's fused C++ kernels, the rest products, attention and sampling)")
+        static_run, net, compiled_counts = compiled_static_step(model, template, device)
         runs.update({"static step, eager": lambda: static_run(model), "static step, compiled": lambda: static_run(net)})
     ms = {name: [] for name in runs}
     for _ in range(cfg.rounds):
@@ -457,9 +445,30 @@ def bench_profile(cfg, device):
         print(f"the compiled static step is {said(compiled)} the eager step; run eagerly, the static step (a padded "
               f"chunk, all {L} cache slots read) is {said(static)} it")
         row.update(compiled_over_eager=statistics.median(compiled), static_over_eager=statistics.median(static))
-        if device == "cpu":
-            row.update(compiled_op_calls_per_step=compiled_calls, compiled_kernels_per_step=compiled_launched)
+        row.update(compiled_counts)
     return [row]
+
+
+def compiled_static_step(model, template, device):
+    """The static-shape sampling step of sample.py --compile=True: (run(net) -> NFE, the compiled net, and on the
+    CPU its op calls and kernels per step, counted as bench_profile counts the eager step's)."""
+    cache = new_cache(model, 1, len(template), device, static=True)
+    static_run = lambda net: generate(net, template, 1, 10 ** 6, 1.0, top_p=1.0, static=True, cache=cache)[1]
+    net = torch.compile(model, mode="reduce-overhead")
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):  # C++ kernels seen by the profiler
+        for _ in range(2):  # as sample.py: every step shape compiled and warmed up before anything is timed
+            static_run(net)
+    if device != "cpu":  # (on a GPU the profiler would see one CUDA graph replay per step)
+        return static_run, net, {}
+    with torch.profiler.profile() as prof:
+        steps = static_run(net)
+    fused = sum("cpp_fused" in e.name for e in prof.events()) / steps
+    counts = dict(compiled_op_calls_per_step=len(prof.events()) / steps,
+                  compiled_kernels_per_step=kernels(prof.events()) / steps)
+    print(f"the compiled static step: {counts['compiled_op_calls_per_step']:.0f} op calls, "
+          f"{counts['compiled_kernels_per_step']:.0f} of which run a kernel ({fused:.0f} of Inductor's fused C++ "
+          "kernels, the rest products, attention and sampling)")
+    return static_run, net, counts
 
 
 def bench_linear(cfg, device):

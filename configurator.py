@@ -110,9 +110,10 @@ def run_cli(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:  # (CPU and MPS: a RuntimeError that says so)
-        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and not re.search(
-                r"can't allocate memory|out of memory", str(e)):
+    except (MemoryError, RuntimeError) as e:  # CUDA's torch.OutOfMemoryError; CPU and MPS: a RuntimeError saying so
+        out_of_memory = isinstance(e, (MemoryError, torch.OutOfMemoryError)) or re.search(
+            r"can't allocate memory|out of memory", str(e))
+        if not out_of_memory:
             raise
         print("error: out of memory; make the batch (--batch_size, --num_samples) or the model smaller, or use "
               "another --device", file=sys.stderr)

@@ -201,10 +201,7 @@ def _prepare(dataset, data_dir):
         meta["source"] = source
         bar.close()
         meta_tmp = f"{meta_path}.{os.getpid()}.tmp"
-        with open(meta_tmp, "wb") as f:
-            pickle.dump(meta, f)
-            f.flush()
-            os.fsync(f.fileno())
+        atomic_write(meta_tmp, lambda f: pickle.dump(meta, f))
         for path, final in zip(staged + [meta_tmp], bins + [meta_path]):  # the bins first, meta.pkl last
             os.replace(path, final)
     meta = read_meta(meta_path)

@@ -307,11 +307,11 @@ def validate(cfg):
                "and --infill"),
               (cfg.score or not cfg.score_svg, "--score_svg draws a scored text: give --score too"),
               (0 <= cfg.seed < 2 ** 63, f"--seed={cfg.seed} must be in [0, 2**63)")]
-    checks += [(not path or os.path.isdir(os.path.dirname(os.path.abspath(path))),  # now, not after the sampling
-                f"--{flag}={path}: its folder does not exist") for flag, path in
-               (("trajectory", cfg.trajectory), ("score_svg", cfg.score_svg))]
-    checks += [(not os.path.isdir(path), f"--{flag}={path} is a folder: give it a file name, e.g. {flag}.svg")
-               for flag, path in (("trajectory", cfg.trajectory), ("score_svg", cfg.score_svg)) if path]
+    for flag, path in (("trajectory", cfg.trajectory), ("score_svg", cfg.score_svg)):  # now, not after the sampling
+        if path:
+            checks += [(os.path.isdir(os.path.dirname(os.path.abspath(path))), f"--{flag}={path}: its folder does not "
+                        "exist"), (not os.path.isdir(path), f"--{flag}={path} is a folder: give it a file name, e.g. "
+                        f"{flag}.svg")]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)

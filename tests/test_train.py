@@ -135,6 +135,7 @@ def test_bad_data_is_one_line_and_loses_nothing(data_dir, tmp_path):
     one_line = lambda *flags: cli("train.py", *TINY_TRAIN, f"--out_dir={tmp_path / 'o'}", "--max_iters=1", *flags)
     (tmp_path / "afile").write_text("x")
     (tmp_path / "d" / "tiny" / "input.txt").mkdir(parents=True)
+
     def fails(message, *flags):
         r = one_line(*flags)
         assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and message in r.stderr, (flags, r.stderr)
