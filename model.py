@@ -504,7 +504,8 @@ def log_likelihood(model, x, order):
 
 def iw_nll(model, x, alpha_0, K=1):
     """Importance-weighted NLL per token (Theorem 3.1, Suppl. B.2-B.3): -log mean_k p(x | σ_k), σ_k ~ P_L^{α0}.
-    It is an upper bound on -log p(x) that decreases with K towards it."""
+    Its expectation is an upper bound on -log p(x) that falls towards it as K grows; one draw may land on either
+    side."""
     B, L = x.shape
     logp = torch.stack([log_likelihood(model, x, likelihood_order(B, L, alpha_0, x.device)) for _ in range(K)])
     return -(logp.logsumexp(dim=0) - math.log(K)) / L  # (B,)

@@ -6,7 +6,7 @@ Sample from a trained Eso-LM with the exact KV cache (paper Alg. 2, Fig. 2), or 
     python sample.py --start "ROMEO:" --alpha_0 0.25  # a prompt; a quarter of the tokens by diffusion
     python sample.py --length 512                     # past the block size: chunk by chunk, a sliding window
     python sample.py --infill "ROMEO: ____________ JULIET:"   # each '_' is one token to generate
-    python sample.py --kv_cache=False                 # the uncached reference path: the same tokens, slower
+    python sample.py --kv_cache=False                 # the uncached reference path: in fp32 the same tokens
     python sample.py --schedule=strided --steps 8     # the paper's improved sampler: far-apart tokens per step
     python sample.py --score "ROMEO: But soft!"       # nats, bits per byte, and each token's surprise
 
@@ -125,7 +125,8 @@ def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, 
             token at every diffusion step, and caches from the sequential phase on (Fig. 15);
       mdlm  feeds all L tokens, masks still to come included, at every step, and never caches.
     kv_cache=False is the reference path: every step feeds every revealed token and the current masks from
-    slot 0. Both paths draw the same noise, so they give the same tokens.
+    slot 0. Both paths draw the same noise, so in fp32 they give the same tokens; under bf16 autocast (a bf16
+    cache) they round differently, their logits agree up to bf16 rounding, and a near tie may draw another token.
     static=True gives every step one of a few shapes, for CUDA graphs (torch.compile's reduce-overhead): the
     fed chunk is padded to a power of two (at least 2, so that a run's first step needs no graph of its own)
     with the slots that follow it (the causal mask hides them from the real tokens; their K/V land in slots
@@ -241,8 +242,8 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
 @torch.no_grad()
 def score(model, ids, alpha_0, K=16, chunk=0, seed=1337, ctx=contextlib.nullcontext()):
     """The log-likelihood of the token sequence `ids` (L,) under an Eso-LM (B) (Theorem 3.1): the importance-weighted
-    estimate over K orderings σ ~ P^{α0} (eq. 22), log mean_k p(x | σ_k), a lower bound that rises to
-    log p(x) as K grows; at α0 = 0 every ordering is left to right and it is the exact chain rule. A text
+    estimate over K orderings σ ~ P^{α0} (eq. 22), log mean_k p(x | σ_k), in expectation a lower bound that
+    rises to log p(x) as K grows; at α0 = 0 every ordering is left to right and it is the exact chain rule. A text
     longer than the block size is scored in the windows generate() samples it in: each window's own tokens
     conditioned on the text before them in the window, log p = Σ log p(window's tokens | its prompt).
     Returns (log-likelihood in nats, surprise (L,)): each token's -log p, averaged over the K orderings (for
@@ -533,15 +534,17 @@ def score_main(cfg, device, ctx, model, tok, loaded):
     if has_likelihood(config):
         logp, surprise = score(model, ids, cfg.alpha_0, cfg.score_k, cfg.chunk, cfg.seed, ctx)
         what = ("exact log-likelihood (alpha_0=0: the chain rule)" if cfg.alpha_0 == 0 else
-                f"log-likelihood, importance-weighted over K={cfg.score_k} orderings (a lower bound; exact as K grows)")
+                f"log-likelihood, importance-weighted over K={cfg.score_k} orderings (in expectation a lower bound; "
+                "exact as K grows)")
         if len(ids) > config.block_size:
             what += ", window by window past the block size, each conditioned on the text before it"
     else:
         torch.manual_seed(cfg.seed)
         with torch.no_grad(), ctx:  # 2K draws of the bound's noise (split between its two terms for 0 < α0 < 1)
             logp = -nelbo(model, ids.expand(2 * cfg.score_k, -1), cfg.alpha_0)[0].item() * len(ids)
-        surprise, what = None, f"minus the NELBO (eq. 7) over {2 * cfg.score_k} draws: a lower bound on the " \
-                               f"log-likelihood, which denoiser {config.denoiser} has no one-pass form of"
+        surprise = None
+        what = (f"minus the NELBO (eq. 7) over {2 * cfg.score_k} draws: in expectation a lower bound on the "
+                f"log-likelihood, which denoiser {config.denoiser} has no one-pass form of")
     dt, n_bytes = time.time() - t0, len(text.encode("utf-8"))
     print(f"{len(ids)} tokens, {n_bytes} UTF-8 bytes, alpha_0={cfg.alpha_0}: {what}, {dt:.2f} s")
     print(f"  {logp:.3f} nats: {-logp / len(ids):.4f} nats/token, {-logp / math.log(2) / n_bytes:.4f} bits/byte, "
