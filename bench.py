@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, run_cli
+from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, run_cli, shape_checks
 from data import atomic_write, get_batch, load_checkpoint, load_split, prepare, tokenizer_of
 from model import GPT, GPTConfig, Linear, few_rows_transposed, iw_nll, nelbo, sampling_products, unwrap
 from sample import check_environment, generate, new_cache, plan
@@ -149,8 +149,9 @@ def bench_sample(cfg, device):
             per_ar = sorted(c / a for c, a in zip(times[cached], times.get(ar_name, [])))  # per round, as above
             extra = (f", cached / AR {statistics.median(per_ar):.2f} [{per_ar[0]:.2f}-{per_ar[-1]:.2f}]"
                      if per_ar else "")
-            print(f"{'':>5} -> {label}: Eso-LM (B) cached is {statistics.median(ratios):.1f}x faster than MDLM "
-                  f"[{ratios[0]:.1f}-{ratios[-1]:.1f}]{extra}")
+            speedup = statistics.median(ratios)
+            how = f"{speedup:.1f}x faster than MDLM" if speedup >= 1 else f"slower than MDLM, {speedup:.2f}x its speed"
+            print(f"{'':>5} -> {label}: Eso-LM (B) cached is {how} [{ratios[0]:.1f}-{ratios[-1]:.1f}]{extra}")
     return rows
 
 
@@ -534,6 +535,8 @@ def validate(cfg, benches):
               (min(cfg.rounds, cfg.iters, cfg.small_steps, cfg.sample_batch, cfg.num_samples, cfg.prepare_mb) >= 1,
                "--rounds, --iters, --small_steps, --sample_batch, --num_samples and --prepare_mb must be positive"),
               (cfg.mdlm_steps >= 0, f"--mdlm_steps={cfg.mdlm_steps} must be >= 0 (0: all of them)"),
+              *shape_checks(cfg), (cfg.vocab_size >= 1 and cfg.batch_size >= 1,
+                                   "--vocab_size and --batch_size must be positive"),
               (set(cfg.schedules.split(",")) <= {"random", "strided"}, f"--schedules={cfg.schedules} must be random, "
                "strided or both, separated by a comma"),
               (not cfg.json_out or os.path.isdir(os.path.dirname(os.path.abspath(cfg.json_out)))

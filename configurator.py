@@ -38,6 +38,8 @@ def _convert(key, raw, typ):
         value = raw
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if typ is float and isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        raise UserError(f"--{key}={raw} must be a finite number")
     if type(value) is not typ:
         raise UserError(f"--{key} expects {typ.__name__}, got {raw!r}")
     return value
@@ -83,30 +85,47 @@ def parse_args(config, argv=None):
                 exec(source, {}, namespace)
             except Exception as e:  # a config file is Python: any error in it is the file's, not the program's
                 raise UserError(f"config file {arg}: {type(e).__name__}: {e}")
-            overrides += [(k, v) for k, v in namespace.items() if not k.startswith("_") and not inspect.ismodule(v)]
+            overrides += [(k, v, f" in config file {arg}") for k, v in namespace.items()
+                          if not k.startswith("_") and not inspect.ismodule(v)]
             i += 1
             continue
         key, eq, raw = arg[2:].partition("=")
         if not eq:  # --key value
-            if i + 1 >= len(argv):
-                raise UserError(f"--{key} needs a value, e.g. --{key}=...")
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):  # (a flag with no value before the next one)
+                raise UserError(f"--{key} needs a value, e.g. --{key}=..."
+                                + (f", before {argv[i + 1]}" if i + 1 < len(argv) else ""))
             raw = argv[i + 1]
             i += 1
-        overrides.append((key, raw))
+        overrides.append((key, raw, ""))
         i += 1
-    for key, raw in overrides:
+    for key, raw, where in overrides:
         if key not in fields:
             near = NANOGPT_FLAGS.get(key) or next(iter(difflib.get_close_matches(key, fields, 1)), None)
             hint = f"did you mean --{near}? " if near in fields else ""
-            raise UserError(f"unknown flag --{key}; {hint}the flags are: " + ", ".join(fields))
+            what = f"unknown key {key}{where}" if where else f"unknown flag --{key}"
+            raise UserError(f"{what}; {hint}the flags are: " + ", ".join(fields))
         setattr(config, key, _convert(key, raw, fields[key]))
-    return {key for key, _ in overrides}
+    return {key for key, _, _ in overrides}
+
+
+def shape_checks(cfg):
+    """The checks of the model's shape flags that train.py and bench.py share, as (ok, one-line message) pairs."""
+    return [
+        (cfg.block_size >= 1, f"--block_size={cfg.block_size} must be at least 1"),
+        (min(cfg.n_layer, cfg.n_head, cfg.n_embd) >= 1, "--n_layer, --n_head and --n_embd must be positive"),
+        (cfg.n_head < 1 or cfg.n_embd % cfg.n_head == 0 and (cfg.n_embd // cfg.n_head) % 2 == 0,
+         f"--n_embd={cfg.n_embd} must be --n_head={cfg.n_head} times an even head size (RoPE)"),
+    ]
 
 
 def run_cli(main):
-    """Run `main()`, turning a UserError, or memory that runs out, into one line on stderr and exit code 1."""
+    """Run `main()`, turning a UserError, or memory that runs out, into one line on stderr and exit code 1, and
+    Ctrl-C into one line and exit code 130 (train.py saves what it can first)."""
     try:
         main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -14,6 +14,7 @@ if that exists, as nanoGPT's `shakespeare_char` folder has one).
 Checkpoints are files too: train.py writes them and every script reads them through load_checkpoint.
 """
 import collections
+import contextlib
 import hashlib
 import itertools
 import os
@@ -42,19 +43,39 @@ def atomic_write(path, write, mode="wb"):
     """write(f) into a temporary file of this process beside `path`, then rename it over `path`: a crash
     leaves the old file or the new one, never half of one, and DDP ranks writing the same file cannot collide."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with removed_on_error([tmp]):
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def removed_on_error(paths):
+    """If the block raises (Ctrl-C included), remove whichever of `paths` exist, then re-raise: a stopped
+    write leaves no temporary file behind."""
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        raise
 
 
 def _download_shakespeare(path):
+    made, folder = [], os.path.dirname(path)  # the folders made here, innermost first: a failed download removes them
+    while folder and not os.path.exists(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
         with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as r:
             text = r.read()
     except OSError as e:
+        for folder in made:
+            os.rmdir(folder)
         raise UserError(f"could not download Tiny Shakespeare ({getattr(e, 'reason', e)}); with no network, "
                         f"save {SHAKESPEARE_URL} as {path} by hand")
     atomic_write(path, lambda f: f.write(text))
@@ -175,37 +196,47 @@ def _prepare(dataset, data_dir):
         bar = tqdm(total=n, unit="char", unit_scale=True, desc=f"preparing {dataset}", leave=False,
                    disable=n < 50_000_000)
         staged = [f"{b}.{os.getpid()}.staged" for b in bins]  # renamed into place once meta.pkl's tmp is written
-        if char_level:
-            chars = sorted(chars)
-            meta = {"vocab_size": len(chars), "tokenizer": "char",
-                    "stoi": {ch: i for i, ch in enumerate(chars)}, "itos": {i: ch for i, ch in enumerate(chars)}}
-            lut = np.zeros(max(map(ord, chars)) + 1, dtype=np.uint16)
-            lut[[ord(c) for c in chars]] = np.arange(len(chars))
-            encode = lambda piece: lut[np.frombuffer(piece.encode("utf-32-le"), dtype=np.uint32)]
-            write_bins(staged, encoded(text_pieces(src, int(n * 0.9), cut=None), encode), bar)
-        else:
-            enc = gpt2_encoding()
-            gpt2_bins = [f"{b}.gpt2.{os.getpid()}.tmp" for b in bins]  # GPT-2 ids first, renumbered below
-            counts = write_bins(gpt2_bins, encoded(text_pieces(src, int(n * 0.9)), enc.encode_ordinary,
-                                                   os.cpu_count() or 1), bar)
-            used = np.flatnonzero(counts)
-            lut = np.zeros(enc.n_vocab, dtype=np.uint16)
-            lut[used] = np.arange(len(used))
-            for tmp, path in zip(gpt2_bins, staged):
-                ids = np.memmap(tmp, dtype=np.uint16, mode="r")
-                atomic_write(path, lambda f: [f.write(lut[ids[i: i + PIECE]].tobytes())
-                                              for i in range(0, len(ids), PIECE)])
-                del ids
-                os.remove(tmp)
-            meta = {"vocab_size": len(used), "tokenizer": "gpt2", "gpt2_ids": used.tolist()}
-        meta["source"] = source
-        bar.close()
+        gpt2_bins = [f"{b}.gpt2.{os.getpid()}.staged" for b in bins]  # BPE: GPT-2 ids first, renumbered below
         meta_tmp = f"{meta_path}.{os.getpid()}.tmp"
-        atomic_write(meta_tmp, lambda f: pickle.dump(meta, f))
+        with removed_on_error(staged + gpt2_bins + [meta_tmp]):
+            meta = _encode(src, n, chars, char_level, staged, gpt2_bins, bar)
+            meta["source"] = source
+            bar.close()
+            atomic_write(meta_tmp, lambda f: pickle.dump(meta, f))
         for path, final in zip(staged + [meta_tmp], bins + [meta_path]):  # the bins first, meta.pkl last
             os.replace(path, final)
     meta = read_meta(meta_path)
     meta.setdefault("tokenizer", "char" if "stoi" in meta else "gpt2")  # a meta.pkl written by nanoGPT
+    return meta
+
+
+def _encode(src, n, chars, char_level, staged, gpt2_bins, bar):
+    """Encode src's n characters into the token files `staged` (train, val); return the meta dict."""
+    if char_level:
+        chars = sorted(chars)
+        meta = {"vocab_size": len(chars), "tokenizer": "char",
+                "stoi": {ch: i for i, ch in enumerate(chars)}, "itos": {i: ch for i, ch in enumerate(chars)}}
+        lut = np.zeros(max(map(ord, chars)) + 1, dtype=np.uint16)
+        lut[[ord(c) for c in chars]] = np.arange(len(chars))
+        encode = lambda piece: lut[np.frombuffer(piece.encode("utf-32-le"), dtype=np.uint32)]
+        write_bins(staged, encoded(text_pieces(src, int(n * 0.9), cut=None), encode), bar)
+    else:
+        enc = gpt2_encoding()
+        counts = write_bins(gpt2_bins, encoded(text_pieces(src, int(n * 0.9)), enc.encode_ordinary,
+                                               os.cpu_count() or 1), bar)
+        used = np.flatnonzero(counts)
+        lut = np.zeros(enc.n_vocab, dtype=np.uint16)
+        lut[used] = np.arange(len(used))
+        for gpt2_path, path in zip(gpt2_bins, staged):
+            ids = np.memmap(gpt2_path, dtype=np.uint16, mode="r")
+            with open(path, "wb") as f:
+                for i in range(0, len(ids), PIECE):
+                    f.write(lut[ids[i: i + PIECE]].tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            del ids
+            os.remove(gpt2_path)
+        meta = {"vocab_size": len(used), "tokenizer": "gpt2", "gpt2_ids": used.tolist()}
     return meta
 
 
@@ -255,11 +286,10 @@ def tokenizer_of(meta):
 
 
 def write_bins(paths, tokens, bar):
-    """Write (ids, is_val, characters) token arrays, train to paths[0] and val to paths[1], each atomically.
-    Returns how often every token id occurs."""
+    """Write (ids, is_val, characters) token arrays, train to paths[0] and val to paths[1] (staging files, renamed
+    into place by the caller). Returns how often every token id occurs."""
     counts = np.zeros(1 << 16, dtype=np.int64)
-    tmps = [f"{p}.{os.getpid()}.tmp" for p in paths]
-    files = [open(t, "wb") for t in tmps]
+    files = [open(p, "wb") for p in paths]
     try:
         for ids, is_val, n in tokens:
             files[is_val].write(ids.tobytes())
@@ -271,8 +301,6 @@ def write_bins(paths, tokens, bar):
     finally:
         for f in files:
             f.close()
-    for tmp, path in zip(tmps, paths):
-        os.replace(tmp, path)
     return counts
 
 
@@ -363,6 +391,9 @@ def load_checkpoint(out_dir, device="cpu", name="ckpt.pt"):
     wrong with it. GPT.from_checkpoint builds the network it holds."""
     path = os.path.join(out_dir, name)
     if not os.path.exists(path):
+        if name == "ckpt.pt" and os.path.exists(os.path.join(out_dir, "last.pt")):
+            raise UserError(f"no checkpoint at {path}: the run there stopped before its first eval; resume it "
+                            f"(python train.py --init_from=resume --out_dir={out_dir})")
         raise UserError(f"no checkpoint at {path}; train one first (python train.py --out_dir={out_dir})")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)

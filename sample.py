@@ -213,9 +213,10 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
     other token is kept. Returns (tokens (B, L), NFE). Up to the block size one run of the sampler fills it;
     a longer template (a prompt followed by masks) is filled window by window (windows()): the first block,
     then each further `chunk` tokens (default: half a block) with the last block_size - chunk tokens of the
-    text so far as their prompt, a sliding window as nanoGPT crops its context. NFE counts the passes of every
-    window; callback(offset=..., **step) sees each step, offset being its window's start in the text. The same
-    seed gives the same samples."""
+    text so far as their prompt, a sliding window as nanoGPT crops its context. A prompt longer than the block
+    is cropped alike: the first window starts block_size - chunk tokens before its end (or so that the window
+    ends with the text). NFE counts the passes of every window; callback(offset=..., **step) sees each step,
+    offset being its window's start in the text. The same seed gives the same samples."""
     config = unwrap(model).config
     chunk = chunk or config.block_size // 2
     check_request(config, template, chunk, alpha_0)
@@ -228,7 +229,10 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
     gen_noise = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)  # no MPS float64
     cache = (cache or new_cache(model, num_samples, W, device, ctx, static)) if kv_cache else None
     x, nfe = template.expand(num_samples, -1).clone(), 0
-    for start, _ in windows(len(template), config.block_size, chunk):
+    given = int((template != config.mask_id).cummin(0).values.sum())  # the prompt's length
+    skip = min(given - (W - chunk), len(template) - W) if W < given < len(template) else 0
+    for start, _ in windows(len(template) - skip, config.block_size, chunk):
+        start += skip
         window = x[:, start:start + W]  # a view: denoise's tokens land in x
         order, chunks, sequential = plan(window[0].cpu() == config.mask_id, num_samples, steps, alpha_0, gen_cpu,
                                          schedule)
@@ -307,6 +311,8 @@ def validate(cfg):
               (not cfg.score or not (cfg.start or cfg.infill), "--score scores a text on its own: leave out --start "
                "and --infill"),
               (cfg.score or not cfg.score_svg, "--score_svg draws a scored text: give --score too"),
+              (not cfg.score or not cfg.trajectory, "--trajectory draws a sampling run: leave it out with --score "
+               "(--score_svg draws the scores)"),
               (0 <= cfg.seed < 2 ** 63, f"--seed={cfg.seed} must be in [0, 2**63)")]
     for flag, path in (("trajectory", cfg.trajectory), ("score_svg", cfg.score_svg)):  # now, not after the sampling
         if path:
@@ -356,9 +362,9 @@ def write_text(path, flag, text):
 
 def make_template(tok, mask_id, length, block_size, start="", infill=""):
     """The sequence to complete: given tokens, and mask_id where tokens are to be generated. --start gives a
-    prefix, followed by masks up to `length` (default: the block size; more is sampled window by window);
-    --infill gives text with '_' gaps, which is the whole sequence unless `length` asks for more (then masks
-    continue it), within one block."""
+    prefix (of any length), followed by masks up to `length` (default: the block size; more is sampled window by
+    window); --infill gives text with '_' gaps, which is the whole sequence unless `length` asks for more (then
+    masks continue it), within one block."""
     if start and infill:
         raise UserError("give --start or --infill, not both (a prompt is an infill text with no gaps)")
     ids = tok.encode(start) if start else []
@@ -366,14 +372,17 @@ def make_template(tok, mask_id, length, block_size, start="", infill=""):
         ids += ([mask_id] if i else []) + (tok.encode(piece) if piece else [])
     length = length or (len(ids) if infill else block_size)  # an infill text is the whole sequence
     what = "infill text" if infill else "prompt"
-    if len(ids) > block_size:  # (first: raising --length cannot fix this one)
-        raise UserError(f"the {what} is {len(ids)} tokens, longer than the trained block size {block_size}; shorten it")
+    if infill and len(ids) > block_size:  # (first: raising --length cannot fix this one)
+        raise UserError(f"the infill text is {len(ids)} tokens, longer than the trained block size {block_size}; "
+                        "shorten it")
     if len(ids) > length:
         raise UserError(f"the {what} is {len(ids)} tokens, longer than --length={length}; shorten it or raise --length")
     if infill and length > block_size:
         raise UserError(f"--infill works within one block ({block_size} tokens); --length={length} asks for more")
     if mask_id not in ids and len(ids) == length:
-        raise UserError("nothing to generate: the text fills --length and has no '_' gaps")
+        raise UserError("nothing to generate: the infill text has no '_' gaps" if infill else
+                        f"nothing to generate: the prompt is {len(ids)} tokens, as long as --length={length}; "
+                        "raise --length")
     return torch.tensor(ids + [mask_id] * (length - len(ids)), dtype=torch.long)
 
 
@@ -485,9 +494,13 @@ def sample_main(cfg, device, ctx, model, tok, loaded):
                              read_text(cfg.infill)).to(device)
     chunk = cfg.chunk or block_size // 2
     check_request(model.config, template, chunk, cfg.alpha_0)  # before anything is printed: an error is one line
+    denoiser = model.config.denoiser
+    cache_note = (f"kv_cache={cfg.kv_cache}" if denoiser == "B" or not cfg.kv_cache else
+                  "no KV cache (MDLM caches nothing)" if denoiser == "mdlm" else
+                  "kv_cache=True (denoiser A: from the sequential phase on)")
+    windows_note = f", windows of {block_size} tokens moving by {chunk}" if len(template) > block_size else ""
     print(f"{loaded}; sampling with alpha_0={cfg.alpha_0}, steps={cfg.steps}, schedule={cfg.schedule}, "
-          f"kv_cache={cfg.kv_cache}" + (f", windows of {block_size} tokens moving by {chunk}"
-                                        if len(template) > block_size else ""), file=sys.stderr)
+          f"{cache_note}{windows_note}", file=sys.stderr)
     run = lambda net, static, cache, callback=None: generate(
         net, template, cfg.num_samples, cfg.steps, cfg.alpha_0, cfg.temperature, cfg.top_p, cfg.kv_cache, cfg.seed,
         callback, ctx, progress=sys.stderr.isatty(), schedule=cfg.schedule, static=static, cache=cache, chunk=chunk)
@@ -552,8 +565,8 @@ def score_main(cfg, device, ctx, model, tok, loaded):
     if surprise is None:
         return
     pieces = [tok.decode([t]) for t in ids.tolist()]
-    cells = [f"{p.replace(chr(10), '⏎')!s}:{s:.2f}" for p, s in zip(pieces, surprise.tolist())]
-    print("  surprise of each token, -log p in nats (mean over the orderings):")
+    cells = [f"{p.replace(chr(10), '⏎').replace(' ', '␣')}:{s:.2f}" for p, s in zip(pieces, surprise.tolist())]
+    print("  surprise of each token, -log p in nats (mean over the orderings; ␣ a space, ⏎ a line break):")
     print(textwrap.fill(" ".join(cells), width=100, initial_indent="    ", subsequent_indent="    "))
     if cfg.score_svg:
         title = f"surprise of each token, alpha_0={cfg.alpha_0}: {-logp / len(ids):.3f} nats/token"

@@ -17,6 +17,7 @@ final_eval(). Every micro-step reseeds torch from (seed, iteration, global micro
 pure function of its flags: resuming continues the same data and noise, and DDP with N ranks computes the
 same global batch as one process with N times the gradient accumulation.
 """
+import contextlib
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, run_cli
+from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, run_cli, shape_checks
 from data import (atomic_write, eval_batches, get_batch, load_checkpoint, load_split, prepare, save_checkpoint,
                   token_bytes, tokenizer_of)
 from model import DENOISERS, GPT, GPTConfig, diffusion_rows, has_likelihood, iw_nll, nelbo, stratified_times, unwrap
@@ -45,7 +46,7 @@ class TrainConfig:
     eval_interval: int = 250
     eval_iters: int = 20  # batches per periodic eval (the same random val windows every time)
     eval_k: int = 16  # orderings for the final importance-weighted NLL
-    eval_windows: int = 0  # val windows of the final eval, spread over the split; 0 = all of them
+    eval_windows: int = 0  # val windows of the final eval (whole batches of them), spread over the split; 0 = all
     log_interval: int = 50
     always_save_checkpoint: bool = False  # False: ckpt.pt keeps the best-val weights; True: the latest
     init_from: str = "scratch"  # 'scratch' or 'resume'
@@ -119,11 +120,8 @@ def validate(cfg):
          "with --data_dir"),
         (cfg.optimizer in ("adamw", "muon"), f"--optimizer={cfg.optimizer} must be adamw or muon"),
         (cfg.batch_size >= 1, f"--batch_size={cfg.batch_size} must be at least 1"),
-        (cfg.block_size >= 1, f"--block_size={cfg.block_size} must be at least 1"),
+        *shape_checks(cfg),
         (1 <= cfg.gradient_accumulation_steps <= 10006, "--gradient_accumulation_steps must be in 1..10006"),
-        (min(cfg.n_layer, cfg.n_head, cfg.n_embd) >= 1, "--n_layer, --n_head and --n_embd must be positive"),
-        (cfg.n_embd % cfg.n_head == 0 and (cfg.n_embd // cfg.n_head) % 2 == 0,
-         f"--n_embd={cfg.n_embd} must be --n_head={cfg.n_head} times an even head size (RoPE)"),
         (0 <= cfg.dropout < 1, f"--dropout={cfg.dropout} must be in [0, 1)"),
         (cfg.learning_rate > 0 and cfg.min_lr >= 0,
          f"--learning_rate={cfg.learning_rate} must be > 0 and --min_lr={cfg.min_lr} >= 0"),
@@ -286,8 +284,11 @@ class Trainer:
         if cfg.init_from != "resume" and not cfg.eval_only:
             return None
         out_dir = cfg.out_dir or default_out_dir(cfg)
-        resume = cfg.init_from == "resume" and not cfg.eval_only and os.path.exists(os.path.join(out_dir, "last.pt"))
-        ckpt = load_checkpoint(out_dir, self.device, "last.pt" if resume else "ckpt.pt")
+        found = lambda name: os.path.exists(os.path.join(out_dir, name))
+        resume = cfg.init_from == "resume" and not cfg.eval_only
+        if resume and not found("last.pt") and not found("ckpt.pt"):
+            raise UserError(f"nothing to resume in {out_dir} (no last.pt, no ckpt.pt); train from scratch first")
+        ckpt = load_checkpoint(out_dir, self.device, "last.pt" if resume and found("last.pt") else "ckpt.pt")
         saved = ckpt["config"]
         for k in KEPT_ON_RESUME:
             if k in user_keys and getattr(cfg, k) != saved[k]:
@@ -339,6 +340,7 @@ class Trainer:
             self.log("compiling the model (torch.compile): the first iterations take a while")
         self.objective = self.make_objective(compiled=cfg.compile)
         self.kept_out_dir = False  # a run of --max_iters=0 into a folder with checkpoints saves nothing
+        self.saved = ckpt is not None  # have out_dir's checkpoints become this run's (it resumed from them)?
         self.history = {"loss": [], "eval": []}  # (iter, train loss), (iter, train nelbo, val nelbo, val nll)
         if self.master:
             try:
@@ -440,8 +442,7 @@ class Trainer:
             if improved:
                 self.best_val, self.best_iter = va["nelbo"], it
             # a run of --max_iters=0 saves its untrained model, but never over another run's checkpoints
-            self.kept_out_dir = it == 0 and cfg.max_iters == 0 and any(
-                os.path.exists(os.path.join(cfg.out_dir, f)) for f in ("ckpt.pt", "last.pt"))
+            self.kept_out_dir = it == 0 and cfg.max_iters == 0 and self.holds_another_run()
             if self.kept_out_dir:
                 self.log(f"nothing saved: {cfg.out_dir} holds another run's checkpoints, which an untrained model "
                          "never replaces")
@@ -460,9 +461,16 @@ class Trainer:
                  "meta": self.meta}
         if best:
             save_checkpoint(state, cfg.out_dir)
+            with contextlib.suppress(FileNotFoundError):  # it described the weights just replaced
+                os.remove(os.path.join(cfg.out_dir, "eval.json"))
             best_so_far = ", best val so far" if self.best_iter == it else ""
             self.log(f"saving checkpoint to {cfg.out_dir} (iter {it}{best_so_far})")
         save_checkpoint({**state, "optimizer": [opt.state_dict() for opt in self.optimizers]}, cfg.out_dir, "last.pt")
+        self.saved = True
+
+    def holds_another_run(self):
+        """Does out_dir hold checkpoints that are not this run's (yet)?"""
+        return not self.saved and any(os.path.exists(os.path.join(self.cfg.out_dir, f)) for f in ("ckpt.pt", "last.pt"))
 
     def final_eval(self, it):
         """On rank 0, after the loop: the whole val split (or eval_windows of it) with the weights sample.py reads
@@ -504,12 +512,17 @@ def train(cfg, user_keys=()):
         while True:
             if run.all_ranks_agree(bool(stop)):  # every rank stops at the same iteration if any was signalled
                 stop += [1]
-                # an untrained state replaces nothing in out_dir (eval_and_save)
-                untrained = it == 0
-                if run.master and not untrained:
-                    run.save(it, best=False)
-                run.log("interrupted at iter 0, before any training: nothing saved" if untrained else
-                        f"interrupted at iter {it}; resume with --init_from=resume --out_dir={cfg.out_dir}")
+                # an untrained state replaces nothing in out_dir (eval_and_save), nor does a new run's before its
+                # first eval: its out_dir may hold another run's checkpoints, which are not lost to a Ctrl-C
+                if it == 0:
+                    run.log("interrupted at iter 0, before any training: nothing saved")
+                elif run.master and run.holds_another_run():
+                    run.log(f"interrupted at iter {it}: nothing saved, as {cfg.out_dir} holds another run's "
+                            "checkpoints, which a run replaces only from its first eval on")
+                else:
+                    if run.master:
+                        run.save(it, best=False)
+                    run.log(f"interrupted at iter {it}; resume with --init_from=resume --out_dir={cfg.out_dir}")
                 break
             # >=: a run resumed past its max_iters evaluates too (saving ckpt.pt if it never has) before its final eval
             if (it % cfg.eval_interval == 0 or it >= cfg.max_iters) and not cfg.eval_only:
@@ -535,16 +548,18 @@ def train(cfg, user_keys=()):
         destroy_process_group()
     if stop:
         raise KeyboardInterrupt
-    return {**run.final_eval(it), "history": run.history} if run.master else None
+    try:
+        return {**run.final_eval(it), "history": run.history} if run.master else None
+    except KeyboardInterrupt:
+        run.log("interrupted in the eval" + ("" if cfg.eval_only else f"; the checkpoints are saved, and "
+                f"--eval_only=True --out_dir={cfg.out_dir} evaluates them again"))
+        raise
 
 
 def main(argv=None):
     cfg = TrainConfig()
     user_keys = parse_args(cfg, argv)
-    try:
-        train(cfg, user_keys)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    train(cfg, user_keys)  # (Ctrl-C: run_cli's one line and exit code 130, after what train() saved and said)
     if "RANK" in os.environ:  # a torchrun rank: DDP keeps the process group, and with it gloo's worker threads,
         sys.stdout.flush()  # alive past destroy_process_group; a worker that frees the tensors of the last
         sys.stderr.flush()  # collective while Python shuts down aborts the process (now and then). So a rank

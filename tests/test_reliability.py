@@ -140,14 +140,17 @@ def test_ctrl_c_saves_and_stops_cleanly(data_dir, tmp_path):
     assert it > 0 and torch.load(out / "last.pt", weights_only=True)["iter_num"] == it
 
 
-def test_a_run_stopped_before_its_first_save_never_reports_another_runs_weights(data_dir, tmp_path, monkeypatch):
-    """A run into a folder that holds another run's ckpt.pt, stopped (Ctrl-C) after 4 iterations and before any
-    eval past iteration 0, saves last.pt alone; resumed with a max_iters it has already passed, it evaluates and
-    saves its own weights, and its final eval reports those, never the other run's."""
+def test_a_new_run_stopped_before_its_first_eval_keeps_another_runs_files(data_dir, tmp_path, monkeypatch):
+    """A new run into a folder that holds another run's checkpoints, stopped (Ctrl-C) after 4 iterations and
+    before its first eval past iteration 0, saves nothing: ckpt.pt, last.pt and eval.json stay byte for byte.
+    Stopped after that eval, it has replaced both checkpoints, and eval.json, which described the weights
+    replaced, is gone; resumed, its final eval reports its own weights."""
     import train
     out = tmp_path / "o"
-    assert cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2",
-               "--eval_interval=2", "--seed=5").returncode == 0
+    common = [*TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}"]
+    assert cli("train.py", *common, "--max_iters=2", "--eval_interval=2", "--seed=5").returncode == 0
+    files = lambda: [(out / name).read_bytes() for name in ("ckpt.pt", "last.pt", "eval.json")]
+    other = files()
     step = train.Trainer.step
 
     def interrupted(self, it):  # Ctrl-C during iteration 3
@@ -155,15 +158,43 @@ def test_a_run_stopped_before_its_first_save_never_reports_another_runs_weights(
             signal.raise_signal(signal.SIGINT)
         return step(self, it)
     monkeypatch.setattr(train.Trainer, "step", interrupted)
-    r = cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=1000",
-            "--eval_interval=1000")
-    assert r.returncode == 130 and "interrupted at iter 4" in r.stdout, r.stdout + r.stderr
-    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 2, "the other run's ckpt.pt is left alone"
+    r = cli("train.py", *common, "--max_iters=1000", "--eval_interval=1000")
+    assert r.returncode == 130 and "interrupted at iter 4: nothing saved" in r.stdout, r.stdout + r.stderr
+    assert files() == other, "the other run's files are left alone"
+    r = cli("train.py", *common, "--max_iters=1000", "--eval_interval=2")
+    assert r.returncode == 130 and "interrupted at iter 4; resume with" in r.stdout, r.stdout + r.stderr
+    assert torch.load(out / "last.pt", weights_only=True)["iter_num"] == 4 and not (out / "eval.json").exists()
+    assert (out / "ckpt.pt").read_bytes() != other[0]
+    new = tmp_path / "new"  # into an empty folder: last.pt alone, which sample.py says to resume
+    r = cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={new}", "--eval_interval=1000")
+    assert r.returncode == 130 and os.listdir(new) == ["last.pt"], r.stdout
+    r = cli("sample.py", f"--out_dir={new}", "--device=cpu")
+    assert r.returncode == 1 and "stopped before its first eval; resume it (python train.py --init_from=resume " \
+        f"--out_dir={new})" in r.stderr, r.stderr
     monkeypatch.setattr(train.Trainer, "step", step)
     r = cli("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", "--device=cpu", "--init_from=resume",
             "--max_iters=2")
-    assert r.returncode == 0 and "final eval of the weights of iter 4 (ckpt.pt)" in r.stdout, r.stdout + r.stderr
-    assert json.loads((out / "eval.json").read_text())["iter"] == 4
+    assert r.returncode == 0 and "final eval of the weights of iter" in r.stdout, r.stdout + r.stderr
+    assert json.loads((out / "eval.json").read_text())["iter"] == torch.load(out / "ckpt.pt")["iter_num"] >= 2
+
+
+def test_ctrl_c_in_an_eval_or_while_sampling_is_one_line(data_dir, tmp_path, monkeypatch):
+    """Ctrl-C in train.py's final eval says that the checkpoints are saved and how to evaluate them again;
+    while sampling, it is one line and exit code 130, no traceback."""
+    import sample
+    import train
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    out = tmp_path / "o"
+    monkeypatch.setattr(train.Trainer, "final_eval", ctrl_c)
+    r = cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2")
+    assert r.returncode == 130 and r.stdout.splitlines()[-1] == ("interrupted in the eval; the checkpoints are "
+                                                                 f"saved, and --eval_only=True --out_dir={out} "
+                                                                 "evaluates them again"), r.stdout
+    monkeypatch.setattr(sample, "denoise", ctrl_c)
+    r = cli("sample.py", f"--out_dir={out}", "--device=cpu")
+    assert r.returncode == 130 and r.stderr.splitlines()[-1] == "interrupted" and "Traceback" not in r.stderr
 
 
 def test_non_finite_loss_stops_without_saving(data_dir, tmp_path):
@@ -221,13 +252,13 @@ def test_no_network_says_where_to_put_the_file(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     try:
-        data.prepare("shakespeare_char", str(tmp_path))
+        data.prepare("shakespeare_char", str(tmp_path / "new" / "data"))
     except data.UserError as e:
         assert "could not download Tiny Shakespeare (no network)" in str(e)
-        assert str(tmp_path / "shakespeare" / "input.txt") in str(e)
+        assert str(tmp_path / "new" / "data" / "shakespeare" / "input.txt") in str(e)
     else:
         raise AssertionError("prepare() should fail offline")
-    assert not (tmp_path / "shakespeare" / "input.txt").exists(), "no partial download is left behind"
+    assert os.listdir(tmp_path) == [], "no partial download, and no folder made for it, is left behind"
 
 
 def test_empty_or_tiny_input(tmp_path):

@@ -4,6 +4,7 @@ import math
 import re
 import statistics
 
+import pytest
 import torch
 import conftest
 from conftest import causal_mask, tiny_model
@@ -84,6 +85,20 @@ def test_a_bf16_cache_equals_a_full_forward_up_to_rounding():
                 assert torch.allclose(a["logits"], full[:, a["done"]:], atol=0.1), (alpha_0, static, a["step"])
 
 
+def test_a_prompt_longer_than_the_block_is_cropped_as_the_windows_crop():
+    """A prompt longer than the block is kept whole, and what follows it is what the same seed samples from the
+    prompt's last block_size - chunk tokens (the first window starts there), or, with fewer masks than a chunk,
+    from the last block of the text."""
+    model = sharp_model(block_size=8)
+    prompt = torch.randint(0, V, (13,), generator=torch.Generator().manual_seed(0))
+    template = torch.cat([prompt, masks(None, 9)])  # block 8, chunk 4: the first window starts at 13 - 4
+    x, nfe = generate(model, template, 2, 4, 0.5, seed=3)
+    y, nfe_y = generate(model, template[9:], 2, 4, 0.5, seed=3)
+    assert torch.equal(x[:, :13], prompt.expand(2, -1)) and torch.equal(x[:, 9:], y) and nfe == nfe_y
+    x, _ = generate(model, template[:15], 2, 4, 0.5, seed=3)  # 2 masks: one window, [7, 15)
+    assert torch.equal(x[:, 7:], generate(model, template[7:15], 2, 4, 0.5, seed=3)[0])
+
+
 def test_schedule_counts_and_nfe():
     """Counts are non-empty and sum to at most the generated length; the rest is one token per step, left
     to right; NFE = non-empty diffusion steps + sequential tokens; α0 = 0 is L steps, α0 = 1 at most T."""
@@ -92,6 +107,7 @@ def test_schedule_counts_and_nfe():
         assert all(c > 0 for c in counts) and len(counts) <= steps and sum(counts) <= 100
         order, chunks, _ = plan(torch.ones(100, dtype=torch.bool), 2, steps, alpha_0, torch.Generator().manual_seed(0))
         assert chunks == counts + [1] * (100 - sum(counts))
+        assert not torch.equal(order[0], order[1]), "each sample draws its own order (the counts are shared)"
         assert torch.equal(order.sort(dim=1).values, torch.arange(100).expand(2, -1))
         tail = order[:, sum(counts):]
         assert torch.all(tail[:, 1:] > tail[:, :-1]), "the sequential positions go left to right"
@@ -149,6 +165,18 @@ def test_top_p_keeps_the_nucleus():
     freq = torch.bincount(draws, minlength=4) / 4000.
     assert freq[2:].sum() == 0 and abs(freq[0] - 0.625) < 0.03, freq
     assert (sample_tokens(logits, 0.0, 0.7) == 0).all(), "temperature 0 is greedy"
+
+
+def test_draws_follow_the_softmax_of_logits_over_temperature():
+    """Without a nucleus, the tokens are drawn with probability softmax(logits / temperature): over 40,000 draws
+    each frequency is within 0.01 (4 standard deviations) of it, for four tokens (with two, a Gumbel of the wrong
+    sign still draws the right frequencies)."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = torch.cat([probs.log(), torch.tensor([0.0])]).expand(40_000, -1)  # last column: the mask, never drawn
+    for temperature in (1.0, 0.5):
+        draws = sample_tokens(logits, temperature, 1.0, torch.Generator().manual_seed(0))
+        expected = (probs.log() / temperature).softmax(-1)
+        assert (torch.bincount(draws, minlength=4) / 40_000 - expected).abs().max() < 0.01, temperature
 
 
 def test_prompt_and_infill_tokens_come_back_unchanged():
@@ -225,6 +253,17 @@ def test_cache_is_preallocated_and_never_commits_masks():
         assert torch.allclose(torch.stack(ref.k)[:, :, :, :n], k, atol=1e-5), "a committed slot differs from clean K"
         assert torch.allclose(torch.stack(ref.v)[:, :, :, :n], v, atol=1e-5), "a committed slot differs from clean V"
         assert (x < V).all(), "a committed slot holds a mask token"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n_embd=30", "--n_head=4"], "--n_embd=30 must be --n_head=4 times an even head size (RoPE)"),
+    (["--n_head=0"], "--n_layer, --n_head and --n_embd must be positive"),
+    (["--vocab_size=0"], "--vocab_size and --batch_size must be positive"),
+    (["--what=train", "--block_size=0"], "--block_size=0 must be at least 1"),
+])
+def test_bench_refuses_an_impossible_model_in_one_line(flags, message):
+    r = conftest.cli("bench.py", "--lengths=16", "--rounds=1", *flags)
+    assert r.returncode == 1 and r.stderr.strip() == f"error: {message}", r.stderr
 
 
 def test_bench_tables(tmp_path):

@@ -1,4 +1,5 @@
 """train.py and data.py as a user runs them: checkpoints, resume, eval.json, and bad input."""
+import contextlib
 import dataclasses
 import json
 import math
@@ -10,6 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, TEXT, TINY_TRAIN, cli
 
+from configurator import UserError, parse_args
 from data import Tokenizer, eval_batches, get_batch, load_split, prepare, token_bytes
 from model import few_rows_transposed
 from sample import SampleConfig
@@ -110,7 +112,7 @@ def test_always_save_checkpoint_keeps_the_latest(data_dir, tmp_path):
     ("--block_size=100000", "--block_size=100000 is longer than the val split"),
     ("--loss_type=mse", "--loss_type=mse must be elbo or low_var"),
     ("--dataset=nothing_here", "needs its text at"),
-    ("--init_from=resume", "no checkpoint at"),
+    ("--init_from=resume", "nothing to resume in "),
     ("--eval_windows=2", "--eval_windows=2 must be 0 (all) or at least --batch_size=4"),
     ("--block_size=150", "holds fewer than --batch_size=4 windows of 150"),
     ("--beta2=1.5", "--beta1=0.9 and --beta2=1.5 must be in [0, 1)"),
@@ -119,6 +121,7 @@ def test_always_save_checkpoint_keeps_the_latest(data_dir, tmp_path):
     ("--gradient_accumulation_steps=10007", "--gradient_accumulation_steps must be in 1..10006"),
     ("--seed=" + str(10 ** 20), "must be in [0, 2**63)"),
     ("--backend=foo", "--backend=foo must be auto, nccl"),
+    ("--n_head=0", "--n_layer, --n_head and --n_embd must be positive"),
     ("--out_dir=" + os.path.join(ROOT, "README.md", "o"), "cannot create --out_dir="),
 ])
 def test_bad_input_is_one_line(data_dir, tmp_path, flag, message):
@@ -166,6 +169,27 @@ def test_bad_data_is_one_line_and_loses_nothing(data_dir, tmp_path):
     assert r.returncode == 0 and (prepared / "val.bin").read_bytes() == val, "prepared again, as it was"
 
 
+def test_learning_rate_seeds_and_eval_metrics_in_closed_form():
+    """get_lr: linear warmup to the rate, cosine decay to min_lr at lr_decay_iters, min_lr after (nanoGPT's
+    values); every micro-batch of every iteration gets its own seed; the eval NELBO weighs by the ELBO whatever
+    the training loss; bits per byte divide nats per token by ln 2 and the bytes per token."""
+    from conftest import tiny_model
+    from train import evaluate, get_lr, micro_seed
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=4, lr_decay_iters=14, max_iters=20)
+    expected = {0: 1 / 5, 3: 4 / 5, 4: 1.0, 9: 0.1 + 0.5 * 0.9, 14: 0.1, 15: 0.1}
+    assert all(math.isclose(get_lr(it, cfg), lr) for it, lr in expected.items()), [get_lr(it, cfg) for it in expected]
+    seeds = {micro_seed(cfg.seed, it, g) for it in range(30) for g in range(10007)}
+    assert len(seeds) == 30 * 10007
+    model = tiny_model(vocab_size=7, block_size=12, seed=2)
+    x = torch.randint(0, 7, (8, 12), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(alpha_0=0.5, block_size=12)
+    elbo = evaluate(model, [x], cfg, contextlib.nullcontext(), ks=(1, 4), token_bytes=torch.full((8,), 2))
+    cfg.loss_type = "low_var"
+    assert evaluate(model, [x], cfg, contextlib.nullcontext(), ks=(1, 4), token_bytes=torch.full((8,), 2)) == elbo
+    assert elbo["bytes_per_token"] == 2
+    assert all(math.isclose(elbo[f"{k}_bpb"], elbo[k] / 2 / math.log(2)) for k in ("nelbo", "nll_k1", "nll_k4"))
+
+
 def test_help_lists_every_flag_with_its_comment():
     """--help prints each flag of the script's config, its default, and what its field's comment says of it."""
     for script, config in (("sample.py", SampleConfig), ("train.py", TrainConfig)):
@@ -183,6 +207,23 @@ def test_both_flag_forms(data_dir, tmp_path):
             "--alpha_0", "1", "--eval_k", "1")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "o" / "eval.json").read_text())["alpha_0"] == 1.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--eval_only", "--max_iters", "5"], "--eval_only needs a value, e.g. --eval_only=..., before --max_iters"),
+    (["--eval_only"], "--eval_only needs a value"),
+    (["--learning_rate=nan"], "--learning_rate=nan must be a finite number"),
+    (["--alpha_0", "-inf"], "--alpha_0=-inf must be a finite number"),
+    (["CONFIG"], "unknown key wandb_log in config file CONFIG; the flags are"),
+])
+def test_bad_flags_name_the_problem(tmp_path, argv, message):
+    """A flag with no value before the next flag, a float that is not finite, a config file's unknown key."""
+    config = tmp_path / "config.py"
+    config.write_text("batch_size = 4\nwandb_log = False\n")  # (nanoGPT's config files log to wandb)
+    argv = [str(config) if a == "CONFIG" else a for a in argv]
+    with pytest.raises(UserError) as e:
+        parse_args(TrainConfig(), argv)
+    assert message.replace("CONFIG", str(config)) in str(e.value), e.value
 
 
 def test_sample_cli(data_dir, tmp_path, monkeypatch):
@@ -204,14 +245,14 @@ def test_sample_cli(data_dir, tmp_path, monkeypatch):
                           (("--length=99", "--chunk=16"), "chunk=16 must be in [1, block_size=16)"),
                           (("--infill=First _", "--length=99"), "--infill works within one block"),
                           (("--start=First", "--length=3"), "the prompt is 5 tokens, longer than --length=3"),
-                          (("--start=" + "a" * 40, "--length=99"), "longer than the trained block size 16"),
                           ("--start=~~", "not in this model's vocab"), ("--length=-1", "must be >= 0 (0: the block"),
                           ("--trajectory=nowhere/t.svg", "--trajectory=nowhere/t.svg: its folder does not exist"),
                           ("--trajectory=out-tiny", "--trajectory=out-tiny is a folder: give it a file name"),
                           ("--max_new_tokens=9", "unknown flag --max_new_tokens; did you mean --length?"),
                           ("--top_p=0", "--top_p=0.0 must be in (0, 1]"), ("--alpha_0=-0.5", "must be in [0, 1]"),
                           ("--out_dir=nowhere", "no checkpoint at nowhere/ckpt.pt"),
-                          ("--start=First Citizen:\nB", "nothing to generate"),
+                          ("--start=First Citizen:\nB", "nothing to generate: the prompt is 16 tokens, as long as"),
+                          (("--score=First", "--trajectory=t.svg"), "--trajectory draws a sampling run"),
                           ("--infill=" + "First _" * 4, "longer than the trained block size 16"),
                           ("--seed=" + str(10 ** 23), "must be in [0, 2**63)"),
                           ("--score=FILE:latin1.txt", "latin1.txt is not UTF-8 text"),
@@ -224,6 +265,8 @@ def test_sample_cli(data_dir, tmp_path, monkeypatch):
             r = cli("sample.py", *((flag,) if isinstance(flag, str) else flag), "--device=cpu", cwd=tmp_path)
         few_rows_transposed.cache_clear()
         assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, (flag, r.stderr)
+    r = cli("sample.py", "--start=" + "a" * 40, "--length=50", "--num_samples=1", "--device=cpu", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("a" * 40) and "10 tokens generated" in r.stdout, r.stdout
     # more memory than any address space holds (so no machine tries, whatever its overcommit), after the "loaded" line
     r = cli("sample.py", "--num_samples=" + str(10 ** 15), "--device=cpu", cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith("error: out of memory; make the"), r.stderr
@@ -278,11 +321,36 @@ def test_prepare_streams_in_pieces(data_dir, monkeypatch):
     chars = "".join(meta["itos"][i] for s in ("train", "val")
                     for i in load_split("tiny_char", s, str(data_dir)).tolist())
     assert chars == text and len(load_split("tiny_char", "train", str(data_dir))) == split
-    assert not list(data_dir.glob("**/*.tmp")), "no temporary file is left behind"
+    assert not list(data_dir.glob("**/*.tmp")) + list(data_dir.glob("**/*.staged")), "no temporary file is left"
     long_line = data_dir / "long.txt"
     long_line.write_text("y" * 5000)  # nowhere to cut: pieces stay bounded all the same
     assert max(len(p) for p, _ in data.text_pieces(str(long_line), 4500)) <= 9 * 97
     assert whole["tiny"][0]["vocab_size"] > 0
+
+
+def test_a_stopped_preparation_leaves_nothing_behind(data_dir, monkeypatch):
+    """Ctrl-C while a dataset is encoded (both tokenizers), or while BPE's ids are renumbered, removes every file
+    the preparation had begun: the folder holds what it held before, and the next prepare() works."""
+    import data
+    encoded = data.encoded
+
+    def stop_after_one_piece(*args, **kwargs):
+        yield next(encoded(*args, **kwargs))
+        raise KeyboardInterrupt
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    for name, module, attr, stop in (("tiny_char", data, "encoded", stop_after_one_piece),
+                                     ("tiny", data, "encoded", stop_after_one_piece),
+                                     ("tiny", data.np, "memmap", ctrl_c)):  # (BPE's renumbering reads a memmap)
+        before = sorted(p.name for p in (data_dir / name).glob("*")) if (data_dir / name).exists() else []
+        with monkeypatch.context() as m:
+            m.setattr(module, attr, stop)
+            with pytest.raises(KeyboardInterrupt):
+                prepare(name, str(data_dir))
+        assert sorted(p.name for p in (data_dir / name).glob("*")) == before, (name, attr)
+    assert prepare("tiny", str(data_dir))["tokenizer"] == "gpt2"
+    assert sorted(p.name for p in (data_dir / "tiny").glob("*")) == ["input.txt", "meta.pkl", "train.bin", "val.bin"]
 
 
 def test_a_changed_text_is_prepared_again_and_a_checkpoint_keeps_its_tokenizer(data_dir, tmp_path):
