@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from conftest import causal_mask, tiny_model
 
 from model import (Linear, add_masks, diffusion_mask, diffusion_loss, diffusion_order, invert, iw_nll,
-                   likelihood_order, log_likelihood, nelbo, permute, sequential_mask, sequential_nll, sequential_order,
-                   stratified_times, unpermute)
+                   likelihood_order, log_likelihood, nelbo, permute, rotary, sequential_loss, sequential_mask,
+                   sequential_nll, sequential_order, stratified_times, unpermute)
 
 # The paper's example, 1-based positions: x = (A,B,C,D,E,F), z_t = (A,M,C,M,M,F).
 IS_MASK = torch.tensor([[False, True, False, True, True, False]])
@@ -156,11 +156,12 @@ def test_sequential_mask_rows_per_sample():
         assert torch.equal(mask[b, 3:, 3:], torch.ones(4, 4, dtype=torch.bool).tril()) and not mask[b, 3:, :3].any()
 
 
-def test_dropping_the_clean_z_rows_leaves_the_loss_unchanged():
+@pytest.mark.parametrize("denoiser", ["B", "A"])
+def test_dropping_the_clean_z_rows_leaves_the_loss_unchanged(denoiser):
     """The sequential pass runs [masks of z0 ; x] instead of the paper's z0 ⊕ x (2L slots): the same draws give
     the same per-token NLL and the same gradients as the paper's full 2L pass (fp32), for several masking rates
-    and with z0 all masks (the likelihood pass)."""
-    model = tiny_model(vocab_size=7, block_size=12, seed=2).train()
+    and with z0 all masks (the likelihood pass); for (A) that pass's clean x tokens also see each other."""
+    model = tiny_model(vocab_size=7, block_size=12, seed=2, denoiser=denoiser).train()
     mask_id = model.config.mask_id
     x = torch.randint(0, 7, (9, 12))
     for p_mask in (0.25, 0.5, 0.75, 1.0):
@@ -173,7 +174,11 @@ def test_dropping_the_clean_z_rows_leaves_the_loss_unchanged():
         grads = [p.grad.clone() for p in model.parameters()]
         model.zero_grad()
         idx = torch.cat([permute(z0, order), permute(x, order)], dim=1)
-        logits = model(idx, torch.cat([order, order], dim=1), paper_sequential_mask(12), out=slice(0, 12))
+        mask = paper_sequential_mask(12).expand(9, 1, 24, 24).clone()
+        if denoiser == "A":  # the clean prefix of x, written out: slots below n_clean see each other
+            clean = torch.arange(12) < (z0 != mask_id).sum(1)[:, None]  # (9, 12)
+            mask[:, 0, 12:, 12:] |= clean[:, :, None] & clean[:, None, :]
+        logits = model(idx, torch.cat([order, order], dim=1), mask, out=slice(0, 12))
         ref = token_nll(logits, permute(x, order)) * permute(z0 == mask_id, order)
         ref.sum().backward()
         n_masks = (z0 == mask_id).sum(1)
@@ -183,13 +188,16 @@ def test_dropping_the_clean_z_rows_leaves_the_loss_unchanged():
         assert all(torch.allclose(a, p.grad, atol=1e-5) for a, p in zip(grads, model.parameters())), p_mask
 
 
-def test_diffusion_loss_equals_the_full_pass():
+@pytest.mark.parametrize("denoiser", ["B", "A", "mdlm"])
+def test_diffusion_loss_equals_the_full_pass(denoiser):
     """The diffusion pass computes last-layer queries and logits only from the first mask slot on (carry-over):
     the same draws give the loss of a full pass with logits at every slot, masked to the masks, weighted by
-    α0 / (1 - α_t) (or 1: low_var), normalised by all tokens."""
-    model = tiny_model(vocab_size=7, block_size=12, seed=2)
+    α0 / (1 - α_t) (or 1: low_var), normalised by all tokens, with the denoiser's mask written out: (B) causal,
+    (A) causal and the clean tokens see each other, MDLM everything."""
+    model = tiny_model(vocab_size=7, block_size=12, seed=2, denoiser=denoiser)
     x = torch.randint(0, 7, (8, 12))
-    for alpha_0, low_var in ((0.5, False), (0.25, True), (1.0, False), (1.0, True)):
+    runs = ((0.5, False), (0.25, True), (1.0, False), (1.0, True))
+    for alpha_0, low_var in runs if denoiser != "mdlm" else runs[2:]:
         torch.manual_seed(0)
         loss = diffusion_loss(model, x, alpha_0, low_var=low_var)
         torch.manual_seed(0)
@@ -197,10 +205,28 @@ def test_diffusion_loss_equals_the_full_pass():
         alpha_t = alpha_0 * (1 - t)
         zt = add_masks(x, (1 - alpha_t)[:, None], model.config.mask_id)
         order = diffusion_order(zt == model.config.mask_id)
-        nll = token_nll(model(permute(zt, order), order, causal_mask(12)), permute(x, order))
+        clean = torch.arange(12) < (zt != model.config.mask_id).sum(1)[:, None]  # (8, 12): the sorted clean prefix
+        mask = {"B": causal_mask(12), "A": (causal_mask(12) | (clean[:, :, None] & clean[:, None, :]))[:, None],
+                "mdlm": torch.ones(12, 12, dtype=torch.bool)}[denoiser]
+        nll = token_nll(model(permute(zt, order), order, mask), permute(x, order))
         w = torch.ones_like(t) if low_var else alpha_0 / (1 - alpha_t)
         ref = (w[:, None] * nll * permute(zt == model.config.mask_id, order)).sum() / x.numel()
         assert torch.allclose(loss, ref, atol=1e-6), (alpha_0, loss, ref)
+
+
+def test_rotary_positions_are_relative():
+    """RoPE rotates q and k by the angles of their positions, so attention sees position differences only: moving
+    every token by the same offset leaves (B)'s logits unchanged (another order of the same positions does not),
+    and the rotation keeps every vector's length."""
+    model = tiny_model(vocab_size=7, block_size=24, seed=1)
+    x = torch.randint(0, 7, (3, 10))
+    pos = torch.rand(3, 10).argsort(dim=1)
+    logits = model(x, pos, causal_mask(10))
+    assert torch.allclose(logits, model(x, pos + 9, causal_mask(10)), atol=1e-5)
+    assert not torch.allclose(logits, model(x, pos.flip(1), causal_mask(10)), atol=1e-3)
+    q = torch.randn(2, 3, 2, 10, 8)  # (q and k, B, heads, T, head size)
+    rotated = rotary(q, model.rope_cos[pos][:, None], model.rope_sin[pos][:, None])
+    assert torch.allclose(rotated.norm(dim=-1), q.norm(dim=-1), atol=1e-5)
 
 
 def test_permutations_round_trip():
@@ -333,9 +359,16 @@ def test_first_mask_of_the_diffusion_pass_is_the_likelihood_conditional():
         assert torch.allclose(first_mask, -sequential_nll(model, x, z0, order)[:, 5], atol=1e-6)
 
 
-def test_loss_is_finite_and_differentiable():
+def test_the_hybrid_nelbo_is_its_two_terms_on_the_split_batch():
+    """Eq. 7 with κ = 0.25 on 8 rows is the MDM term of the first 2 rows plus the AR term of the other 6, from the
+    same draws; at α0 = 0, 0.5 and 1 the loss has finite gradients for every parameter."""
     model = tiny_model(vocab_size=5).train()
-    x = torch.randint(0, 5, (4, 8))
+    x = torch.randint(0, 5, (8, 8))
+    torch.manual_seed(0)
+    loss, terms = nelbo(model, x, 0.5, batch_split=0.25)
+    torch.manual_seed(0)
+    mdm, ar = diffusion_loss(model, x[:2], 0.5), sequential_loss(model, x[2:], 0.5)
+    assert torch.equal(terms["diffusion"], mdm) and torch.equal(terms["sequential"], ar) and torch.equal(loss, mdm + ar)
     for alpha_0 in (0.0, 0.5, 1.0):
         model.zero_grad()
         loss, _ = nelbo(model, x, alpha_0)

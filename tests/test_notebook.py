@@ -12,10 +12,18 @@ from nbclient import NotebookClient
 
 
 def test_tutorial_runs_clean():
+    """Every cell runs, and the notebook's own checks print what it says they show: the masks the network was
+    handed are the drawn ones, and cached sampling gives the uncached logits and tokens."""
     nb = nbformat.read(os.path.join(ROOT, "tutorial.ipynb"), as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors, errors
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    for check in ("sequential pass used the drawn mask: True", "diffusion pass used the causal mask:  True",
+                  "same tokens: True"):
+        assert check in printed, check
+    gap = float(re.search(r"max \|cached - uncached\| logit over all steps: (\S+)", printed)[1])
+    assert gap < 1e-4, gap
 
 
 def test_exercises_name_code_that_exists():
