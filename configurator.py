@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import sys
 
@@ -36,10 +37,15 @@ def _convert(key, raw, typ):
         value = ast.literal_eval(raw) if isinstance(raw, str) else raw
     except (ValueError, SyntaxError):
         value = raw
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if typ is float and isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
-        raise UserError(f"--{key}={raw} must be a finite number")
+    if typ is float and not isinstance(value, bool):
+        try:
+            value = float(value)  # an int, or nan and inf, which literal_eval leaves as text
+        except OverflowError:
+            value = math.inf
+        except (TypeError, ValueError):
+            raise UserError(f"--{key} expects float, got {raw!r}") from None
+        if not math.isfinite(value):
+            raise UserError(f"--{key}={raw} must be a finite number")
     if type(value) is not typ:
         raise UserError(f"--{key} expects {typ.__name__}, got {raw!r}")
     return value
@@ -67,7 +73,9 @@ def parse_args(config, argv=None):
     """Apply `argv` to the dataclass `config` in place; return the set of keys the user set."""
     argv = sys.argv[1:] if argv is None else list(argv)
     fields = {f.name: f.type for f in dataclasses.fields(config)}
-    overrides = []  # (key, raw value) in the order given
+    overrides = []  # (key, raw value, where) in the order given
+    # (a value may start with --, as a prompt may: --start "--Hello" is a value, unless it names a flag)
+    is_flag = lambda arg: arg in ("-h", "--help") or arg.startswith("--") and arg[2:].partition("=")[0] in fields
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -91,7 +99,7 @@ def parse_args(config, argv=None):
             continue
         key, eq, raw = arg[2:].partition("=")
         if not eq:  # --key value
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):  # (a flag with no value before the next one)
+            if i + 1 >= len(argv) or is_flag(argv[i + 1]):  # a flag with no value before the next flag
                 raise UserError(f"--{key} needs a value, e.g. --{key}=..."
                                 + (f", before {argv[i + 1]}" if i + 1 < len(argv) else ""))
             raw = argv[i + 1]

@@ -75,9 +75,10 @@ def _download_shakespeare(path):
             text = r.read()
     except OSError as e:
         for folder in made:
-            os.rmdir(folder)
+            with contextlib.suppress(OSError):  # (another DDP rank's removal, or a file put there meanwhile)
+                os.rmdir(folder)
         raise UserError(f"could not download Tiny Shakespeare ({getattr(e, 'reason', e)}); with no network, "
-                        f"save {SHAKESPEARE_URL} as {path} by hand")
+                        f"save {SHAKESPEARE_URL} as {path} by hand (mkdir -p {os.path.dirname(path)} first)")
     atomic_write(path, lambda f: f.write(text))
 
 

@@ -229,7 +229,7 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
     gen_noise = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)  # no MPS float64
     cache = (cache or new_cache(model, num_samples, W, device, ctx, static)) if kv_cache else None
     x, nfe = template.expand(num_samples, -1).clone(), 0
-    given = int((template != config.mask_id).cummin(0).values.sum())  # the prompt's length
+    given = int((template != config.mask_id).int().cummin(0).values.sum())  # the prompt's length
     skip = min(given - (W - chunk), len(template) - W) if W < given < len(template) else 0
     for start, _ in windows(len(template) - skip, config.block_size, chunk):
         start += skip
@@ -248,8 +248,8 @@ def score(model, ids, alpha_0, K=16, chunk=0, seed=1337, ctx=contextlib.nullcont
     """The log-likelihood of the token sequence `ids` (L,) under an Eso-LM (B) (Theorem 3.1): the importance-weighted
     estimate over K orderings σ ~ P^{α0} (eq. 22), log mean_k p(x | σ_k), in expectation a lower bound that
     rises to log p(x) as K grows; at α0 = 0 every ordering is left to right and it is the exact chain rule. A text
-    longer than the block size is scored in the windows generate() samples it in: each window's own tokens
-    conditioned on the text before them in the window, log p = Σ log p(window's tokens | its prompt).
+    longer than the block size is scored in the windows generate() samples a text of no prompt in: each window's
+    own tokens conditioned on the text before them in the window, log p = Σ log p(window's tokens | its prompt).
     Returns (log-likelihood in nats, surprise (L,)): each token's -log p, averaged over the K orderings (for
     each ordering the tokens' -log p sum to its -log p(x | σ))."""
     config = unwrap(model).config
@@ -407,14 +407,16 @@ def svg(title, rows, height, extra="", extra_width=0):
 
 
 class Trajectory:
-    """A generate() callback that records, after each step of the first window, every position of sample 0 as
-    (text, state): state is 'mask', 'new' (revealed at this step) or 'old'."""
+    """A generate() callback that records, after each step of the first window that has any (a window of prompt
+    alone has none), every position of sample 0 as (text, state): state is 'mask', 'new' (revealed at this step)
+    or 'old'."""
 
     def __init__(self, tok):
-        self.tok, self.frames = tok, []
+        self.tok, self.frames, self.offset = tok, [], None
 
     def __call__(self, done, end, x, order, offset=0, **_):
-        if offset:
+        self.offset = offset if self.offset is None else self.offset
+        if offset != self.offset:
             return
         x0, pos = x[0].tolist(), order[0].tolist()
         frame = [None] * len(x0)

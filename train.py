@@ -460,9 +460,9 @@ class Trainer:
                  "iter_num": it, "best_val_loss": self.best_val, "best_iter": self.best_iter, "config": asdict(cfg),
                  "meta": self.meta}
         if best:
-            save_checkpoint(state, cfg.out_dir)
-            with contextlib.suppress(FileNotFoundError):  # it described the weights just replaced
+            with contextlib.suppress(FileNotFoundError):  # it describes the weights replaced now
                 os.remove(os.path.join(cfg.out_dir, "eval.json"))
+            save_checkpoint(state, cfg.out_dir)
             best_so_far = ", best val so far" if self.best_iter == it else ""
             self.log(f"saving checkpoint to {cfg.out_dir} (iter {it}{best_so_far})")
         save_checkpoint({**state, "optimizer": [opt.state_dict() for opt in self.optimizers]}, cfg.out_dir, "last.pt")
@@ -500,8 +500,8 @@ class Trainer:
 def train(cfg, user_keys=()):
     """Train (or, with eval_only, evaluate) as the flags say. Returns the final eval metrics (the contents of
     eval.json) plus the loss history, on the master process; None elsewhere. Ctrl-C (SIGINT) or SIGTERM stops
-    every rank at the next iteration boundary, saves last.pt (once an iteration has run) and raises
-    KeyboardInterrupt."""
+    every rank at the next iteration boundary, saves last.pt (once an iteration has run, unless out_dir still holds
+    another run's checkpoints) and raises KeyboardInterrupt."""
     run = Trainer(cfg, user_keys)
     stop = []  # the signal handlers append to it
     handlers = {sig: signal.signal(sig, lambda *_: stop.append(1)) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -551,8 +551,8 @@ def train(cfg, user_keys=()):
     try:
         return {**run.final_eval(it), "history": run.history} if run.master else None
     except KeyboardInterrupt:
-        run.log("interrupted in the eval" + ("" if cfg.eval_only else f"; the checkpoints are saved, and "
-                f"--eval_only=True --out_dir={cfg.out_dir} evaluates them again"))
+        run.log("interrupted in the eval" + ("" if cfg.eval_only or run.kept_out_dir else f"; the checkpoints are "
+                f"saved, and --eval_only=True --out_dir={cfg.out_dir} evaluates them again"))
         raise
 
 

@@ -214,12 +214,16 @@ def test_both_flag_forms(data_dir, tmp_path):
     (["--eval_only"], "--eval_only needs a value"),
     (["--learning_rate=nan"], "--learning_rate=nan must be a finite number"),
     (["--alpha_0", "-inf"], "--alpha_0=-inf must be a finite number"),
+    (["--learning_rate=1e999"], "--learning_rate=1e999 must be a finite number"),
+    (["--learning_rate=1" + "0" * 400], "must be a finite number"),
+    (["--learning_rate=[1]"], "--learning_rate expects float, got '[1]'"),
     (["CONFIG"], "unknown key wandb_log in config file CONFIG; the flags are"),
 ])
 def test_bad_flags_name_the_problem(tmp_path, argv, message):
     """A flag with no value before the next flag, a float that is not finite, a config file's unknown key."""
     config = tmp_path / "config.py"
     config.write_text("batch_size = 4\nwandb_log = False\n")  # (nanoGPT's config files log to wandb)
+    assert "dataset" in parse_args(TrainConfig(), ["--dataset", "--odd-name"]), "a value may start with --"
     argv = [str(config) if a == "CONFIG" else a for a in argv]
     with pytest.raises(UserError) as e:
         parse_args(TrainConfig(), argv)
@@ -265,8 +269,10 @@ def test_sample_cli(data_dir, tmp_path, monkeypatch):
             r = cli("sample.py", *((flag,) if isinstance(flag, str) else flag), "--device=cpu", cwd=tmp_path)
         few_rows_transposed.cache_clear()
         assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, (flag, r.stderr)
-    r = cli("sample.py", "--start=" + "a" * 40, "--length=50", "--num_samples=1", "--device=cpu", cwd=tmp_path)
+    r = cli("sample.py", "--start=" + "a" * 40, "--length=50", "--num_samples=1", "--device=cpu", "--steps=4",
+            "--trajectory=t.svg", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("a" * 40) and "10 tokens generated" in r.stdout, r.stdout
+    assert re.search(r"T=4: [1-9]\d* steps", (tmp_path / "t.svg").read_text()), "the window with masks is drawn"
     # more memory than any address space holds (so no machine tries, whatever its overcommit), after the "loaded" line
     r = cli("sample.py", "--num_samples=" + str(10 ** 15), "--device=cpu", cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith("error: out of memory; make the"), r.stderr
