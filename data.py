@@ -189,7 +189,7 @@ def _prepare(dataset, data_dir):
         char_level = dataset.endswith("_char")
         n, chars = count_chars(src, chars=char_level)
         if n < 100:
-            raise UserError(f"{src} holds {n} characters; a dataset needs at least a few thousand")
+            raise UserError(f"{src} holds {n} characters; a dataset needs at least 100 (and a few thousand to learn)")
         if char_level and len(chars) > 1 << 16:
             raise UserError(f"{src} holds {len(chars):,} distinct characters, more than the 65,536 ids a character "
                             f"dataset stores; use --dataset={dataset.removesuffix('_char')} (BPE)")
@@ -317,6 +317,9 @@ def load_split(dataset, split, data_dir="data"):
 def get_batch(data, batch_size, block_size, device="cpu", generator=None):
     """nanoGPT's sampler: `batch_size` random windows of `block_size` tokens, (B, T) int64 on `device`.
     There are no targets: every objective here predicts x itself (masked positions, or AR through z0 ⊕ x)."""
+    if not 1 <= block_size <= len(data) or batch_size < 1:
+        raise ValueError(f"{batch_size} windows of {block_size} tokens: need batch_size >= 1 and a block_size in "
+                         f"[1, {len(data)}], the tokens there are")
     ix = torch.randint(len(data) - block_size + 1, (batch_size,), generator=generator)
     x = torch.from_numpy(np.stack([data[i: i + block_size].astype(np.int64) for i in ix.tolist()]))
     if torch.device(device).type == "cuda":
@@ -379,9 +382,14 @@ class Tokenizer:
         return [self.compact[g] for g in ids]
 
     def decode(self, ids):
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise UserError(f"ids {bad[:5]} are not in the vocabulary [0, {self.vocab_size}) (id {self.vocab_size} is "
+                            "the mask token, which has no text)")
         if self.is_char:
             return "".join(self.meta["itos"][i] for i in ids)
-        return self.enc.decode([self.gpt2_ids[i] for i in ids] if self.gpt2_ids is not None else list(ids))
+        return self.enc.decode([self.gpt2_ids[i] for i in ids] if self.gpt2_ids is not None else ids)
 
 
 CHECKPOINT_FORMAT = "eso-lm/2"

@@ -42,8 +42,9 @@ class KVCache:
     def feed(self, T, keys):
         """The next forward pass is fed T tokens: it writes their K/V at slots [committed, committed + T) (a
         tensor of indices, so that a captured graph can be replayed at any `committed`) and reads [0, keys)."""
-        assert self.committed + T <= keys <= self.max_len, \
-            f"a pass must read the slots it writes: writes {T} at {self.committed}, reads {keys} of {self.max_len}"
+        if not (T >= 1 and self.committed + T <= keys <= self.max_len):
+            raise ValueError(f"a pass must read the slots it writes: writes {T} at {self.committed}, reads {keys} of "
+                             f"{self.max_len}")
         self.slots = torch.arange(self.committed, self.committed + T, device=self.k[0].device)
         self.keys = keys
 
@@ -62,6 +63,10 @@ class KVCache:
         self.committed, self.slots, self.keys = 0, None, 0
 
     def commit(self, n):
-        """Make the first n provisional slots permanent: the clean tokens of the last forward pass."""
+        """Make the first n provisional slots permanent: the clean tokens of the last forward pass (its masks, fed
+        after them, are never committed: the caller's n stops before them). Once per pass."""
+        fed = 0 if self.slots is None else len(self.slots)
+        if not 0 <= n <= fed:
+            raise ValueError(f"commit({n}): the last pass was fed {fed} slots since the last commit")
         self.committed += n
-        assert self.committed <= self.max_len
+        self.slots = None

@@ -66,7 +66,7 @@ class CausalSelfAttention(nn.Module):
         qk = rotary(qk / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min(1e-12), *rope)  # F.normalize
         q, k, v = qk[0, :, :, rows], qk[1], qkv[2]  # (B, nh, rows or T, hd)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nh, keys, hd): the committed slots and these
+            k, v = cache.update(layer, k, v)  # (B, nh, keys, hd): slots [0, keys), these written in
         if attn_mask is not None and rows != slice(None):
             attn_mask = attn_mask[..., rows, :]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=hd ** 0.5,
@@ -159,7 +159,8 @@ class GPT(nn.Module):
         idx, pos: (B, T) token ids and their original positions, in the order the tokens are processed.
         attn_mask: (T, S) or (B, 1, T, S) bool, True where query t may attend to key s (with a cache, S is the
         slots it reads: cache.keys), or None: every token sees every other.
-        cache: a KVCache (kvcache.py) that every layer writes its K/V to and reads the fed slots' K/V from, or None.
+        cache: a KVCache (kvcache.py) that every layer writes the fed tokens' K/V to and reads slots [0, cache.keys)
+        from (with static shapes all of them: the mask hides those not filled yet), or None.
         out: the rows that get an output (a slice); the last layer computes only those queries.
         Returns fp32 logits (B, len(out), vocab_size + 1) with the mask token's logit at -1e6 or, given targets
         (B, len(out)), the per-token NLL (B, len(out)): computed only where targets >= 0, 0 elsewhere (nanoGPT's
@@ -410,8 +411,8 @@ def sequential_nll(model, x, z0, order):
     """-log x_θ(z0 ⊙ x^{<l})[x_l] for every mask of z0, from ONE pass over [masks of z0 ; x] (both in σ order,
     the same RoPE positions: x is not given positions L..2L-1) through sequential_mask. `order` must put z0's
     clean tokens first (training's sequential_order then puts the masks left to right; the likelihood, in σ's
-    order). Returns (B, m): row r is the r-th mask in σ order, 0 past a row's last mask. m changes from draw to
-    draw: for a compiled model it is marked dynamic, so that this pass is compiled once, for all m."""
+    order). Returns (B, m): [b, r] is the NLL of row b's r-th mask in σ order, 0 past its last mask. m changes
+    from draw to draw: for a compiled model it is marked dynamic, so that this pass is compiled once, for all m."""
     B, L = x.shape
     config = unwrap(model).config
     n_clean = L - (z0 == config.mask_id).sum(1)
@@ -470,8 +471,9 @@ def nelbo(model, x, alpha_0, batch_split=0.5, loss_type="elbo", t=None):
 def check_tokens(x, config):
     """A ValueError that names the problem, for token batches the network cannot take (RoPE has block_size
     positions; the mask token is not data)."""
-    if x.dim() != 2:
-        raise ValueError(f"expected a (batch, length) tensor of token ids, got shape {tuple(x.shape)}")
+    if x.dim() != 2 or x.dtype != torch.long or not x.numel():
+        raise ValueError(f"expected a non-empty (batch, length) torch.long tensor of token ids, got shape "
+                         f"{tuple(x.shape)} {x.dtype}")
     if x.size(1) > config.block_size:
         raise ValueError(f"sequences of {x.size(1)} tokens are longer than the block size {config.block_size}")
     lo, hi = torch.aminmax(x) if x.numel() else (0, 0)
@@ -498,7 +500,11 @@ def token_nll(model, x, order, n_given=0):
 
 
 def log_likelihood(model, x, order):
-    """log p(x | σ) = Σ_l log p(x_σ(l) | x_σ(<l)) for each row, in one forward pass."""
+    """log p(x | σ) = Σ_l log p(x_σ(l) | x_σ(<l)) for each row, in one forward pass. order (B, L): each row
+    a permutation of the positions."""
+    if order.shape != x.shape or not torch.equal(order.sort(dim=1).values, torch.arange(x.size(1), device=x.device)
+                                                 .expand_as(order)):
+        raise ValueError(f"order {tuple(order.shape)} must hold a permutation of the {x.size(1)} positions per row")
     return -token_nll(model, x, order).sum(dim=1)
 
 
@@ -506,6 +512,9 @@ def iw_nll(model, x, alpha_0, K=1):
     """Importance-weighted NLL per token (Theorem 3.1, Suppl. B.2-B.3): -log mean_k p(x | σ_k), σ_k ~ P_L^{α0}.
     Its expectation is an upper bound on -log p(x) that falls towards it as K grows; one draw may land on either
     side."""
+    if not (0 <= alpha_0 <= 1 and isinstance(K, int) and K >= 1):
+        raise ValueError(f"alpha_0={alpha_0} must be in [0, 1] and K={K} an integer >= 1")
+    check_tokens(x, unwrap(model).config)
     B, L = x.shape
     logp = torch.stack([log_likelihood(model, x, likelihood_order(B, L, alpha_0, x.device)) for _ in range(K)])
     return -(logp.logsumexp(dim=0) - math.log(K)) / L  # (B,)

@@ -62,6 +62,8 @@ def plan(is_gen, num_samples, steps, alpha_0, generator=None, schedule="random")
     up or down at random with the odds that make their expected number α0 T' (so every token is made by
     diffusion with probability α0), are diffusion steps; the rest goes left to right. Within a step the order is
     random per sample."""
+    if is_gen.dtype != torch.bool or is_gen.dim() != 1:
+        raise ValueError(f"is_gen must be a (L,) bool tensor, got {tuple(is_gen.shape)} {is_gen.dtype}")
     given = torch.nonzero(~is_gen).flatten()
     gen = torch.nonzero(is_gen).flatten()
     n = len(gen)
@@ -106,7 +108,7 @@ def sample_tokens(logits, temperature=1.0, top_p=0.9, generator=None):
 # the sampler loop (Fig. 2: one KV cache for both phases)
 
 def new_cache(model, batch_size, L, device, ctx=contextlib.nullcontext(), static=False):
-    """A KVCache for `model`, its K/V in the dtype the model makes them (autocast's, else fp32); None for MDLM,
+    """A KVCache for `model`, its K/V in the dtype attention reads them in (autocast's, else fp32); None for MDLM,
     which never caches. A caller that samples more than once with static shapes hands the same one to every run."""
     config = unwrap(model).config
     on = isinstance(ctx, torch.autocast) and getattr(ctx, "_enabled", True)  # (an autocast may be switched off)
@@ -143,13 +145,17 @@ def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, 
     with torch.inference_mode(), attention_backends(x.device), sampling_products():
         x = permute(x, order).clone()  # kept in σ order for the whole run
         done = L - sum(chunks)  # slots [0, done) are clean: the given tokens
-        seq_start = L - sequential  # A: from this slot on, the clean prefix is frozen
+        # A: its clean prefix sees itself both ways up to here; from this slot on (its sequential phase) tokens are
+        # added causally, as in training's sequential pass, so the prefix's K/V stop changing and can be cached
+        seq_start = L - sequential
         cache = (cache or new_cache(model, B, L, x.device, ctx, static)) if kv_cache else None
         if cache is not None:
             assert cache.k[0].size(0) == B and cache.max_len == L, "the cache does not fit this run"
             cache.reset()
         slots = torch.arange(L, device=x.device)
         for step, k in enumerate(tqdm(chunks, disable=not progress, leave=False, desc="steps")):
+            # (B), cached, eager: feed slots [first, end) (the tokens revealed last step and the k masks to reveal
+            # now) and read the cache's [0, end); the rest makes the same step for A, MDLM, uncached or static
             end = done + k
             cached = cache is not None and (config.denoiser == "B" or done >= seq_start)
             first = cache.committed if cached else 0  # cached: what the cache lacks; else everything
@@ -190,12 +196,19 @@ def windows(L, block_size, chunk):
 
 def check_request(config, tokens, chunk, alpha_0):
     """What generate() and score() cannot do, as a UserError (a ValueError that the scripts print as one line):
-    no tokens, more than one sequence, an impossible α0, and past the block size, a chunk that would leave a
-    window no text before it, or gaps to infill. Any other error keeps its traceback."""
+    not a torch.long tensor, no tokens, more than one sequence, ids outside the vocabulary (the mask id aside), an
+    impossible α0 (MDLM: any but 1), and past the block size, a chunk that would leave a window no text before it,
+    or gaps to infill. Any other error keeps its traceback."""
+    if not torch.is_tensor(tokens) or tokens.dtype != torch.long:
+        raise UserError(f"expected a torch.long tensor of token ids, got {getattr(tokens, 'dtype', type(tokens))}")
     if tokens.dim() != 1 or not len(tokens):
         raise UserError(f"expected one sequence of tokens (L,), got shape {tuple(tokens.shape)}")
+    if not 0 <= int(tokens.min()) <= int(tokens.max()) <= config.mask_id:
+        raise UserError(f"token ids must be in [0, {config.vocab_size}), or the mask id {config.mask_id}")
     if not 0 <= alpha_0 <= 1:
         raise UserError(f"alpha_0={alpha_0} must be in [0, 1]")
+    if config.denoiser == "mdlm" and alpha_0 != 1:
+        raise UserError(f"alpha_0={alpha_0}: MDLM is a pure diffusion model; use alpha_0=1")
     if len(tokens) > config.block_size:
         if not 1 <= chunk < config.block_size:
             raise UserError(f"chunk={chunk} must be in [1, block_size={config.block_size}): each window keeps at "
@@ -216,11 +229,16 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
     text so far as their prompt, a sliding window as nanoGPT crops its context. A prompt longer than the block
     is cropped alike: the first window starts block_size - chunk tokens before its end (or so that the window
     ends with the text). NFE counts the passes of every window; callback(offset=..., **step) sees each step,
-    offset being its window's start in the text. The same seed gives the same samples."""
+    offset being its window's start in the text. The same seed gives the same samples. The samples of one call
+    share the schedule's step sizes (and, strided, its rows: plan()), so each is a draw of the model's sampler,
+    but they are not independent of each other: for statistics over samples, draw them with several seeds."""
     config = unwrap(model).config
     chunk = chunk or config.block_size // 2
     check_request(config, template, chunk, alpha_0)
-    for ok, problem in ((steps >= 1 and num_samples >= 1, f"steps={steps} and num_samples={num_samples} must be >= 1"),
+    for ok, problem in ((isinstance(steps, int) and isinstance(num_samples, int) and steps >= 1 and num_samples >= 1,
+                         f"steps={steps} and num_samples={num_samples} must be integers >= 1"),
+                        (0 <= temperature < math.inf, f"temperature={temperature} must be finite and >= 0"),
+                        (0 < top_p <= 1, f"top_p={top_p} must be in (0, 1]"),
                         (schedule in ("random", "strided"), f"schedule={schedule!r} must be 'random' or 'strided'")):
         if not ok:
             raise ValueError(problem)
@@ -230,6 +248,7 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
     cache = (cache or new_cache(model, num_samples, W, device, ctx, static)) if kv_cache else None
     x, nfe = template.expand(num_samples, -1).clone(), 0
     given = int((template != config.mask_id).int().cummin(0).values.sum())  # the prompt's length
+    # a prompt longer than the block: the first window holds its last W - chunk tokens (all but the masks, if fewer)
     skip = min(given - (W - chunk), len(template) - W) if W < given < len(template) else 0
     for start, _ in windows(len(template) - skip, config.block_size, chunk):
         start += skip
@@ -292,7 +311,7 @@ class SampleConfig:
     kv_cache: bool = True
     schedule: str = "random"  # random (Alg. 2) or strided (the paper's improved sampler, Suppl. E.10)
     compile: bool = False  # torch.compile + CUDA graphs over static shapes; default True on CUDA
-    trajectory: str = ""  # write the first sample's denoising trajectory (its first block) as an SVG here
+    trajectory: str = ""  # write the first sample's denoising trajectory (its first window with masks) as an SVG
     score: str = ""  # score this text (or FILE:path) instead of sampling: its log-likelihood and token surprises
     score_k: int = 16  # orderings of the importance-weighted estimate (for A and MDLM: 2 score_k NELBO draws)
     score_svg: str = ""  # with --score: draw the text coloured by each token's surprise, as an SVG here

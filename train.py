@@ -42,7 +42,7 @@ class TrainConfig:
     # I/O
     dataset: str = "shakespeare_char"
     data_dir: str = "data"
-    out_dir: str = ""  # default: out-<dataset>-alpha<alpha_0>
+    out_dir: str = ""  # default: out-<dataset>-alpha<alpha_0> (B), out-<dataset>-<denoiser>-alpha<alpha_0> (A, mdlm)
     eval_interval: int = 250
     eval_iters: int = 20  # batches per periodic eval (the same random val windows every time)
     eval_k: int = 16  # orderings for the final importance-weighted NLL
@@ -446,6 +446,7 @@ class Trainer:
             if self.kept_out_dir:
                 self.log(f"nothing saved: {cfg.out_dir} holds another run's checkpoints, which an untrained model "
                          "never replaces")
+            # ckpt.pt when improved; last.pt at every eval but the one at the iteration the run started from
             elif finite and (improved or it > self.iter_num or it >= cfg.max_iters):
                 self.save(it, best=improved or cfg.always_save_checkpoint)
         if self.all_ranks_agree(not finite):

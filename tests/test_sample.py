@@ -99,6 +99,31 @@ def test_a_prompt_longer_than_the_block_is_cropped_as_the_windows_crop():
     assert torch.equal(x[:, 7:], generate(model, template[7:15], 2, 4, 0.5, seed=3)[0])
 
 
+def test_bad_library_calls_are_value_errors():
+    """generate(), the cache, get_batch and the tokenizer say what is wrong with what they are handed, in a
+    ValueError, rather than sample nonsense or fail deep inside."""
+    from data import Tokenizer, get_batch
+    model, mdlm = sharp_model(), sharp_model(denoiser="mdlm")
+    cache = KVCache.for_model(model.config, 1, 8)
+    chars = Tokenizer({"tokenizer": "char", "vocab_size": 2, "stoi": {"a": 0, "b": 1}, "itos": {0: "a", 1: "b"}})
+    cases = [(lambda: generate(model, torch.tensor([1, V + 1, 2])), "token ids must be in [0, 11), or the mask id 11"),
+             (lambda: generate(model, masks(None).int()), "expected a torch.long tensor of token ids"),
+             (lambda: generate(model, [1, V, 2]), "expected a torch.long tensor of token ids"),
+             (lambda: generate(mdlm, masks(None, 2), alpha_0=0.5), "MDLM is a pure diffusion model"),
+             (lambda: generate(model, masks(None), top_p=0), "top_p=0 must be in (0, 1]"),
+             (lambda: generate(model, masks(None), temperature=-1.0), "temperature=-1.0 must be finite and >= 0"),
+             (lambda: generate(model, masks(None), steps=2.5), "must be integers >= 1"),
+             (lambda: plan(torch.tensor([0, 1, 1]), 1, 4, 0.5), "is_gen must be a (L,) bool tensor"),
+             (lambda: (cache.feed(3, 3), cache.commit(4)), "commit(4): the last pass was fed 3 slots"),
+             (lambda: cache.feed(4, 3), "a pass must read the slots it writes"),
+             (lambda: get_batch(torch.arange(10).numpy(), 2, 11), "a block_size in [1, 10]"),
+             (lambda: chars.decode([0, 2]), "ids [2] are not in the vocabulary [0, 2) (id 2 is the mask token")]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()
+    assert chars.decode(torch.tensor([1, 0])) == "ba"
+
+
 def test_schedule_counts_and_nfe():
     """Counts are non-empty and sum to at most the generated length; the rest is one token per step, left
     to right; NFE = non-empty diffusion steps + sequential tokens; α0 = 0 is L steps, α0 = 1 at most T."""
@@ -365,12 +390,9 @@ def test_mdlm_sampler_feeds_all_tokens_every_step():
         z[:, s["done"]:] = V  # everything not revealed before this step is a mask
         full = model(z, s["order"], None)[:, s["done"]: s["end"]]
         assert torch.allclose(s["logits"], full, atol=1e-4)
-    try:
-        generate(model, masks(None), 1, 4, 0.5)
-    except ValueError as e:
-        assert "no sequential phase" in str(e)
-    else:
-        raise AssertionError("MDLM with alpha_0 < 1 must be refused")
+    for seed in range(4):  # refused before anything runs, whatever the schedule would have drawn
+        with pytest.raises(ValueError, match="MDLM is a pure diffusion model"):
+            generate(model, masks(None, 2), 1, 4, 0.5, seed=seed)
 
 
 @torch.no_grad()
