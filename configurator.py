@@ -74,8 +74,10 @@ def parse_args(config, argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     fields = {f.name: f.type for f in dataclasses.fields(config)}
     overrides = []  # (key, raw value, where) in the order given
-    # (a value may start with --, as a prompt may: --start "--Hello" is a value, unless it names a flag)
-    is_flag = lambda arg: arg in ("-h", "--help") or arg.startswith("--") and arg[2:].partition("=")[0] in fields
+    # a value may start with --, as a prompt may (--start "--Hello"), unless it names a flag, or nearly does
+    # (--out_dir --devcie=cpu is a missing value and a typo, not an out_dir named "--devcie=cpu")
+    named = lambda name: name in fields or name in NANOGPT_FLAGS or difflib.get_close_matches(name, fields, 1, 0.8)
+    is_flag = lambda arg: arg in ("-h", "--help") or arg.startswith("--") and bool(named(arg[2:].partition("=")[0]))
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -99,6 +101,9 @@ def parse_args(config, argv=None):
             continue
         key, eq, raw = arg[2:].partition("=")
         if not eq:  # --key value
+            if i + 1 < len(argv) and argv[i + 1] in ("-h", "--help"):
+                print(flag_help(config))
+                sys.exit(0)
             if i + 1 >= len(argv) or is_flag(argv[i + 1]):  # a flag with no value before the next flag
                 raise UserError(f"--{key} needs a value, e.g. --{key}=..."
                                 + (f", before {argv[i + 1]}" if i + 1 < len(argv) else ""))

@@ -383,10 +383,11 @@ class Tokenizer:
 
     def decode(self, ids):
         ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        n = len(self.meta["itos"]) if self.is_char else len(self.gpt2_ids or ()) or self.enc.n_vocab  # with text
+        bad = [i for i in ids if not 0 <= i < n]
         if bad:
-            raise UserError(f"ids {bad[:5]} are not in the vocabulary [0, {self.vocab_size}) (id {self.vocab_size} is "
-                            "the mask token, which has no text)")
+            raise UserError(f"ids {bad[:5]} have no text: the vocabulary's are [0, {n})"
+                            + (f"; {self.vocab_size} is the mask token" if self.vocab_size in bad else ""))
         if self.is_char:
             return "".join(self.meta["itos"][i] for i in ids)
         return self.enc.decode([self.gpt2_ids[i] for i in ids] if self.gpt2_ids is not None else ids)

@@ -43,13 +43,15 @@ class KVCache:
         """The next forward pass is fed T tokens: it writes their K/V at slots [committed, committed + T) (a
         tensor of indices, so that a captured graph can be replayed at any `committed`) and reads [0, keys)."""
         if not (T >= 1 and self.committed + T <= keys <= self.max_len):
-            raise ValueError(f"a pass must read the slots it writes: writes {T} at {self.committed}, reads {keys} of "
-                             f"{self.max_len}")
+            raise ValueError(f"a pass must write at least one slot and read those it writes: writes {T} at "
+                             f"{self.committed}, reads {keys} of {self.max_len}")
         self.slots = torch.arange(self.committed, self.committed + T, device=self.k[0].device)
         self.keys = keys
 
     def update(self, layer, k, v):
         """Write k, v (B, nh, T, hd) provisionally at the fed slots; return K/V (B, nh, keys, hd)."""
+        if self.slots is None:
+            raise ValueError("no slots to write: call feed() before each forward pass")
         if k.dtype != self.dtype:  # (the network makes its keys in fp32, its values in autocast's dtype)
             k = k.to(self.dtype)
         if v.dtype != self.dtype:

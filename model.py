@@ -23,6 +23,7 @@ likelihood (Theorem 3.1). The sampler lives in sample.py, the KV cache in kvcach
 import contextlib
 import functools
 import math
+import numbers
 import os
 import platform
 from dataclasses import dataclass
@@ -476,7 +477,7 @@ def check_tokens(x, config):
                          f"{tuple(x.shape)} {x.dtype}")
     if x.size(1) > config.block_size:
         raise ValueError(f"sequences of {x.size(1)} tokens are longer than the block size {config.block_size}")
-    lo, hi = torch.aminmax(x) if x.numel() else (0, 0)
+    lo, hi = torch.aminmax(x)
     if not 0 <= int(lo) <= int(hi) < config.vocab_size:
         raise ValueError(f"token ids must be in [0, {config.vocab_size}), got {int(lo)}..{int(hi)}")
 
@@ -512,8 +513,10 @@ def iw_nll(model, x, alpha_0, K=1):
     """Importance-weighted NLL per token (Theorem 3.1, Suppl. B.2-B.3): -log mean_k p(x | σ_k), σ_k ~ P_L^{α0}.
     Its expectation is an upper bound on -log p(x) that falls towards it as K grows; one draw may land on either
     side."""
-    if not (0 <= alpha_0 <= 1 and isinstance(K, int) and K >= 1):
-        raise ValueError(f"alpha_0={alpha_0} must be in [0, 1] and K={K} an integer >= 1")
+    if not 0 <= alpha_0 <= 1:
+        raise ValueError(f"alpha_0={alpha_0} must be in [0, 1]")
+    if not (isinstance(K, numbers.Integral) and K >= 1):
+        raise ValueError(f"K={K!r} must be an integer >= 1")
     check_tokens(x, unwrap(model).config)
     B, L = x.shape
     logp = torch.stack([log_likelihood(model, x, likelihood_order(B, L, alpha_0, x.device)) for _ in range(K)])

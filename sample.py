@@ -17,6 +17,7 @@ original RoPE positions; the clean tokens' K/V join the cache, the masks' never 
 import contextlib
 import glob
 import math
+import numbers
 import os
 import sys
 import textwrap
@@ -200,7 +201,8 @@ def check_request(config, tokens, chunk, alpha_0):
     impossible α0 (MDLM: any but 1), and past the block size, a chunk that would leave a window no text before it,
     or gaps to infill. Any other error keeps its traceback."""
     if not torch.is_tensor(tokens) or tokens.dtype != torch.long:
-        raise UserError(f"expected a torch.long tensor of token ids, got {getattr(tokens, 'dtype', type(tokens))}")
+        raise UserError(f"expected a torch.long tensor of token ids, got a {type(tokens).__name__}"
+                        + (f" of {tokens.dtype}" if hasattr(tokens, "dtype") else ""))
     if tokens.dim() != 1 or not len(tokens):
         raise UserError(f"expected one sequence of tokens (L,), got shape {tuple(tokens.shape)}")
     if not 0 <= int(tokens.min()) <= int(tokens.max()) <= config.mask_id:
@@ -235,8 +237,9 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
     config = unwrap(model).config
     chunk = chunk or config.block_size // 2
     check_request(config, template, chunk, alpha_0)
-    for ok, problem in ((isinstance(steps, int) and isinstance(num_samples, int) and steps >= 1 and num_samples >= 1,
-                         f"steps={steps} and num_samples={num_samples} must be integers >= 1"),
+    whole = lambda n: isinstance(n, numbers.Integral) and n >= 1
+    for ok, problem in ((whole(steps) and whole(num_samples), f"steps={steps!r} and num_samples={num_samples!r} must "
+                         "be integers >= 1"),
                         (0 <= temperature < math.inf, f"temperature={temperature} must be finite and >= 0"),
                         (0 < top_p <= 1, f"top_p={top_p} must be in (0, 1]"),
                         (schedule in ("random", "strided"), f"schedule={schedule!r} must be 'random' or 'strided'")):

@@ -467,7 +467,7 @@ def test_bad_calls_are_value_errors():
              (lambda: nelbo(b, torch.full((4, 8), 5), 0.5), "token ids must be in [0, 5)"),
              (lambda: log_likelihood(mdlm, x, torch.arange(8).expand(4, -1)), "no one-pass likelihood"),
              (lambda: iw_nll(b, torch.randint(0, 5, (2, 12)), 0.5), "longer than the block size"),
-             (lambda: iw_nll(b, x, 0.5, K=0), "K=0 an integer >= 1"),
+             (lambda: iw_nll(b, x, 0.5, K=0), "K=0 must be an integer >= 1"),
              (lambda: iw_nll(b, x, 2.0), "alpha_0=2.0 must be in [0, 1]"),
              (lambda: nelbo(b, x.int(), 0.5), "torch.long tensor of token ids, got shape (4, 8) torch.int32"),
              (lambda: nelbo(b, x[:, :0], 1.0), "a non-empty (batch, length)"),

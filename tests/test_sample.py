@@ -108,16 +108,17 @@ def test_bad_library_calls_are_value_errors():
     chars = Tokenizer({"tokenizer": "char", "vocab_size": 2, "stoi": {"a": 0, "b": 1}, "itos": {0: "a", 1: "b"}})
     cases = [(lambda: generate(model, torch.tensor([1, V + 1, 2])), "token ids must be in [0, 11), or the mask id 11"),
              (lambda: generate(model, masks(None).int()), "expected a torch.long tensor of token ids"),
-             (lambda: generate(model, [1, V, 2]), "expected a torch.long tensor of token ids"),
+             (lambda: generate(model, [1, V, 2]), "expected a torch.long tensor of token ids, got a list"),
              (lambda: generate(mdlm, masks(None, 2), alpha_0=0.5), "MDLM is a pure diffusion model"),
              (lambda: generate(model, masks(None), top_p=0), "top_p=0 must be in (0, 1]"),
              (lambda: generate(model, masks(None), temperature=-1.0), "temperature=-1.0 must be finite and >= 0"),
              (lambda: generate(model, masks(None), steps=2.5), "must be integers >= 1"),
              (lambda: plan(torch.tensor([0, 1, 1]), 1, 4, 0.5), "is_gen must be a (L,) bool tensor"),
              (lambda: (cache.feed(3, 3), cache.commit(4)), "commit(4): the last pass was fed 3 slots"),
-             (lambda: cache.feed(4, 3), "a pass must read the slots it writes"),
+             (lambda: cache.feed(4, 3), "a pass must write at least one slot and read those it writes"),
+             (lambda: (cache.commit(3), cache.update(0, None, None)), "call feed() before each forward pass"),
              (lambda: get_batch(torch.arange(10).numpy(), 2, 11), "a block_size in [1, 10]"),
-             (lambda: chars.decode([0, 2]), "ids [2] are not in the vocabulary [0, 2) (id 2 is the mask token")]
+             (lambda: chars.decode([0, 2]), "ids [2] have no text: the vocabulary's are [0, 2); 2 is the mask token")]
     for call, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
             call()

@@ -199,6 +199,8 @@ def test_help_lists_every_flag_with_its_comment():
             [f"--{f.name}" for f in dataclasses.fields(config)], r.stdout
     assert "--alpha_0=-1.0  # fraction of tokens by diffusion; default: the alpha_0 the checkpoint" in \
         cli("sample.py", "--help").stdout
+    r = cli("train.py", "--eval_only", "--help")  # --help where a flag's value would be: the help all the same
+    assert r.returncode == 0 and r.stdout.startswith("flags (default)"), r.stdout + r.stderr
 
 
 def test_both_flag_forms(data_dir, tmp_path):
@@ -224,6 +226,9 @@ def test_bad_flags_name_the_problem(tmp_path, argv, message):
     config = tmp_path / "config.py"
     config.write_text("batch_size = 4\nwandb_log = False\n")  # (nanoGPT's config files log to wandb)
     assert "dataset" in parse_args(TrainConfig(), ["--dataset", "--odd-name"]), "a value may start with --"
+    for typo in ("--devcie=cpu", "--max_new_tokens=3"):  # unless it names a flag, or nearly does
+        with pytest.raises(UserError, match=re.escape(f"--out_dir needs a value, e.g. --out_dir=..., before {typo}")):
+            parse_args(TrainConfig(), ["--out_dir", typo])
     argv = [str(config) if a == "CONFIG" else a for a in argv]
     with pytest.raises(UserError) as e:
         parse_args(TrainConfig(), argv)
