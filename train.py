@@ -502,8 +502,13 @@ def train(cfg, user_keys=()):
     """Train (or, with eval_only, evaluate) as the flags say. Returns the final eval metrics (the contents of
     eval.json) plus the loss history, on the master process; None elsewhere. Ctrl-C (SIGINT) or SIGTERM stops
     every rank at the next iteration boundary, saves last.pt (once an iteration has run, unless out_dir still holds
-    another run's checkpoints) and raises KeyboardInterrupt."""
-    run = Trainer(cfg, user_keys)
+    another run's checkpoints) and raises KeyboardInterrupt, after one line that says what was saved."""
+    try:
+        run = Trainer(cfg, user_keys)
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", 0)) == 0:
+            tqdm.write("interrupted while setting up (data, model, compiler): nothing saved")
+        raise
     stop = []  # the signal handlers append to it
     handlers = {sig: signal.signal(sig, lambda *_: stop.append(1)) for sig in (signal.SIGINT, signal.SIGTERM)}
     quiet = not run.master or cfg.eval_only  # else shown on a terminal only (disable=None)
@@ -560,7 +565,10 @@ def train(cfg, user_keys=()):
 def main(argv=None):
     cfg = TrainConfig()
     user_keys = parse_args(cfg, argv)
-    train(cfg, user_keys)  # (Ctrl-C: run_cli's one line and exit code 130, after what train() saved and said)
+    try:
+        train(cfg, user_keys)
+    except KeyboardInterrupt:  # train() has said what it saved, in one line
+        sys.exit(130)
     if "RANK" in os.environ:  # a torchrun rank: DDP keeps the process group, and with it gloo's worker threads,
         sys.stdout.flush()  # alive past destroy_process_group; a worker that frees the tensors of the last
         sys.stderr.flush()  # collective while Python shuts down aborts the process (now and then). So a rank

@@ -179,8 +179,9 @@ def test_a_new_run_stopped_before_its_first_eval_keeps_another_runs_files(data_d
 
 
 def test_ctrl_c_in_an_eval_or_while_sampling_is_one_line(data_dir, tmp_path, monkeypatch):
-    """Ctrl-C in train.py's final eval says that the checkpoints are saved and how to evaluate them again;
-    while sampling, it is one line and exit code 130, no traceback."""
+    """Ctrl-C in train.py's final eval says that the checkpoints are saved and how to evaluate them again, and
+    while it sets up, that nothing is saved, each in one line; while sampling, it is one line and exit code 130,
+    no traceback."""
     import sample
     import train
 
@@ -192,6 +193,10 @@ def test_ctrl_c_in_an_eval_or_while_sampling_is_one_line(data_dir, tmp_path, mon
     assert r.returncode == 130 and r.stdout.splitlines()[-1] == ("interrupted in the eval; the checkpoints are "
                                                                  f"saved, and --eval_only=True --out_dir={out} "
                                                                  "evaluates them again"), r.stdout
+    monkeypatch.setattr(train.Trainer, "load_data", ctrl_c)  # (a dataset being prepared)
+    r = cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'new'}")
+    assert r.returncode == 130 and r.stdout == "interrupted while setting up (data, model, compiler): nothing saved\n" \
+        and not r.stderr, (r.stdout, r.stderr)
     monkeypatch.setattr(sample, "denoise", ctrl_c)
     r = cli("sample.py", f"--out_dir={out}", "--device=cpu")
     assert r.returncode == 130 and r.stderr.splitlines()[-1] == "interrupted" and "Traceback" not in r.stderr
