@@ -371,7 +371,7 @@ def sequential_mask(denoiser, n_clean, m, L):
 # The hybrid NELBO (eq. 7) and the exact likelihood (Theorem 3.1). All in nats.
 
 # diffusion times live in [EPS_T, 1], so that the weight α0/(1-α_t) stays below 1/EPS_T; the MDM term is then the
-# mean of eq. 7's integrand over [EPS_T, 1], not its integral over [0, 1]: the two differ by about EPS_T (0.1%) of it
+# mean of eq. 7's integrand over [EPS_T, 1], not its integral over [0, 1]: they differ by at most ~EPS_T (0.1%) of it
 EPS_T = 1e-3
 
 
