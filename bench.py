@@ -373,9 +373,12 @@ NO_KERNEL = frozenset(f"aten::{op}" for op in (
 def kernels(events):
     """How many of the profiled events ran a kernel: an aten op outside NO_KERNEL, or one of Inductor's fused C++
     kernels, that calls none itself (aten::layer_norm calls native_layer_norm, which is counted once)."""
-    runs = lambda e: (e.name.startswith("aten::") and e.name not in NO_KERNEL) or "cpp_fused" in e.name
-    inner = lambda e: any(runs(c) or inner(c) for c in e.cpu_children)
-    return sum(runs(e) and not inner(e) for e in events)
+    def runs(e):
+        return (e.name.startswith("aten::") and e.name not in NO_KERNEL) or "cpp_fused" in e.name
+
+    def calls_one(e):  # (at any depth)
+        return any(runs(c) or calls_one(c) for c in e.cpu_children)
+    return sum(runs(e) and not calls_one(e) for e in events)
 
 
 def bench_profile(cfg, device):

@@ -44,11 +44,16 @@ def atomic_write(path, write, mode="wb"):
     leaves the old file or the new one, never half of one, and DDP ranks writing the same file cannot collide."""
     tmp = f"{path}.{os.getpid()}.tmp"
     with removed_on_error([tmp]):
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        synced_write(tmp, write, mode)
         os.replace(tmp, path)
+
+
+def synced_write(path, write, mode="wb"):
+    """write(f) into `path`, on disk (fsync) when this returns."""
+    with open(path, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @contextlib.contextmanager
@@ -203,7 +208,7 @@ def _prepare(dataset, data_dir):
             meta = _encode(src, n, chars, char_level, staged, gpt2_bins, bar)
             meta["source"] = source
             bar.close()
-            atomic_write(meta_tmp, lambda f: pickle.dump(meta, f))
+            synced_write(meta_tmp, lambda f: pickle.dump(meta, f))
         for path, final in zip(staged + [meta_tmp], bins + [meta_path]):  # the bins first, meta.pkl last
             os.replace(path, final)
     meta = read_meta(meta_path)
@@ -230,11 +235,8 @@ def _encode(src, n, chars, char_level, staged, gpt2_bins, bar):
         lut[used] = np.arange(len(used))
         for gpt2_path, path in zip(gpt2_bins, staged):
             ids = np.memmap(gpt2_path, dtype=np.uint16, mode="r")
-            with open(path, "wb") as f:
-                for i in range(0, len(ids), PIECE):
-                    f.write(lut[ids[i: i + PIECE]].tobytes())
-                f.flush()
-                os.fsync(f.fileno())
+            pieces = (lut[ids[i: i + PIECE]].tobytes() for i in range(0, len(ids), PIECE))
+            synced_write(path, lambda f: f.writelines(pieces))
             del ids
             os.remove(gpt2_path)
         meta = {"vocab_size": len(used), "tokenizer": "gpt2", "gpt2_ids": used.tolist()}

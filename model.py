@@ -521,5 +521,6 @@ def iw_nll(model, x, alpha_0, K=1):
         raise ValueError(f"K={K!r} must be an integer >= 1")
     check_tokens(x, unwrap(model).config)
     B, L = x.shape
-    logp = torch.stack([log_likelihood(model, x, likelihood_order(B, L, alpha_0, x.device)) for _ in range(K)])
+    orders = (likelihood_order(B, L, alpha_0, x.device) for _ in range(K))  # permutations: log_likelihood unchecked
+    logp = torch.stack([-token_nll(model, x, order).sum(dim=1) for order in orders])
     return -(logp.logsumexp(dim=0) - math.log(K)) / L  # (B,)

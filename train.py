@@ -339,7 +339,6 @@ class Trainer:
         if cfg.compile:
             self.log("compiling the model (torch.compile): the first iterations take a while")
         self.objective = self.make_objective(compiled=cfg.compile)
-        self.kept_out_dir = False  # a run of --max_iters=0 into a folder with checkpoints saves nothing
         self.saved = ckpt is not None  # have out_dir's checkpoints become this run's (it resumed from them)?
         self.history = {"loss": [], "eval": []}  # (iter, train loss), (iter, train nelbo, val nelbo, val nll)
         if self.master:
@@ -442,8 +441,7 @@ class Trainer:
             if improved:
                 self.best_val, self.best_iter = va["nelbo"], it
             # a run of --max_iters=0 saves its untrained model, but never over another run's checkpoints
-            self.kept_out_dir = it == 0 and cfg.max_iters == 0 and self.holds_another_run()
-            if self.kept_out_dir:
+            if it == 0 and cfg.max_iters == 0 and self.holds_another_run():
                 self.log(f"nothing saved: {cfg.out_dir} holds another run's checkpoints, which an untrained model "
                          "never replaces")
             # ckpt.pt when improved; last.pt at every eval but the one at the iteration the run started from
@@ -478,10 +476,11 @@ class Trainer:
         (ckpt.pt), NELBO and the IW NLL at K = 1 and eval_k; printed and written to eval.json."""
         cfg = self.cfg
         weights_iter = it
-        # (every run writes ckpt.pt at its first eval past iteration 0, so this is never another run's; a run of
-        # --max_iters=0 that kept its out_dir as it was evaluates the weights it has)
-        source = "the untrained model" if self.kept_out_dir else "ckpt.pt"
-        if not cfg.eval_only and not self.kept_out_dir:
+        # (every run that trains writes ckpt.pt at its first eval past iteration 0, so this is never another run's;
+        # a run of --max_iters=0 that left another run's out_dir as it was evaluates the weights it has)
+        kept = self.holds_another_run()
+        source = "the untrained model" if kept else "ckpt.pt"
+        if not cfg.eval_only and not kept:
             best = load_checkpoint(cfg.out_dir, self.device)
             self.model.load_state_dict(best["model"])
             weights_iter = best["iter_num"]
@@ -493,7 +492,7 @@ class Trainer:
         self.log(report(metrics, self.meta, cfg, weights_iter, source))
         metrics.update(alpha_0=cfg.alpha_0, denoiser=cfg.denoiser, iter=weights_iter, trained_iters=it,
                        dataset=cfg.dataset, tokenizer=self.meta["tokenizer"])
-        if not self.kept_out_dir:  # (the eval.json there is the other run's)
+        if not kept:  # (the eval.json there is the other run's)
             atomic_write(os.path.join(cfg.out_dir, "eval.json"), lambda f: json.dump(metrics, f, indent=2), "w")
         return metrics
 
@@ -557,8 +556,9 @@ def train(cfg, user_keys=()):
     try:
         return {**run.final_eval(it), "history": run.history} if run.master else None
     except KeyboardInterrupt:
-        run.log("interrupted in the eval" + ("" if cfg.eval_only or run.kept_out_dir else f"; the checkpoints are "
-                f"saved, and --eval_only=True --out_dir={cfg.out_dir} evaluates them again"))
+        saved = not (cfg.eval_only or run.holds_another_run())
+        run.log("interrupted in the eval" + (f"; the checkpoints are saved, and --eval_only=True --out_dir="
+                                             f"{cfg.out_dir} evaluates them again" if saved else ""))
         raise
 
 

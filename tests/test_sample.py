@@ -116,7 +116,7 @@ def test_bad_library_calls_are_value_errors():
              (lambda: plan(torch.tensor([0, 1, 1]), 1, 4, 0.5), "is_gen must be a (L,) bool tensor"),
              (lambda: (cache.feed(3, 3), cache.commit(4)), "commit(4): the last pass was fed 3 slots"),
              (lambda: cache.feed(4, 3), "a pass must write at least one slot and read those it writes"),
-             (lambda: (cache.commit(3), cache.update(0, None, None)), "call feed() before each forward pass"),
+             (lambda: KVCache.for_model(model.config, 1, 8).update(0, None, None), "call feed() before each forward"),
              (lambda: get_batch(torch.arange(10).numpy(), 2, 11), "a block_size in [1, 10]"),
              (lambda: chars.decode([0, 2]), "ids [2] have no text: the vocabulary's are [0, 2); 2 is the mask token")]
     for call, message in cases:
