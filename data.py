@@ -373,7 +373,10 @@ class Tokenizer:
             if unknown:
                 raise UserError(f"characters not in this model's vocabulary: {''.join(unknown)!r}")
             return [self.meta["stoi"][c] for c in text]
-        ids = self.enc.encode(text, allowed_special={"<|endoftext|>"})
+        # as prepare() encoded the training text, where a literal "<|endoftext|>" is text; raw GPT-2 ids (a nanoGPT
+        # meta.pkl) as nanoGPT's sample.py encodes, where it is the end-of-text token
+        ids = (self.enc.encode_ordinary(text) if self.compact is not None else
+               self.enc.encode(text, allowed_special={"<|endoftext|>"}))
         if self.compact is None:
             return ids
         unknown = [g for g in dict.fromkeys(ids) if g not in self.compact]

@@ -45,7 +45,6 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
         self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
@@ -114,6 +113,14 @@ class GPTConfig:
     bias: bool = False
     denoiser: str = "B"  # which attention masks it is trained and sampled with: B, A or mdlm (attention_mask)
 
+    def __post_init__(self):
+        if min(self.block_size, self.vocab_size, self.n_layer, self.n_head, self.n_embd) < 1:
+            raise ValueError(f"block_size, vocab_size, n_layer, n_head and n_embd must be positive: {self}")
+        if self.n_embd % self.n_head or self.n_embd // self.n_head % 2:
+            raise ValueError(f"n_embd={self.n_embd} must be n_head={self.n_head} times an even head size (RoPE)")
+        if self.denoiser not in DENOISERS:
+            raise ValueError(f"denoiser={self.denoiser!r} must be one of {', '.join(DENOISERS)}")
+
     @property
     def mask_id(self):
         return self.vocab_size
@@ -123,7 +130,6 @@ class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert (config.n_embd // config.n_head) % 2 == 0, "RoPE needs an even head size"
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size + 1, config.n_embd),  # + the mask token
@@ -395,7 +401,7 @@ def diffusion_loss(model, x, alpha_0, t=None, low_var=False):
     n, L = x.shape
     config = unwrap(model).config
     t = stratified_times(n, x.device) if t is None else t
-    alpha_t = alpha_0 * (1 - t)
+    alpha_t = alpha_0 * (1 - t)  # the linear schedule; the sampler's diffusion_counts (sample.py) assumes it too
     zt = add_masks(x, (1 - alpha_t)[:, None], config.mask_id)
     is_mask = zt == config.mask_id
     order = diffusion_order(is_mask)
@@ -463,6 +469,8 @@ def nelbo(model, x, alpha_0, batch_split=0.5, loss_type="elbo", t=None):
     split = diffusion_rows(B, alpha_0, batch_split)
     if 0 < alpha_0 < 1 and not 0 < split < B:
         raise ValueError(f"batch_split={batch_split} of a batch of {B} leaves one half of the loss empty")
+    if t is not None and split and tuple(t.shape) != (split,):
+        raise ValueError(f"t {tuple(t.shape)} must hold one time per diffusion row: ({split},)")
     terms = {}
     if split > 0:
         terms["diffusion"] = diffusion_loss(model, x[:split], alpha_0, t, low_var=loss_type == "low_var")
@@ -505,9 +513,10 @@ def token_nll(model, x, order, n_given=0):
 def log_likelihood(model, x, order):
     """log p(x | σ) = Σ_l log p(x_σ(l) | x_σ(<l)) for each row, in one forward pass. order (B, L): each row
     a permutation of the positions."""
-    if order.shape != x.shape or not torch.equal(order.sort(dim=1).values, torch.arange(x.size(1), device=x.device)
-                                                 .expand_as(order)):
-        raise ValueError(f"order {tuple(order.shape)} must hold a permutation of the {x.size(1)} positions per row")
+    if (order.shape != x.shape or order.dim() != 2 or order.dtype != torch.long or
+            not torch.equal(order.sort(dim=1).values, torch.arange(x.size(1), device=x.device).expand_as(order))):
+        raise ValueError(f"order {tuple(order.shape)} {order.dtype} must be a (B, L) torch.long tensor, a permutation "
+                         f"of the positions per row, for x {tuple(x.shape)}")
     return -token_nll(model, x, order).sum(dim=1)
 
 

@@ -6,7 +6,7 @@ Sample from a trained Eso-LM with the exact KV cache (paper Alg. 2, Fig. 2), or 
     python sample.py --start "ROMEO:" --alpha_0 0.25  # a prompt; a quarter of the tokens by diffusion
     python sample.py --length 512                     # past the block size: chunk by chunk, a sliding window
     python sample.py --infill "ROMEO: ____________ JULIET:"   # each '_' is one token to generate
-    python sample.py --kv_cache=False                 # the uncached reference path: in fp32 the same tokens
+    python sample.py --kv_cache=False                 # the uncached reference path: the same logits, up to rounding
     python sample.py --schedule=strided --steps 8     # the paper's improved sampler: far-apart tokens per step
     python sample.py --score "ROMEO: But soft!"       # nats, bits per byte, and each token's surprise
 
@@ -41,8 +41,9 @@ GAP = "_"  # in --infill text, each '_' is one token to generate
 
 def diffusion_counts(n, steps, alpha_0, generator=None):
     """Tokens revealed per diffusion step, empty steps dropped. Alg. 2 draws, for t = 1, 1-1/T, ..., 1/T,
-    n_t ~ Binomial(masks left, (α_s - α_t)/(1 - α_t)) with α_t = α0 (1 - t): a Binomial chain, i.e. a
-    Multinomial(n; α0/T, ..., α0/T, 1 - α0). We draw that Multinomial one token at a time (a token is in
+    n_t ~ Binomial(masks left, (α_s - α_t)/(1 - α_t)) with α_t = α0 (1 - t) (the schedule of diffusion_loss in
+    model.py: a change to one is a change to both): a Binomial chain, i.e. a Multinomial(n; α0/T, ..., α0/T,
+    1 - α0). We draw that Multinomial one token at a time (a token is in
     diffusion step i when u ∈ [iα0/T, (i+1)α0/T), and left to the sequential phase when u >= α0):
     the same law, with no Python loop over T, so T = 10^6 costs nothing. u is fp64: fp32 draws take only 2^24 values
     in [0, 1), which would leave some of T steps more likely than others, and most empty once T passes 2^24."""
@@ -65,6 +66,10 @@ def plan(is_gen, num_samples, steps, alpha_0, generator=None, schedule="random")
     random per sample."""
     if is_gen.dtype != torch.bool or is_gen.dim() != 1:
         raise ValueError(f"is_gen must be a (L,) bool tensor, got {tuple(is_gen.shape)} {is_gen.dtype}")
+    if not (isinstance(steps, numbers.Integral) and 1 <= steps < 2 ** 53):  # (diffusion_counts' fp64 u * steps)
+        raise ValueError(f"steps={steps!r} must be an integer in [1, 2**53)")
+    if schedule not in ("random", "strided"):
+        raise ValueError(f"schedule={schedule!r} must be 'random' or 'strided'")
     given = torch.nonzero(~is_gen).flatten()
     gen = torch.nonzero(is_gen).flatten()
     n = len(gen)
@@ -91,10 +96,10 @@ def plan(is_gen, num_samples, steps, alpha_0, generator=None, schedule="random")
 def sample_tokens(logits, temperature=1.0, top_p=0.9, generator=None):
     """Nucleus sampling by float64 Gumbel-max (lower precision skews the draws towards the top tokens), on the
     generator's device (MPS has no float64). The mask token's column (the last) is dropped, so it can never be
-    drawn. temperature=0 is greedy."""
+    drawn. temperature=0 is greedy, as is any below 1e-200, its limit (fp32 logits over it would overflow fp64)."""
     device = logits.device
     logits = logits[..., :-1].to(generator.device if generator else device, torch.float64)  # drop the mask
-    if temperature == 0:
+    if temperature < 1e-200:
         return logits.argmax(-1).to(device)
     logits = logits / temperature
     if top_p < 1:  # keep the smallest set of tokens whose probability reaches top_p (at least the top one)
@@ -128,8 +133,10 @@ def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, 
             token at every diffusion step, and caches from the sequential phase on (Fig. 15);
       mdlm  feeds all L tokens, masks still to come included, at every step, and never caches.
     kv_cache=False is the reference path: every step feeds every revealed token and the current masks from
-    slot 0. Both paths draw the same noise, so in fp32 they give the same tokens; under bf16 autocast (a bf16
-    cache) they round differently, their logits agree up to bf16 rounding, and a near tie may draw another token.
+    slot 0. Both paths compute the same conditionals and draw the same noise, but multiply matrices of different
+    shapes, which round differently: their logits agree up to float rounding (about 1e-5 in fp32, more under bf16
+    autocast, whose cache is bf16), so they draw the same tokens except at a near tie, from which on that sample
+    goes its own way.
     static=True gives every step one of a few shapes, for CUDA graphs (torch.compile's reduce-overhead): the
     fed chunk is padded to a power of two (at least 2, so that a run's first step needs no graph of its own)
     with the slots that follow it (the causal mask hides them from the real tokens; their K/V land in slots
@@ -151,7 +158,9 @@ def denoise(model, x, order, chunks, temperature=1.0, top_p=0.9, kv_cache=True, 
         seq_start = L - sequential
         cache = (cache or new_cache(model, B, L, x.device, ctx, static)) if kv_cache else None
         if cache is not None:
-            assert cache.k[0].size(0) == B and cache.max_len == L, "the cache does not fit this run"
+            if cache.k[0].size(0) != B or cache.max_len != L:
+                raise ValueError(f"the cache holds {cache.k[0].size(0)} rows of {cache.max_len} slots; this run "
+                                 f"needs {B} of {L}")
             cache.reset()
         slots = torch.arange(L, device=x.device)
         for step, k in enumerate(tqdm(chunks, disable=not progress, leave=False, desc="steps")):
@@ -186,6 +195,8 @@ def windows(L, block_size, chunk):
     """The windows a text of L tokens is sampled and scored in: (start, new) for the window [start, start + W),
     W = min(L, block_size): its tokens from `new` on are its own, those in front of them the text so far, its
     prompt. The first window is [0, W); each further one moves on by `chunk` tokens (fewer at the end)."""
+    if L > block_size and not 1 <= chunk < block_size:
+        raise ValueError(f"chunk={chunk} must be in [1, block_size={block_size})")
     start, new = 0, 0
     while True:
         yield start, new
@@ -212,9 +223,9 @@ def check_request(config, tokens, chunk, alpha_0):
     if config.denoiser == "mdlm" and alpha_0 != 1:
         raise UserError(f"alpha_0={alpha_0}: MDLM is a pure diffusion model; use alpha_0=1")
     if len(tokens) > config.block_size:
-        if not 1 <= chunk < config.block_size:
-            raise UserError(f"chunk={chunk} must be in [1, block_size={config.block_size}): each window keeps at "
-                            "least one token of the text before it")
+        if not (isinstance(chunk, numbers.Integral) and 1 <= chunk < config.block_size):
+            raise UserError(f"chunk={chunk} must be an integer in [1, block_size={config.block_size}): each window "
+                            "keeps at least one token of the text before it")
         is_gen = (tokens == config.mask_id).int()
         if not torch.equal(is_gen, is_gen.cummax(0).values):
             raise UserError(f"a template longer than block_size={config.block_size} must be a prompt followed by "
@@ -237,14 +248,12 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
     config = unwrap(model).config
     chunk = chunk or config.block_size // 2
     check_request(config, template, chunk, alpha_0)
-    whole = lambda n: isinstance(n, numbers.Integral) and n >= 1
-    for ok, problem in ((whole(steps) and whole(num_samples), f"steps={steps!r} and num_samples={num_samples!r} must "
-                         "be integers >= 1"),
+    for ok, problem in ((isinstance(num_samples, numbers.Integral) and num_samples >= 1,
+                         f"num_samples={num_samples!r} must be an integer >= 1"),
                         (0 <= temperature < math.inf, f"temperature={temperature} must be finite and >= 0"),
-                        (0 < top_p <= 1, f"top_p={top_p} must be in (0, 1]"),
-                        (schedule in ("random", "strided"), f"schedule={schedule!r} must be 'random' or 'strided'")):
+                        (0 < top_p <= 1, f"top_p={top_p} must be in (0, 1]")):
         if not ok:
-            raise ValueError(problem)
+            raise ValueError(problem)  # (steps and schedule: plan(), before any window runs)
     device, W = template.device, min(len(template), config.block_size)
     gen_cpu = torch.Generator().manual_seed(seed)  # schedule and orderings: the same on every device
     gen_noise = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)  # no MPS float64

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import causal_mask, tiny_model
 
-from model import (Linear, add_masks, diffusion_mask, diffusion_loss, diffusion_order, invert, iw_nll,
+from model import (GPTConfig, Linear, add_masks, diffusion_mask, diffusion_loss, diffusion_order, invert, iw_nll,
                    likelihood_order, log_likelihood, nelbo, permute, rotary, sequential_loss, sequential_mask,
                    sequential_nll, sequential_order, stratified_times, unpermute)
 
@@ -471,8 +471,14 @@ def test_bad_calls_are_value_errors():
              (lambda: iw_nll(b, x, 2.0), "alpha_0=2.0 must be in [0, 1]"),
              (lambda: nelbo(b, x.int(), 0.5), "torch.long tensor of token ids, got shape (4, 8) torch.int32"),
              (lambda: nelbo(b, x[:, :0], 1.0), "a non-empty (batch, length)"),
-             (lambda: log_likelihood(b, x, torch.zeros(4, 8, dtype=torch.long)), "a permutation of the 8 positions"),
-             (lambda: log_likelihood(b, x, torch.arange(8)[None]), "a permutation of the 8 positions")]
+             (lambda: log_likelihood(b, x, torch.zeros(4, 8, dtype=torch.long)), "a permutation of the positions"),
+             (lambda: log_likelihood(b, x, torch.arange(8)[None]), "a permutation of the positions"),
+             (lambda: log_likelihood(b, x, torch.arange(8.).expand(4, -1)), "float32 must be a (B, L) torch.long"),
+             (lambda: log_likelihood(b, x[0], torch.arange(8)), "order (8,) torch.int64 must be a (B, L)"),
+             (lambda: nelbo(b, x, 1.0, t=torch.rand(5)), "t (5,) must hold one time per diffusion row: (4,)"),
+             (lambda: GPTConfig(denoiser="MDLM"), "denoiser='MDLM' must be one of B, A, mdlm"),
+             (lambda: GPTConfig(n_embd=6, n_head=2), "n_embd=6 must be n_head=2 times an even head size"),
+             (lambda: GPTConfig(n_layer=0), "n_head and n_embd must be positive")]
     for call, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
             call()

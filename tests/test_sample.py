@@ -11,7 +11,7 @@ from conftest import causal_mask, tiny_model
 
 from kvcache import KVCache
 from model import attention_mask
-from sample import denoise, diffusion_counts, generate, plan, sample_tokens
+from sample import denoise, diffusion_counts, generate, plan, sample_tokens, windows
 
 V = 11
 
@@ -50,7 +50,8 @@ def clean_then_masks(step):
 @torch.no_grad()
 def test_cached_logits_equal_a_full_uncached_forward_at_every_step():
     """The cache is exact (Fig. 2): at every step, the cached logits of the masks equal those of a full causal
-    forward over [clean tokens in σ order; current masks], and both paths pick the same tokens."""
+    forward over [clean tokens in σ order; current masks] up to float rounding, and both paths pick the same
+    tokens (these draws have no near tie, which rounding could settle either way)."""
     model = sharp_model()
     template = masks(None)
     template[:4] = torch.tensor([1, 2, 3, 4])  # a prompt
@@ -112,8 +113,15 @@ def test_bad_library_calls_are_value_errors():
              (lambda: generate(mdlm, masks(None, 2), alpha_0=0.5), "MDLM is a pure diffusion model"),
              (lambda: generate(model, masks(None), top_p=0), "top_p=0 must be in (0, 1]"),
              (lambda: generate(model, masks(None), temperature=-1.0), "temperature=-1.0 must be finite and >= 0"),
-             (lambda: generate(model, masks(None), steps=2.5), "must be integers >= 1"),
+             (lambda: generate(model, masks(None), steps=2.5), "steps=2.5 must be an integer in [1, 2**53)"),
+             (lambda: generate(model, masks(None), steps=2 ** 63 + 1), "must be an integer in [1, 2**53)"),
+             (lambda: generate(model, masks(None), num_samples=0), "num_samples=0 must be an integer >= 1"),
+             (lambda: generate(model, masks(None, length=30), chunk=2.5), "chunk=2.5 must be an integer in [1, "),
+             (lambda: generate(model, masks(None), num_samples=2, cache=cache), "the cache holds 1 rows of 8 slots"),
              (lambda: plan(torch.tensor([0, 1, 1]), 1, 4, 0.5), "is_gen must be a (L,) bool tensor"),
+             (lambda: plan(masks(None) == V, 1, 0, 0.5, schedule="strided"), "steps=0 must be an integer"),
+             (lambda: plan(masks(None) == V, 1, 4, 0.5, schedule="zig"), "schedule='zig' must be"),
+             (lambda: list(windows(20, 8, 0)), "chunk=0 must be in [1, block_size=8)"),
              (lambda: (cache.feed(3, 3), cache.commit(4)), "commit(4): the last pass was fed 3 slots"),
              (lambda: cache.feed(4, 3), "a pass must write at least one slot and read those it writes"),
              (lambda: KVCache.for_model(model.config, 1, 8).update(0, None, None), "call feed() before each forward"),
@@ -151,13 +159,14 @@ def test_schedule_counts_and_nfe():
 
 def test_temperature_divides_the_logits():
     """Sampling at temperature τ draws exactly what sampling logits / τ at temperature 1 draws, with the same noise;
-    τ = 0 is the argmax."""
+    τ = 0 is the argmax, and so is a τ so small that logits / τ would overflow (its limit)."""
     logits = torch.randn(3, 5, 9)
     for tau, top_p in ((0.5, 1.0), (2.0, 0.9)):
         draw = lambda lg, t: sample_tokens(lg, t, top_p, torch.Generator().manual_seed(3))
         assert torch.equal(draw(logits, tau), draw(logits / tau, 1.0))
         assert not torch.equal(draw(logits, tau), draw(logits, 1.0)), "a temperature changes the draws"
-    assert torch.equal(sample_tokens(logits, 0.0), logits[..., :-1].argmax(-1))
+    for tau in (0.0, 1e-250, 1e-310):
+        assert torch.equal(sample_tokens(logits, tau, 1.0, torch.Generator()), logits[..., :-1].argmax(-1))
 
 
 def test_nfe_counts_the_forward_passes():

@@ -122,6 +122,7 @@ def test_always_save_checkpoint_keeps_the_latest(data_dir, tmp_path):
     ("--seed=" + str(10 ** 20), "must be in [0, 2**63)"),
     ("--backend=foo", "--backend=foo must be auto, nccl"),
     ("--n_head=0", "--n_layer, --n_head and --n_embd must be positive"),
+    ("--lr_decay_iters=-5", "--lr_decay_iters must be >= 0"),
     ("--out_dir=" + os.path.join(ROOT, "README.md", "o"), "cannot create --out_dir="),
 ])
 def test_bad_input_is_one_line(data_dir, tmp_path, flag, message):
@@ -251,7 +252,7 @@ def test_sample_cli(data_dir, tmp_path, monkeypatch):
     assert "2 tokens generated" in r.stdout, "an infill text is the whole sequence: only its gaps are generated"
     (tmp_path / "latin1.txt").write_bytes("Citizen caf\xe9".encode("latin-1"))
     for flag, message in [("--steps=0", "--steps=0 must be in [1, 2**53)"), ("--steps=" + str(2 ** 53), "2**53"),
-                          (("--length=99", "--chunk=16"), "chunk=16 must be in [1, block_size=16)"),
+                          (("--length=99", "--chunk=16"), "chunk=16 must be an integer in [1, block_size=16)"),
                           (("--infill=First _", "--length=99"), "--infill works within one block"),
                           (("--start=First", "--length=3"), "the prompt is 5 tokens, longer than --length=3"),
                           ("--start=~~", "not in this model's vocab"), ("--length=-1", "must be >= 0 (0: the block"),
@@ -265,7 +266,7 @@ def test_sample_cli(data_dir, tmp_path, monkeypatch):
                           ("--infill=" + "First _" * 4, "longer than the trained block size 16"),
                           ("--seed=" + str(10 ** 23), "must be in [0, 2**63)"),
                           ("--score=FILE:latin1.txt", "latin1.txt is not UTF-8 text"),
-                          (("--chunk=16", "--score=" + "First " * 9), "chunk=16 must be in [1, block_size=16)"),
+                          (("--chunk=16", "--score=" + "First " * 9), "chunk=16 must be an integer in [1, block_size"),
                           ((), "ESO_LM_FEW_ROWS='bogus' must be 'linear' or 'transposed'")]:
         with monkeypatch.context() as env:
             if flag == ():  # no flag: the environment is wrong (read afresh, and forgotten after)
@@ -286,8 +287,9 @@ def test_sample_cli(data_dir, tmp_path, monkeypatch):
 def test_bpe_dataset(data_dir):
     """--dataset=<name> is GPT-2 BPE (nanoGPT's 'shakespeare') over a compact vocabulary: the GPT-2 tokens that
     occur in the text, renumbered densely. The token sequences are GPT-2's (mapped back, they equal tiktoken's
-    encoding of each split), encode -> decode is the identity, and a prompt that needs a token the model never
-    had is one clear error naming it. (tiktoken needs its files once: CI seeds them.)"""
+    encoding of each split), encode -> decode is the identity, a prompt that needs a token the model never
+    had is one clear error naming it, and a literal "<|endoftext|>" is text to prepare and to a prompt alike.
+    (tiktoken needs its files once: CI seeds them.)"""
     import tiktoken
     enc = tiktoken.get_encoding("gpt2")
     meta = prepare("tiny", str(data_dir))
@@ -305,6 +307,12 @@ def test_bpe_dataset(data_dir):
     assert int(nbytes[torch.from_numpy(train.astype("int64"))].sum()) == len(TEXT[:split].encode()), "bits per byte"
     with pytest.raises(ValueError, match="never saw in training: ' z', 'ebra'"):
         tok.encode("First Citizen: zebra")
+    # documents joined by "<|endoftext|>", as nanoGPT's corpora are: prepare and a prompt encode it alike, as text
+    (data_dir / "eot").mkdir()
+    text = "<|endoftext|>".join([TEXT[:400]] * 5)
+    (data_dir / "eot" / "input.txt").write_text(text)
+    eot = Tokenizer(prepare("eot", str(data_dir)))
+    assert eot.encode(text[:int(len(text) * 0.9)]) == load_split("eot", "train", str(data_dir)).tolist()
 
 
 def test_prepare_streams_in_pieces(data_dir, monkeypatch):
