@@ -149,7 +149,8 @@ def validate(cfg):
 
 def default_out_dir(cfg):
     """out-<dataset>-alpha<α0>, with the denoiser's name in it when it is not the default B."""
-    return f"out-{cfg.dataset}{'' if cfg.denoiser == 'B' else '-' + cfg.denoiser}-alpha{cfg.alpha_0:g}"
+    alpha = repr(float(cfg.alpha_0)).removesuffix(".0")  # (every digit: :g would give 0.9999999 alpha_0=1's folder)
+    return f"out-{cfg.dataset}{'' if cfg.denoiser == 'B' else '-' + cfg.denoiser}-alpha{alpha}"
 
 
 def get_lr(it, cfg):
@@ -284,7 +285,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.init_from != "resume" and not cfg.eval_only:
             return None
-        out_dir = cfg.out_dir or default_out_dir(cfg)
+        out_dir = cfg.out_dir = cfg.out_dir or default_out_dir(cfg)  # (kept: the checkpoint's flags would name another)
         found = lambda name: os.path.exists(os.path.join(out_dir, name))
         resume = cfg.init_from == "resume" and not cfg.eval_only
         if resume and not found("last.pt") and not found("ckpt.pt"):
@@ -336,7 +337,12 @@ class Trainer:
             if "optimizer" not in ckpt:
                 raise UserError(f"{cfg.out_dir}/last.pt, the state to resume from, is missing; train from scratch")
             for opt, state in zip(self.optimizers, ckpt["optimizer"]):
+                # the saved state (moments) with the settings of the flags now: load_state_dict also puts back the
+                # saved weight decay and betas, which a resumed run may change
+                settings = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
                 opt.load_state_dict(state)
+                for group, flags in zip(opt.param_groups, settings):
+                    group.update(flags)
         if cfg.compile:
             self.log("compiling the model (torch.compile): the first iterations take a while")
         self.objective = self.make_objective(compiled=cfg.compile)
@@ -477,6 +483,8 @@ class Trainer:
         (ckpt.pt), NELBO and the IW NLL at K = 1 and eval_k; printed and written to eval.json."""
         cfg = self.cfg
         weights_iter = it
+        if cfg.eval_only and os.path.exists(os.path.join(cfg.out_dir, "last.pt")):
+            it = load_checkpoint(cfg.out_dir, "cpu", "last.pt")["iter_num"]  # how far it trained (ckpt.pt: the best)
         # (every run that trains writes ckpt.pt at its first eval past iteration 0, so this is never another run's;
         # a run of --max_iters=0 that left another run's out_dir as it was evaluates the weights it has)
         kept = self.holds_another_run()

@@ -15,7 +15,7 @@ from configurator import UserError, parse_args
 from data import Tokenizer, eval_batches, get_batch, load_split, prepare, token_bytes
 from model import few_rows_transposed
 from sample import SampleConfig
-from train import TrainConfig
+from train import TrainConfig, default_out_dir
 
 
 def test_char_dataset_layout(data_dir):
@@ -65,10 +65,13 @@ def test_train_writes_checkpoint_and_eval_json_then_resumes(data_dir, tmp_path):
     assert metrics["nll_k4"] <= metrics["nll_k1"] + 1e-3
 
     r = cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=6",
-            "--eval_interval=2", "--init_from=resume")
+            "--eval_interval=2", "--init_from=resume", "--weight_decay=0.5", "--beta2=0.9")
     assert r.returncode == 0, r.stderr
     assert min(int(i) for i in re.findall(r"iter (\d+): loss", r.stdout)) == 5, "resumes after iteration 4"
-    assert torch.load(out / "last.pt", weights_only=True)["iter_num"] == 6
+    last = torch.load(out / "last.pt", weights_only=True)
+    muon, adamw = (opt["param_groups"] for opt in last["optimizer"])  # the optimizers take the flags given again
+    assert last["iter_num"] == 6 and muon[0]["weight_decay"] == adamw[0]["weight_decay"] == 0.5, (muon, adamw)
+    assert adamw[0]["betas"] == adamw[1]["betas"] == (0.9, 0.9) and adamw[1]["weight_decay"] == 0
     assert json.loads((out / "eval.json").read_text())["trained_iters"] == 6
 
     r = cli("train.py", f"--out_dir={out}", f"--data_dir={data_dir}", "--eval_only=True", "--eval_windows=8",
@@ -91,6 +94,22 @@ def test_the_final_eval_measures_the_best_weights(data_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     again = json.loads((out / "eval.json").read_text())
     assert final["iter"] == again["iter"] == best and abs(final["nelbo"] - again["nelbo"]) < 1e-6, (final, again)
+    assert final["trained_iters"] == again["trained_iters"] == 3, "how far the run trained: last.pt's iteration"
+
+
+def test_a_resumed_run_writes_where_it_read(data_dir, tmp_path):
+    """--init_from=resume without --out_dir reads the default folder of the flags it is given and writes there,
+    though the checkpoint's own flags (here another dataset) would name another folder."""
+    folder = tmp_path / "out-shakespeare_char-alpha0.5"  # the default of train.py's defaults
+    r = cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={folder}", "--max_iters=2",
+            "--eval_interval=2")
+    assert r.returncode == 0, r.stderr
+    r = cli("train.py", "--init_from=resume", "--max_iters=4", "--device=cpu", cwd=tmp_path)
+    assert r.returncode == 0 and f"saving checkpoint to {folder.name}" in r.stdout, r.stdout + r.stderr
+    assert [p.name for p in tmp_path.glob("out-*")] == [folder.name]
+    assert torch.load(folder / "last.pt", weights_only=True)["iter_num"] == 4
+    names = {default_out_dir(TrainConfig(alpha_0=a, denoiser=d)) for a in (0, 0.5, 1, 0.9999999) for d in ("B", "A")}
+    assert "out-shakespeare_char-A-alpha1" in names and len(names) == 8, "a folder per alpha_0 and denoiser"
 
 
 def test_always_save_checkpoint_keeps_the_latest(data_dir, tmp_path):
