@@ -58,14 +58,14 @@ def synced_write(path, write, mode="wb"):
 
 @contextlib.contextmanager
 def removed_on_error(paths):
-    """If the block raises (Ctrl-C included), remove whichever of `paths` exist, then re-raise: a stopped
-    write leaves no temporary file behind."""
+    """If the block raises (Ctrl-C included), remove whichever of `paths` exist (files, and folders left empty),
+    in order, then re-raise: a stopped write leaves no temporary file behind."""
     try:
         yield
     except BaseException:
         for path in paths:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+            with contextlib.suppress(OSError):  # (gone already, or a folder that holds something: kept)
+                (os.rmdir if os.path.isdir(path) else os.remove)(path)
         raise
 
 
@@ -198,13 +198,14 @@ def _prepare(dataset, data_dir):
         if char_level and len(chars) > 1 << 16:
             raise UserError(f"{src} holds {len(chars):,} distinct characters, more than the 65,536 ids a character "
                             f"dataset stores; use --dataset={dataset.removesuffix('_char')} (BPE)")
-        os.makedirs(out, exist_ok=True)
         bar = tqdm(total=n, unit="char", unit_scale=True, desc=f"preparing {dataset}", leave=False,
                    disable=n < 50_000_000)
         staged = [f"{b}.{os.getpid()}.staged" for b in bins]  # renamed into place once meta.pkl's tmp is written
         gpt2_bins = [f"{b}.gpt2.{os.getpid()}.staged" for b in bins]  # BPE: GPT-2 ids first, renumbered below
         meta_tmp = f"{meta_path}.{os.getpid()}.tmp"
-        with removed_on_error(staged + gpt2_bins + [meta_tmp]):
+        made = [] if os.path.isdir(out) else [out]  # (<name>_char/: a folder of its own, removed on failure)
+        with removed_on_error(staged + gpt2_bins + [meta_tmp] + made):
+            os.makedirs(out, exist_ok=True)
             meta = _encode(src, n, chars, char_level, staged, gpt2_bins, bar)
             meta["source"] = source
             bar.close()
@@ -224,7 +225,14 @@ def _encode(src, n, chars, char_level, staged, gpt2_bins, bar):
                 "stoi": {ch: i for i, ch in enumerate(chars)}, "itos": {i: ch for i, ch in enumerate(chars)}}
         lut = np.zeros(max(map(ord, chars)) + 1, dtype=np.uint16)
         lut[[ord(c) for c in chars]] = np.arange(len(chars))
-        encode = lambda piece: lut[np.frombuffer(piece.encode("utf-32-le"), dtype=np.uint32)]
+        known = np.zeros(len(lut), dtype=bool)
+        known[[ord(c) for c in chars]] = True
+
+        def encode(piece):
+            codes = np.frombuffer(piece.encode("utf-32-le"), dtype=np.uint32)
+            if len(codes) and (codes.max() >= len(lut) or not known[codes].all()):  # not there when counted
+                raise UserError(f"{src} changed while it was being prepared; prepare it again (run again)")
+            return lut[codes]
         write_bins(staged, encoded(text_pieces(src, int(n * 0.9), cut=None), encode), bar)
     else:
         enc = gpt2_encoding()

@@ -115,7 +115,7 @@ def validate(cfg):
         (0 < cfg.batch_split < 1, f"--batch_split={cfg.batch_split} must be in (0, 1)"),
         (cfg.loss_type in ("elbo", "low_var"), f"--loss_type={cfg.loss_type} must be elbo or low_var"),
         (cfg.init_from in ("scratch", "resume"), f"--init_from={cfg.init_from} must be scratch or resume"),
-        (cfg.dataset not in ("", ".", "..") and "/" not in cfg.dataset and os.sep not in cfg.dataset,
+        (cfg.dataset.removesuffix("_char") not in ("", ".", "..") and not {"/", os.sep} & set(cfg.dataset),
          f"--dataset={cfg.dataset} must be the name of a folder in --data_dir (data/<name>/input.txt); give a path "
          "with --data_dir"),
         (cfg.optimizer in ("adamw", "muon"), f"--optimizer={cfg.optimizer} must be adamw or muon"),

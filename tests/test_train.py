@@ -126,6 +126,8 @@ def test_always_save_checkpoint_keeps_the_latest(data_dir, tmp_path):
     ("--no_such_flag=1", "unknown flag --no_such_flag; the flags are: dataset, "),
     ("--max_itres=5", "unknown flag --max_itres; did you mean --max_iters?"),
     ("--dataset=../data/tiny_char", "must be the name of a folder in --data_dir"),
+    ("--dataset=.._char", "must be the name of a folder in --data_dir"),
+    ("--dataset=_char", "must be the name of a folder in --data_dir"),
     ("--batch_size=abc", "--batch_size expects int"),
     ("--compile=maybe", "--compile expects True or False"),
     ("--block_size=100000", "--block_size=100000 is longer than the val split"),
@@ -368,7 +370,9 @@ def test_prepare_streams_in_pieces(data_dir, monkeypatch):
 
 def test_a_stopped_preparation_leaves_nothing_behind(data_dir, monkeypatch):
     """Ctrl-C while a dataset is encoded (both tokenizers), or while BPE's ids are renumbered, removes every file
-    the preparation had begun: the folder holds what it held before, and the next prepare() works."""
+    the preparation had begun, and the folder if it made it: the folder holds what it held before (tiny_char/: it
+    is not there), and the next prepare() works. A character dataset whose text gains a character while it is
+    read stops with one line, as it must not encode that character as another."""
     import data
     encoded = data.encoded
 
@@ -381,12 +385,25 @@ def test_a_stopped_preparation_leaves_nothing_behind(data_dir, monkeypatch):
     for name, module, attr, stop in (("tiny_char", data, "encoded", stop_after_one_piece),
                                      ("tiny", data, "encoded", stop_after_one_piece),
                                      ("tiny", data.np, "memmap", ctrl_c)):  # (BPE's renumbering reads a memmap)
-        before = sorted(p.name for p in (data_dir / name).glob("*")) if (data_dir / name).exists() else []
+        listing = lambda: sorted(p.name for p in (data_dir / name).glob("*")) if (data_dir / name).exists() else None
+        before = listing()
         with monkeypatch.context() as m:
             m.setattr(module, attr, stop)
             with pytest.raises(KeyboardInterrupt):
                 prepare(name, str(data_dir))
-        assert sorted(p.name for p in (data_dir / name).glob("*")) == before, (name, attr)
+        assert listing() == before, (name, attr)
+    count_chars = data.count_chars
+
+    def edited_once_counted(path, chars=True):
+        counted = count_chars(path, chars)
+        with open(path, "a") as f:
+            f.write("~")  # a character the text did not have
+        return counted
+    with monkeypatch.context() as m:
+        m.setattr(data, "count_chars", edited_once_counted)
+        with pytest.raises(ValueError, match="changed while it was being prepared"):
+            prepare("tiny_char", str(data_dir))
+    assert not (data_dir / "tiny_char").exists()
     assert prepare("tiny", str(data_dir))["tokenizer"] == "gpt2"
     assert sorted(p.name for p in (data_dir / "tiny").glob("*")) == ["input.txt", "meta.pkl", "train.bin", "val.bin"]
 
