@@ -133,7 +133,11 @@ def shape_checks(cfg):
 
 def run_cli(main):
     """Run `main()`, turning a UserError, or memory that runs out, into one line on stderr and exit code 1, and
-    Ctrl-C into one line and exit code 130 (train.py saves what it can first)."""
+    Ctrl-C into one line and exit code 130 (train.py saves what it can first). A console that cannot show a
+    character prints '?' for it."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     try:
         main()
     except KeyboardInterrupt:
@@ -147,7 +151,7 @@ def run_cli(main):
             r"can't allocate memory|out of memory", str(e))
         if not out_of_memory:
             raise
-        print("error: out of memory; make the batch (--batch_size, --num_samples) or the model smaller, or use "
+        print("error: out of memory; use a smaller batch, fewer or shorter samples or texts, a smaller model, or "
               "another --device", file=sys.stderr)
         sys.exit(1)
 
@@ -156,13 +160,15 @@ def pick_device(name):
     """'auto' -> cuda, mps or cpu; an explicit device that isn't there is a UserError."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    kind = name.split(":")[0]
+    kind, _, index = name.partition(":")
+    if kind not in ("cuda", "mps", "cpu") or ":" in name and not (kind == "cuda" and index.isdigit()):
+        raise UserError(f"--device={name} is not one of auto, cuda, cuda:N, mps, cpu")
     if kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device={name} but no CUDA GPU is visible; use --device=cpu (or auto)")
+    if index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"--device={name} but {torch.cuda.device_count()} CUDA GPUs are visible (cuda:0 ...)")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device={name} but MPS is not available; use --device=cpu (or auto)")
-    if kind not in ("cuda", "mps", "cpu"):
-        raise UserError(f"--device={name} is not one of auto, cuda, cuda:N, mps, cpu")
     return name
 
 

@@ -334,17 +334,18 @@ def validate(cfg):
               (cfg.alpha_0 == -1 or 0 <= cfg.alpha_0 <= 1, f"--alpha_0={cfg.alpha_0} must be in [0, 1]"),
               (0 < cfg.top_p <= 1, f"--top_p={cfg.top_p} must be in (0, 1]"),
               (cfg.temperature >= 0, f"--temperature={cfg.temperature} must be >= 0"),
-              (cfg.num_samples >= 1, f"--num_samples={cfg.num_samples} must be at least 1"),
+              (1 <= cfg.num_samples < 2 ** 31, f"--num_samples={cfg.num_samples} must be in [1, 2**31)"),
               (cfg.length >= 0, f"--length={cfg.length} must be >= 0 (0: the block size)"),
               (cfg.chunk >= 0, f"--chunk={cfg.chunk} must be >= 0 (0: half the block size)"),
-              (cfg.score_k >= 1, f"--score_k={cfg.score_k} must be at least 1"),
+              (1 <= cfg.score_k < 2 ** 31, f"--score_k={cfg.score_k} must be in [1, 2**31)"),
               (cfg.schedule in ("random", "strided"), f"--schedule={cfg.schedule} must be random or strided"),
               (not cfg.score or not (cfg.start or cfg.infill), "--score scores a text on its own: leave out --start "
                "and --infill"),
               (cfg.score or not cfg.score_svg, "--score_svg draws a scored text: give --score too"),
               (not cfg.score or not cfg.trajectory, "--trajectory draws a sampling run: leave it out with --score "
                "(--score_svg draws the scores)"),
-              (0 <= cfg.seed < 2 ** 63, f"--seed={cfg.seed} must be in [0, 2**63)")]
+              (0 <= cfg.seed < 2 ** 32, f"--seed={cfg.seed} must be in [0, 2**32): PyTorch's CPU generator, which "
+               "draws the schedule, keeps 32 bits of a seed")]
     for flag, path in (("trajectory", cfg.trajectory), ("score_svg", cfg.score_svg)):  # now, not after the sampling
         if path:
             checks += [(os.path.isdir(os.path.dirname(os.path.abspath(path))), f"--{flag}={path}: its folder does not "

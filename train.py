@@ -132,7 +132,7 @@ def validate(cfg):
         (cfg.grad_clip >= 0, f"--grad_clip={cfg.grad_clip} must be >= 0"),
         (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, f"--beta1={cfg.beta1} and --beta2={cfg.beta2} must be in [0, 1)"),
         (cfg.weight_decay >= 0, f"--weight_decay={cfg.weight_decay} must be >= 0"),
-        (0 <= cfg.seed < 2 ** 63, f"--seed={cfg.seed} must be in [0, 2**63)"),
+        (0 <= cfg.seed < 2 ** 32, f"--seed={cfg.seed} must be in [0, 2**32): PyTorch's CPU generator keeps 32 bits"),
         (cfg.eval_windows == 0 or cfg.eval_windows >= cfg.batch_size,
          f"--eval_windows={cfg.eval_windows} must be 0 (all) or at least --batch_size={cfg.batch_size}"),
         (cfg.denoiser in DENOISERS, f"--denoiser={cfg.denoiser} must be one of {', '.join(DENOISERS)}"),
@@ -167,7 +167,8 @@ def get_lr(it, cfg):
 
 
 def micro_seed(seed, it, g):
-    """Seed of micro-batch g of iteration it: distinct for every (it, g) with 0 <= g < 10007. g = 10006 seeds the
+    """Seed of micro-batch g of iteration it: distinct for every (it, g) with 0 <= g < 10007 (also modulo 2**32,
+    what PyTorch keeps of a seed, up to iteration 429,000). g = 10006 seeds the
     iteration's diffusion times, so a batch has at most 10006 micro-batches (validate)."""
     return seed + 10007 * it + g
 

@@ -43,10 +43,11 @@ def data_dir(tmp_path):
     return tmp_path / "data"
 
 
-def run(script, *args, cwd=None, timeout=300):
-    """Run one of the repo's scripts as a user would, in a new process; returns the CompletedProcess."""
+def run(script, *args, cwd=None, timeout=300, **kwargs):
+    """Run one of the repo's scripts as a user would, in a new process; returns the CompletedProcess. kwargs go to
+    subprocess.run (env, encoding)."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
 def cli(script, *args, cwd=None):

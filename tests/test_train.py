@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TEXT, TINY_TRAIN, cli
+from conftest import ROOT, TEXT, TINY_TRAIN, cli, run
 
 from configurator import UserError, parse_args
 from data import Tokenizer, eval_batches, get_batch, load_split, prepare, token_bytes
@@ -140,7 +140,8 @@ def test_always_save_checkpoint_keeps_the_latest(data_dir, tmp_path):
     ("--weight_decay=-1", "--weight_decay=-1.0 must be >= 0"),
     ("--learning_rate=-1", "--learning_rate=-1.0 must be > 0"),
     ("--gradient_accumulation_steps=10007", "--gradient_accumulation_steps must be in 1..10006"),
-    ("--seed=" + str(10 ** 20), "must be in [0, 2**63)"),
+    ("--seed=" + str(2 ** 32 + 1), "must be in [0, 2**32)"),
+    ("--device=cpu:0", "--device=cpu:0 is not one of auto, cuda, cuda:N, mps, cpu"),
     ("--backend=foo", "--backend=foo must be auto, nccl"),
     ("--n_head=0", "--n_layer, --n_head and --n_embd must be positive"),
     ("--lr_decay_iters=-5", "--lr_decay_iters must be >= 0"),
@@ -285,7 +286,9 @@ def test_sample_cli(data_dir, tmp_path, monkeypatch):
                           ("--start=First Citizen:\nB", "nothing to generate: the prompt is 16 tokens, as long as"),
                           (("--score=First", "--trajectory=t.svg"), "--trajectory draws a sampling run"),
                           ("--infill=" + "First _" * 4, "longer than the trained block size 16"),
-                          ("--seed=" + str(10 ** 23), "must be in [0, 2**63)"),
+                          ("--seed=" + str(2 ** 32), "must be in [0, 2**32): PyTorch's CPU generator"),
+                          ("--num_samples=" + str(2 ** 31), "--num_samples=2147483648 must be in [1, 2**31)"),
+                          (("--score=First", "--score_k=" + str(2 ** 62)), "must be in [1, 2**31)"),
                           ("--score=FILE:latin1.txt", "latin1.txt is not UTF-8 text"),
                           (("--chunk=16", "--score=" + "First " * 9), "chunk=16 must be an integer in [1, block_size"),
                           ((), "ESO_LM_FEW_ROWS='bogus' must be 'linear' or 'transposed'")]:
@@ -300,9 +303,13 @@ def test_sample_cli(data_dir, tmp_path, monkeypatch):
             "--trajectory=t.svg", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("a" * 40) and "10 tokens generated" in r.stdout, r.stdout
     assert re.search(r"T=4: [1-9]\d* steps", (tmp_path / "t.svg").read_text()), "the window with masks is drawn"
-    # more memory than any address space holds (so no machine tries, whatever its overcommit), after the "loaded" line
-    r = cli("sample.py", "--num_samples=" + str(10 ** 15), "--device=cpu", cwd=tmp_path)
-    assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith("error: out of memory; make the"), r.stderr
+    # more memory than any address space holds (so no machine tries, whatever its overcommit)
+    r = cli("sample.py", "--length=" + str(10 ** 15), "--device=cpu", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith("error: out of memory; use a smaller"), r.stderr
+    # a console that cannot show ␣ (the surprise listing's space) shows '?'
+    r = run("sample.py", "--score=First Citizen", "--device=cpu", cwd=tmp_path,
+            env={**os.environ, "PYTHONIOENCODING": "cp1252"}, encoding="cp1252")
+    assert r.returncode == 0 and "(mean over the orderings; ? a space" in r.stdout, r.stderr
 
 
 def test_bpe_dataset(data_dir):
