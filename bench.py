@@ -28,7 +28,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, run_cli, shape_checks
+from configurator import (UserError, attention_backends, autocast_context, parse_args, pick_device, run_cli, seed_check,
+                          shape_checks)
 from data import atomic_write, get_batch, load_checkpoint, load_split, prepare, tokenizer_of
 from model import GPT, GPTConfig, Linear, few_rows_transposed, iw_nll, nelbo, sampling_products, unwrap
 from sample import check_environment, generate, new_cache, plan
@@ -535,8 +536,11 @@ def validate(cfg, benches):
               (numbers(cfg.lengths), f"--lengths={cfg.lengths} must be positive integers separated by commas"),
               (numbers(cfg.steps_list, ("L",)), f"--steps_list={cfg.steps_list} must be positive integers or L, "
                "separated by commas"),
-              (min(cfg.rounds, cfg.iters, cfg.small_steps, cfg.sample_batch, cfg.num_samples, cfg.prepare_mb) >= 1,
-               "--rounds, --iters, --small_steps, --sample_batch, --num_samples and --prepare_mb must be positive"),
+              (min(cfg.rounds, cfg.iters, cfg.small_steps, cfg.sample_batch, cfg.num_samples, cfg.prepare_mb) >= 1
+               and max(cfg.sample_batch, cfg.num_samples) < 2 ** 31, "--rounds, --iters, --small_steps, "
+               "--sample_batch, --num_samples and --prepare_mb must be positive (--sample_batch and --num_samples "
+               "below 2**31)"),
+              seed_check(cfg.seed),
               (cfg.mdlm_steps >= 0, f"--mdlm_steps={cfg.mdlm_steps} must be >= 0 (0: all of them)"),
               *shape_checks(cfg), (cfg.vocab_size >= 1 and cfg.batch_size >= 1,
                                    "--vocab_size and --batch_size must be positive"),

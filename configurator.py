@@ -148,7 +148,7 @@ def run_cli(main):
         sys.exit(1)
     except (MemoryError, RuntimeError) as e:  # CUDA's torch.OutOfMemoryError; CPU and MPS: a RuntimeError saying so
         out_of_memory = isinstance(e, (MemoryError, torch.OutOfMemoryError)) or re.search(
-            r"can't allocate memory|out of memory", str(e))
+            r"can't allocate memory|out of memory|size calculation overflowed|multiplication overflow", str(e))
         if not out_of_memory:
             raise
         print("error: out of memory; use a smaller batch, fewer or shorter samples or texts, a smaller model, or "
@@ -156,12 +156,20 @@ def run_cli(main):
         sys.exit(1)
 
 
+def seed_check(seed, name="--seed"):
+    """(ok, one-line message) for a seed: PyTorch's CPU generator keeps 32 bits of one, so two seeds 2**32 apart
+    would give the same run."""
+    return (isinstance(seed, int) and 0 <= seed < 2 ** 32,
+            f"{name}={seed!r} must be an integer in [0, 2**32): PyTorch's CPU generator keeps 32 bits of a seed")
+
+
 def pick_device(name):
     """'auto' -> cuda, mps or cpu; an explicit device that isn't there is a UserError."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     kind, _, index = name.partition(":")
-    if kind not in ("cuda", "mps", "cpu") or ":" in name and not (kind == "cuda" and index.isdigit()):
+    if kind not in ("cuda", "mps", "cpu") or ":" in name and not (kind == "cuda" and index.isascii() and
+                                                                  index.isdigit()):
         raise UserError(f"--device={name} is not one of auto, cuda, cuda:N, mps, cpu")
     if kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device={name} but no CUDA GPU is visible; use --device=cpu (or auto)")

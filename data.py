@@ -203,7 +203,7 @@ def _prepare(dataset, data_dir):
         staged = [f"{b}.{os.getpid()}.staged" for b in bins]  # renamed into place once meta.pkl's tmp is written
         gpt2_bins = [f"{b}.gpt2.{os.getpid()}.staged" for b in bins]  # BPE: GPT-2 ids first, renumbered below
         meta_tmp = f"{meta_path}.{os.getpid()}.tmp"
-        made = [] if os.path.isdir(out) else [out]  # (<name>_char/: a folder of its own, removed on failure)
+        made = [] if os.path.lexists(out) else [out]  # (<name>_char/: a folder of its own, removed on failure)
         with removed_on_error(staged + gpt2_bins + [meta_tmp] + made):
             os.makedirs(out, exist_ok=True)
             meta = _encode(src, n, chars, char_level, staged, gpt2_bins, bar)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, run_cli
+from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, run_cli, seed_check
 from data import Tokenizer, load_checkpoint
 from kvcache import KVCache
 from model import (GPT, attention_mask, few_rows_transposed, has_likelihood, likelihood_order, nelbo, permute,
@@ -96,7 +96,8 @@ def plan(is_gen, num_samples, steps, alpha_0, generator=None, schedule="random")
 def sample_tokens(logits, temperature=1.0, top_p=0.9, generator=None):
     """Nucleus sampling by float64 Gumbel-max (lower precision skews the draws towards the top tokens), on the
     generator's device (MPS has no float64). The mask token's column (the last) is dropped, so it can never be
-    drawn. temperature=0 is greedy, as is any below 1e-200, its limit (fp32 logits over it would overflow fp64)."""
+    drawn. temperature=0 is greedy, as is any below 1e-200, its limit (below about 1e-270, fp32 logits over it can
+    overflow fp64)."""
     device = logits.device
     logits = logits[..., :-1].to(generator.device if generator else device, torch.float64)  # drop the mask
     if temperature < 1e-200:
@@ -251,7 +252,7 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
     for ok, problem in ((isinstance(num_samples, numbers.Integral) and num_samples >= 1,
                          f"num_samples={num_samples!r} must be an integer >= 1"),
                         (0 <= temperature < math.inf, f"temperature={temperature} must be finite and >= 0"),
-                        (0 < top_p <= 1, f"top_p={top_p} must be in (0, 1]")):
+                        (0 < top_p <= 1, f"top_p={top_p} must be in (0, 1]"), seed_check(seed, "seed")):
         if not ok:
             raise ValueError(problem)  # (steps and schedule: plan(), before any window runs)
     device, W = template.device, min(len(template), config.block_size)
@@ -286,8 +287,10 @@ def score(model, ids, alpha_0, K=16, chunk=0, seed=1337, ctx=contextlib.nullcont
     config = unwrap(model).config
     chunk = chunk or config.block_size // 2
     check_request(config, ids, chunk, alpha_0)
-    if not (isinstance(K, numbers.Integral) and K >= 1):
-        raise ValueError(f"K={K!r} must be an integer >= 1")
+    for ok, problem in ((isinstance(K, numbers.Integral) and K >= 1, f"K={K!r} must be an integer >= 1"),
+                        seed_check(seed, "seed")):
+        if not ok:
+            raise ValueError(problem)
     K = 1 if alpha_0 == 0 else K
     gen = torch.Generator().manual_seed(seed)  # the orderings: the same on every device
     W, total, surprise = min(len(ids), config.block_size), 0.0, torch.zeros(len(ids), device=ids.device)
@@ -335,7 +338,7 @@ def validate(cfg):
               (0 < cfg.top_p <= 1, f"--top_p={cfg.top_p} must be in (0, 1]"),
               (cfg.temperature >= 0, f"--temperature={cfg.temperature} must be >= 0"),
               (1 <= cfg.num_samples < 2 ** 31, f"--num_samples={cfg.num_samples} must be in [1, 2**31)"),
-              (cfg.length >= 0, f"--length={cfg.length} must be >= 0 (0: the block size)"),
+              (0 <= cfg.length < 2 ** 31, f"--length={cfg.length} must be in [0, 2**31) (0: the block size)"),
               (cfg.chunk >= 0, f"--chunk={cfg.chunk} must be >= 0 (0: half the block size)"),
               (1 <= cfg.score_k < 2 ** 31, f"--score_k={cfg.score_k} must be in [1, 2**31)"),
               (cfg.schedule in ("random", "strided"), f"--schedule={cfg.schedule} must be random or strided"),
@@ -344,8 +347,7 @@ def validate(cfg):
               (cfg.score or not cfg.score_svg, "--score_svg draws a scored text: give --score too"),
               (not cfg.score or not cfg.trajectory, "--trajectory draws a sampling run: leave it out with --score "
                "(--score_svg draws the scores)"),
-              (0 <= cfg.seed < 2 ** 32, f"--seed={cfg.seed} must be in [0, 2**32): PyTorch's CPU generator, which "
-               "draws the schedule, keeps 32 bits of a seed")]
+              seed_check(cfg.seed)]
     for flag, path in (("trajectory", cfg.trajectory), ("score_svg", cfg.score_svg)):  # now, not after the sampling
         if path:
             checks += [(os.path.isdir(os.path.dirname(os.path.abspath(path))), f"--{flag}={path}: its folder does not "

@@ -32,7 +32,8 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, run_cli, shape_checks
+from configurator import (UserError, attention_backends, autocast_context, parse_args, pick_device, run_cli, seed_check,
+                          shape_checks)
 from data import (atomic_write, eval_batches, get_batch, load_checkpoint, load_split, prepare, save_checkpoint,
                   token_bytes, tokenizer_of)
 from model import DENOISERS, GPT, GPTConfig, diffusion_rows, has_likelihood, iw_nll, nelbo, stratified_times, unwrap
@@ -132,7 +133,7 @@ def validate(cfg):
         (cfg.grad_clip >= 0, f"--grad_clip={cfg.grad_clip} must be >= 0"),
         (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, f"--beta1={cfg.beta1} and --beta2={cfg.beta2} must be in [0, 1)"),
         (cfg.weight_decay >= 0, f"--weight_decay={cfg.weight_decay} must be >= 0"),
-        (0 <= cfg.seed < 2 ** 32, f"--seed={cfg.seed} must be in [0, 2**32): PyTorch's CPU generator keeps 32 bits"),
+        seed_check(cfg.seed),
         (cfg.eval_windows == 0 or cfg.eval_windows >= cfg.batch_size,
          f"--eval_windows={cfg.eval_windows} must be 0 (all) or at least --batch_size={cfg.batch_size}"),
         (cfg.denoiser in DENOISERS, f"--denoiser={cfg.denoiser} must be one of {', '.join(DENOISERS)}"),
@@ -338,9 +339,10 @@ class Trainer:
             if "optimizer" not in ckpt:
                 raise UserError(f"{cfg.out_dir}/last.pt, the state to resume from, is missing; train from scratch")
             for opt, state in zip(self.optimizers, ckpt["optimizer"]):
-                # the saved state (moments) with the settings of the flags now: load_state_dict also puts back the
-                # saved weight decay and betas, which a resumed run may change
-                settings = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+                # the saved state (moments) with the weight decay and betas of the flags now, which a resumed run may
+                # change: load_state_dict puts back the saved ones (the learning rate: step() sets it)
+                kept = ("weight_decay", "betas")
+                settings = [{k: group[k] for k in kept if k in group} for group in opt.param_groups]
                 opt.load_state_dict(state)
                 for group, flags in zip(opt.param_groups, settings):
                     group.update(flags)

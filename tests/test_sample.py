@@ -116,6 +116,7 @@ def test_bad_library_calls_are_value_errors():
              (lambda: generate(model, masks(None), steps=2.5), "steps=2.5 must be an integer in [1, 2**53)"),
              (lambda: generate(model, masks(None), steps=2 ** 63 + 1), "must be an integer in [1, 2**53)"),
              (lambda: generate(model, masks(None), num_samples=0), "num_samples=0 must be an integer >= 1"),
+             (lambda: generate(model, masks(None), seed=2 ** 32), "seed=4294967296 must be an integer in [0, 2**32)"),
              (lambda: generate(model, masks(None, length=30), chunk=2.5), "chunk=2.5 must be an integer in [1, "),
              (lambda: generate(model, masks(None), num_samples=2, cache=cache), "the cache holds 1 rows of 8 slots"),
              (lambda: plan(torch.tensor([0, 1, 1]), 1, 4, 0.5), "is_gen must be a (L,) bool tensor"),
@@ -295,6 +296,9 @@ def test_cache_is_preallocated_and_never_commits_masks():
     (["--n_head=0"], "--n_layer, --n_head and --n_embd must be positive"),
     (["--vocab_size=0"], "--vocab_size and --batch_size must be positive"),
     (["--what=train", "--block_size=0"], "--block_size=0 must be at least 1"),
+    (["--seed=-5"], "--seed=-5 must be an integer in [0, 2**32): PyTorch's CPU generator keeps 32 bits of a seed"),
+    (["--sample_batch=" + str(2 ** 62)], "--rounds, --iters, --small_steps, --sample_batch, --num_samples and "
+     "--prepare_mb must be positive (--sample_batch and --num_samples below 2**31)"),
 ])
 def test_bench_refuses_an_impossible_model_in_one_line(flags, message):
     r = conftest.cli("bench.py", "--lengths=16", "--rounds=1", *flags)

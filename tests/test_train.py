@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, TEXT, TINY_TRAIN, cli, run
 
-from configurator import UserError, parse_args
+from configurator import UserError, parse_args, run_cli
 from data import Tokenizer, eval_batches, get_batch, load_split, prepare, token_bytes
 from model import few_rows_transposed
 from sample import SampleConfig
@@ -72,6 +72,9 @@ def test_train_writes_checkpoint_and_eval_json_then_resumes(data_dir, tmp_path):
     muon, adamw = (opt["param_groups"] for opt in last["optimizer"])  # the optimizers take the flags given again
     assert last["iter_num"] == 6 and muon[0]["weight_decay"] == adamw[0]["weight_decay"] == 0.5, (muon, adamw)
     assert adamw[0]["betas"] == adamw[1]["betas"] == (0.9, 0.9) and adamw[1]["weight_decay"] == 0
+    r = cli("train.py", f"--out_dir={out}", "--device=cpu", "--init_from=resume")  # at max_iters: no step, saved as is
+    again = torch.load(out / "last.pt", weights_only=True)
+    assert r.returncode == 0 and [o["param_groups"] for o in again["optimizer"]] == [muon, adamw], r.stderr
     assert json.loads((out / "eval.json").read_text())["trained_iters"] == 6
 
     r = cli("train.py", f"--out_dir={out}", f"--data_dir={data_dir}", "--eval_only=True", "--eval_windows=8",
@@ -140,8 +143,9 @@ def test_always_save_checkpoint_keeps_the_latest(data_dir, tmp_path):
     ("--weight_decay=-1", "--weight_decay=-1.0 must be >= 0"),
     ("--learning_rate=-1", "--learning_rate=-1.0 must be > 0"),
     ("--gradient_accumulation_steps=10007", "--gradient_accumulation_steps must be in 1..10006"),
-    ("--seed=" + str(2 ** 32 + 1), "must be in [0, 2**32)"),
+    ("--seed=" + str(2 ** 32 + 1), "must be an integer in [0, 2**32)"),
     ("--device=cpu:0", "--device=cpu:0 is not one of auto, cuda, cuda:N, mps, cpu"),
+    ("--device=cuda:\u00b2", "is not one of auto, cuda, cuda:N, mps, cpu"),
     ("--backend=foo", "--backend=foo must be auto, nccl"),
     ("--n_head=0", "--n_layer, --n_head and --n_embd must be positive"),
     ("--lr_decay_iters=-5", "--lr_decay_iters must be >= 0"),
@@ -258,7 +262,7 @@ def test_bad_flags_name_the_problem(tmp_path, argv, message):
     assert message.replace("CONFIG", str(config)) in str(e.value), e.value
 
 
-def test_sample_cli(data_dir, tmp_path, monkeypatch):
+def test_sample_cli(data_dir, tmp_path, monkeypatch, capsys):
     """sample.py finds the newest out*/ckpt.pt, prints samples and one NFE line; errors are one line."""
     r = cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", "--out_dir=out-tiny", "--max_iters=2",
             "--eval_interval=2", "--alpha_0=0.5", cwd=tmp_path)
@@ -277,7 +281,8 @@ def test_sample_cli(data_dir, tmp_path, monkeypatch):
                           (("--length=99", "--chunk=16"), "chunk=16 must be an integer in [1, block_size=16)"),
                           (("--infill=First _", "--length=99"), "--infill works within one block"),
                           (("--start=First", "--length=3"), "the prompt is 5 tokens, longer than --length=3"),
-                          ("--start=~~", "not in this model's vocab"), ("--length=-1", "must be >= 0 (0: the block"),
+                          ("--start=~~", "not in this model's vocab"),
+                          ("--length=-1", "must be in [0, 2**31) (0: the block"),
                           ("--trajectory=nowhere/t.svg", "--trajectory=nowhere/t.svg: its folder does not exist"),
                           ("--trajectory=out-tiny", "--trajectory=out-tiny is a folder: give it a file name"),
                           ("--max_new_tokens=9", "unknown flag --max_new_tokens; did you mean --length?"),
@@ -286,8 +291,9 @@ def test_sample_cli(data_dir, tmp_path, monkeypatch):
                           ("--start=First Citizen:\nB", "nothing to generate: the prompt is 16 tokens, as long as"),
                           (("--score=First", "--trajectory=t.svg"), "--trajectory draws a sampling run"),
                           ("--infill=" + "First _" * 4, "longer than the trained block size 16"),
-                          ("--seed=" + str(2 ** 32), "must be in [0, 2**32): PyTorch's CPU generator"),
+                          ("--seed=" + str(2 ** 32), "must be an integer in [0, 2**32): PyTorch's CPU generator"),
                           ("--num_samples=" + str(2 ** 31), "--num_samples=2147483648 must be in [1, 2**31)"),
+                          ("--length=" + str(2 ** 63), "must be in [0, 2**31) (0: the block size)"),
                           (("--score=First", "--score_k=" + str(2 ** 62)), "must be in [1, 2**31)"),
                           ("--score=FILE:latin1.txt", "latin1.txt is not UTF-8 text"),
                           (("--chunk=16", "--score=" + "First " * 9), "chunk=16 must be an integer in [1, block_size"),
@@ -303,9 +309,13 @@ def test_sample_cli(data_dir, tmp_path, monkeypatch):
             "--trajectory=t.svg", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("a" * 40) and "10 tokens generated" in r.stdout, r.stdout
     assert re.search(r"T=4: [1-9]\d* steps", (tmp_path / "t.svg").read_text()), "the window with masks is drawn"
-    # more memory than any address space holds (so no machine tries, whatever its overcommit)
-    r = cli("sample.py", "--length=" + str(10 ** 15), "--device=cpu", cwd=tmp_path)
+    # more memory than any address space holds (2**58 bytes: no machine tries, whatever its overcommit), and sizes
+    # whose product overflows int64
+    r = cli("sample.py", f"--length={2 ** 24}", f"--num_samples={2 ** 31 - 1}", "--device=cpu", cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith("error: out of memory; use a smaller"), r.stderr
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: torch.empty(2 ** 40, 2 ** 30))
+    assert e.value.code == 1 and capsys.readouterr().err.startswith("error: out of memory; use a smaller")
     # a console that cannot show ␣ (the surprise listing's space) shows '?'
     r = run("sample.py", "--score=First Citizen", "--device=cpu", cwd=tmp_path,
             env={**os.environ, "PYTHONIOENCODING": "cp1252"}, encoding="cp1252")
@@ -411,6 +421,10 @@ def test_a_stopped_preparation_leaves_nothing_behind(data_dir, monkeypatch):
         with pytest.raises(ValueError, match="changed while it was being prepared"):
             prepare("tiny_char", str(data_dir))
     assert not (data_dir / "tiny_char").exists()
+    (data_dir / "tiny_char").write_text("a file, not the folder")  # not made by prepare(): kept
+    with pytest.raises(ValueError, match="cannot prepare dataset 'tiny_char'"):
+        prepare("tiny_char", str(data_dir))
+    assert (data_dir / "tiny_char").read_text() == "a file, not the folder"
     assert prepare("tiny", str(data_dir))["tokenizer"] == "gpt2"
     assert sorted(p.name for p in (data_dir / "tiny").glob("*")) == ["input.txt", "meta.pkl", "train.bin", "val.bin"]
 
