@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import numbers
 import re
 import sys
 
@@ -159,7 +160,7 @@ def run_cli(main):
 def seed_check(seed, name="--seed"):
     """(ok, one-line message) for a seed: PyTorch's CPU generator keeps 32 bits of one, so two seeds 2**32 apart
     would give the same run."""
-    return (isinstance(seed, int) and 0 <= seed < 2 ** 32,
+    return (isinstance(seed, numbers.Integral) and 0 <= seed < 2 ** 32,
             f"{name}={seed!r} must be an integer in [0, 2**32): PyTorch's CPU generator keeps 32 bits of a seed")
 
 
