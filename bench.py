@@ -28,10 +28,10 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from configurator import (UserError, attention_backends, autocast_context, parse_args, pick_device, run_cli, seed_check,
-                          shape_checks)
+from configurator import (UserError, attention_backends, autocast_context, parse_args, pick_device, require, run_cli,
+                          seed_check)
 from data import atomic_write, get_batch, load_checkpoint, load_split, prepare, tokenizer_of
-from model import GPT, GPTConfig, Linear, few_rows_transposed, iw_nll, nelbo, sampling_products, unwrap
+from model import GPT, GPTConfig, Linear, few_rows_transposed, iw_nll, nelbo, sampling_products, shape_checks, unwrap
 from sample import check_environment, generate, new_cache, plan
 
 
@@ -549,9 +549,7 @@ def validate(cfg, benches):
               (not cfg.json_out or os.path.isdir(os.path.dirname(os.path.abspath(cfg.json_out)))
                and not os.path.isdir(cfg.json_out), f"--json_out={cfg.json_out} must name a file in a folder that "
                "exists")]
-    for ok, msg in checks:
-        if not ok:
-            raise UserError(msg)
+    require(checks)
     check_environment()
 
 

@@ -122,14 +122,11 @@ def parse_args(config, argv=None):
     return {key for key, _, _ in overrides}
 
 
-def shape_checks(cfg):
-    """The checks of the model's shape flags that train.py and bench.py share, as (ok, one-line message) pairs."""
-    return [
-        (cfg.block_size >= 1, f"--block_size={cfg.block_size} must be at least 1"),
-        (min(cfg.n_layer, cfg.n_head, cfg.n_embd) >= 1, "--n_layer, --n_head and --n_embd must be positive"),
-        (cfg.n_head < 1 or cfg.n_embd % cfg.n_head == 0 and (cfg.n_embd // cfg.n_head) % 2 == 0,
-         f"--n_embd={cfg.n_embd} must be --n_head={cfg.n_head} times an even head size (RoPE)"),
-    ]
+def require(checks, error=UserError):
+    """Raise `error` with the message of the first (ok, message) pair that is not ok."""
+    for ok, message in checks:
+        if not ok:
+            raise error(message)
 
 
 def run_cli(main):

@@ -223,10 +223,9 @@ def _encode(src, n, chars, char_level, staged, gpt2_bins, bar):
         chars = sorted(chars)
         meta = {"vocab_size": len(chars), "tokenizer": "char",
                 "stoi": {ch: i for i, ch in enumerate(chars)}, "itos": {i: ch for i, ch in enumerate(chars)}}
-        lut = np.zeros(max(map(ord, chars)) + 1, dtype=np.uint16)
-        lut[[ord(c) for c in chars]] = np.arange(len(chars))
-        known = np.zeros(len(lut), dtype=bool)
-        known[[ord(c) for c in chars]] = True
+        ords = [ord(c) for c in chars]
+        lut, known = np.zeros(max(ords) + 1, dtype=np.uint16), np.zeros(max(ords) + 1, dtype=bool)
+        lut[ords], known[ords] = np.arange(len(chars)), True
 
         def encode(piece):
             codes = np.frombuffer(piece.encode("utf-32-le"), dtype=np.uint32)

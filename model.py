@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from configurator import require
+
 
 def rotary(x, cos, sin):
     """RoPE, rotate-half form, on q and k at once: x (2, B, nh, T, hd); cos, sin (B, 1, T, hd): [cos, cos]
@@ -102,6 +104,14 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def shape_checks(c):
+    """(ok, one-line message) pairs for the network's sizes, of a GPTConfig or of a script's flags (the same names)."""
+    return [(min(c.block_size, c.n_layer, c.n_head, c.n_embd) >= 1, f"block_size={c.block_size}, n_layer={c.n_layer}, "
+             f"n_head={c.n_head} and n_embd={c.n_embd} must be positive"),
+            (c.n_head < 1 or c.n_embd % c.n_head == 0 and c.n_embd // c.n_head % 2 == 0,
+             f"n_embd={c.n_embd} must be n_head={c.n_head} times an even head size (RoPE)")]
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 64
@@ -114,12 +124,9 @@ class GPTConfig:
     denoiser: str = "B"  # which attention masks it is trained and sampled with: B, A or mdlm (attention_mask)
 
     def __post_init__(self):
-        if min(self.block_size, self.vocab_size, self.n_layer, self.n_head, self.n_embd) < 1:
-            raise ValueError(f"block_size, vocab_size, n_layer, n_head and n_embd must be positive: {self}")
-        if self.n_embd % self.n_head or self.n_embd // self.n_head % 2:
-            raise ValueError(f"n_embd={self.n_embd} must be n_head={self.n_head} times an even head size (RoPE)")
-        if self.denoiser not in DENOISERS:
-            raise ValueError(f"denoiser={self.denoiser!r} must be one of {', '.join(DENOISERS)}")
+        require([*shape_checks(self), (self.vocab_size >= 1, f"vocab_size={self.vocab_size} must be positive"),
+                 (self.denoiser in DENOISERS, f"denoiser={self.denoiser!r} must be one of {', '.join(DENOISERS)}")],
+                ValueError)
 
     @property
     def mask_id(self):

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, run_cli, seed_check
+from configurator import (UserError, attention_backends, autocast_context, parse_args, pick_device, require, run_cli,
+                          seed_check)
 from data import Tokenizer, load_checkpoint
 from kvcache import KVCache
 from model import (GPT, attention_mask, few_rows_transposed, has_likelihood, likelihood_order, nelbo, permute,
@@ -249,12 +250,11 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
     config = unwrap(model).config
     chunk = chunk or config.block_size // 2
     check_request(config, template, chunk, alpha_0)
-    for ok, problem in ((isinstance(num_samples, numbers.Integral) and num_samples >= 1,
-                         f"num_samples={num_samples!r} must be an integer >= 1"),
-                        (0 <= temperature < math.inf, f"temperature={temperature} must be finite and >= 0"),
-                        (0 < top_p <= 1, f"top_p={top_p} must be in (0, 1]"), seed_check(seed, "seed")):
-        if not ok:
-            raise ValueError(problem)  # (steps and schedule: plan(), before any window runs)
+    # (steps and schedule: plan(), before any window runs)
+    require([(isinstance(num_samples, numbers.Integral) and num_samples >= 1,
+              f"num_samples={num_samples!r} must be an integer >= 1"),
+             (0 <= temperature < math.inf, f"temperature={temperature} must be finite and >= 0"),
+             (0 < top_p <= 1, f"top_p={top_p} must be in (0, 1]"), seed_check(seed, "seed")], ValueError)
     device, W = template.device, min(len(template), config.block_size)
     gen_cpu = torch.Generator().manual_seed(seed)  # schedule and orderings: the same on every device
     gen_noise = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)  # no MPS float64
@@ -287,10 +287,8 @@ def score(model, ids, alpha_0, K=16, chunk=0, seed=1337, ctx=contextlib.nullcont
     config = unwrap(model).config
     chunk = chunk or config.block_size // 2
     check_request(config, ids, chunk, alpha_0)
-    for ok, problem in ((isinstance(K, numbers.Integral) and K >= 1, f"K={K!r} must be an integer >= 1"),
-                        seed_check(seed, "seed")):
-        if not ok:
-            raise ValueError(problem)
+    require([(isinstance(K, numbers.Integral) and K >= 1, f"K={K!r} must be an integer >= 1"),
+             seed_check(seed, "seed")], ValueError)
     K = 1 if alpha_0 == 0 else K
     gen = torch.Generator().manual_seed(seed)  # the orderings: the same on every device
     W, total, surprise = min(len(ids), config.block_size), 0.0, torch.zeros(len(ids), device=ids.device)
@@ -353,9 +351,7 @@ def validate(cfg):
             checks += [(os.path.isdir(os.path.dirname(os.path.abspath(path))), f"--{flag}={path}: its folder does not "
                         "exist"), (not os.path.isdir(path), f"--{flag}={path} is a folder: give it a file name, e.g. "
                         f"{flag}.svg")]
-    for ok, msg in checks:
-        if not ok:
-            raise UserError(msg)
+    require(checks)
     check_environment()
 
 

@@ -32,11 +32,12 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from configurator import (UserError, attention_backends, autocast_context, parse_args, pick_device, run_cli, seed_check,
-                          shape_checks)
+from configurator import (UserError, attention_backends, autocast_context, parse_args, pick_device, require, run_cli,
+                          seed_check)
 from data import (atomic_write, eval_batches, get_batch, load_checkpoint, load_split, prepare, save_checkpoint,
                   token_bytes, tokenizer_of)
-from model import DENOISERS, GPT, GPTConfig, diffusion_rows, has_likelihood, iw_nll, nelbo, stratified_times, unwrap
+from model import (DENOISERS, GPT, GPTConfig, diffusion_rows, has_likelihood, iw_nll, nelbo, shape_checks,
+                   stratified_times, unwrap)
 
 @dataclass
 class TrainConfig:
@@ -143,9 +144,7 @@ def validate(cfg):
          f"--batch_size={cfg.batch_size} with --batch_split={cfg.batch_split} leaves one half of the hybrid "
          "loss empty; use a larger batch"),
     ]
-    for ok, msg in checks:
-        if not ok:
-            raise UserError(msg)
+    require(checks)
 
 
 def default_out_dir(cfg):
@@ -341,8 +340,8 @@ class Trainer:
             for opt, state in zip(self.optimizers, ckpt["optimizer"]):
                 # the saved state (moments) with the weight decay and betas of the flags now, which a resumed run may
                 # change: load_state_dict puts back the saved ones (the learning rate: step() sets it)
-                kept = ("weight_decay", "betas")
-                settings = [{k: group[k] for k in kept if k in group} for group in opt.param_groups]
+                from_flags = ("weight_decay", "betas")
+                settings = [{k: group[k] for k in from_flags if k in group} for group in opt.param_groups]
                 opt.load_state_dict(state)
                 for group, flags in zip(opt.param_groups, settings):
                     group.update(flags)

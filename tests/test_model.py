@@ -478,7 +478,8 @@ def test_bad_calls_are_value_errors():
              (lambda: nelbo(b, x, 1.0, t=torch.rand(5)), "t (5,) must hold one time per diffusion row: (4,)"),
              (lambda: GPTConfig(denoiser="MDLM"), "denoiser='MDLM' must be one of B, A, mdlm"),
              (lambda: GPTConfig(n_embd=6, n_head=2), "n_embd=6 must be n_head=2 times an even head size"),
-             (lambda: GPTConfig(n_layer=0), "n_head and n_embd must be positive")]
+             (lambda: GPTConfig(n_layer=0), "n_layer=0, n_head=4 and n_embd=128 must be positive"),
+             (lambda: GPTConfig(vocab_size=0), "vocab_size=0 must be positive")]
     for call, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
             call()

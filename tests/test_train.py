@@ -147,7 +147,7 @@ def test_always_save_checkpoint_keeps_the_latest(data_dir, tmp_path):
     ("--device=cpu:0", "--device=cpu:0 is not one of auto, cuda, cuda:N, mps, cpu"),
     ("--device=cuda:\u00b2", "is not one of auto, cuda, cuda:N, mps, cpu"),
     ("--backend=foo", "--backend=foo must be auto, nccl"),
-    ("--n_head=0", "--n_layer, --n_head and --n_embd must be positive"),
+    ("--n_head=0", "block_size=16, n_layer=1, n_head=0 and n_embd=16 must be positive"),
     ("--lr_decay_iters=-5", "--lr_decay_iters must be >= 0"),
     ("--out_dir=" + os.path.join(ROOT, "README.md", "o"), "cannot create --out_dir="),
 ])
