@@ -197,3 +197,8 @@ def attention_backends(device):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def to_device(x, device):
+    """A host tensor on `device`; on CUDA through pinned memory, so that the copy never waits for the GPU."""
+    return x.pin_memory().to(device, non_blocking=True) if str(device).startswith("cuda") else x.to(device)

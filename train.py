@@ -363,7 +363,7 @@ class Trainer:
 
     def make_objective(self, compiled):
         """The loss the steps call: over the compiled model or the model itself, in DDP when there are ranks."""
-        objective = Objective(torch.compile(self.model) if compiled else self.model, self.cfg)
+        objective = Objective(torch.compile(self.model, dynamic=True) if compiled else self.model, self.cfg)
         if self.ddp:
             ids = [int(self.device.split(":")[1])] if self.device.startswith("cuda") else None
             objective = DDP(objective, device_ids=ids)
@@ -421,7 +421,7 @@ class Trainer:
             g = self.rank * self.accum + micro  # this micro-batch's index in the global batch
             torch.manual_seed(micro_seed(cfg.seed, it, g))
             x = get_batch(self.train_data, cfg.batch_size, cfg.block_size, self.device)
-            t = stratified_times(split, self.device, u, offset=g * split, total=G * split) if split else None
+            t = stratified_times(split, u, offset=g * split, total=G * split) if split else None
             if self.ddp:
                 self.objective.require_backward_grad_sync = micro == self.accum - 1
             with self.ctx, attention_backends(self.device):

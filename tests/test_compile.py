@@ -15,7 +15,7 @@ REAL_COMPILE = torch.compile
 
 def with_backend(backend):
     """torch.compile as the repo calls it, on another backend (mode, e.g. reduce-overhead, belongs to Inductor)."""
-    return lambda model, **kw: REAL_COMPILE(model, backend=backend)
+    return lambda model, mode=None, **kw: REAL_COMPILE(model, backend=backend, **kw)
 
 
 def graphs():

@@ -2,19 +2,23 @@
 import itertools
 import math
 import os
-import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import causal_mask, tiny_model
 
-from model import (GPTConfig, Linear, add_masks, diffusion_mask, diffusion_loss, diffusion_order, invert, iw_nll,
-                   likelihood_order, log_likelihood, nelbo, permute, rotary, sequential_loss, sequential_mask,
-                   sequential_nll, sequential_order, stratified_times, unpermute)
+from model import (Linear, diffusion_mask, diffusion_loss, diffusion_order, invert, iw_nll, likelihood_order,
+                   log_likelihood, nelbo, permute, rotary, sequential_loss, sequential_mask, sequential_nll,
+                   sequential_order, stratified_times, unpermute)
 
 # The paper's example, 1-based positions: x = (A,B,C,D,E,F), z_t = (A,M,C,M,M,F).
 IS_MASK = torch.tensor([[False, True, False, True, True, False]])
+
+
+def add_masks(x, p_mask, mask_id):
+    """q_t as the model draws it: each token masked with probability p_mask, from torch's CPU generator."""
+    return torch.where(torch.rand(x.shape) < p_mask, mask_id, x)
 
 
 def token_nll(logits, targets):
@@ -169,7 +173,7 @@ def test_dropping_the_clean_z_rows_leaves_the_loss_unchanged(denoiser):
         z0 = add_masks(x, p_mask, mask_id)
         order = sequential_order(z0 == mask_id)
         model.zero_grad()
-        nll = sequential_nll(model, x, z0, order)
+        nll = sequential_nll(model, x, z0 == mask_id, order)
         nll.sum().backward()
         grads = [p.grad.clone() for p in model.parameters()]
         model.zero_grad()
@@ -355,8 +359,8 @@ def test_first_mask_of_the_diffusion_pass_is_the_likelihood_conditional():
     with torch.no_grad():
         logits = model(permute(zt, order), order, causal_mask(8))
         first_mask = logits[:, 5].log_softmax(-1).gather(1, permute(x, order)[:, 5:6])[:, 0]
-        z0 = torch.full_like(x, model.config.mask_id)
-        assert torch.allclose(first_mask, -sequential_nll(model, x, z0, order)[:, 5], atol=1e-6)
+        z0_all_masks = torch.ones(x.shape, dtype=torch.bool)
+        assert torch.allclose(first_mask, -sequential_nll(model, x, z0_all_masks, order)[:, 5], atol=1e-6)
 
 
 def test_the_hybrid_nelbo_is_its_two_terms_on_the_split_batch():
@@ -454,32 +458,14 @@ def test_few_row_layout_is_a_property_of_the_machine(monkeypatch):
         assert vendor and f"vendor_id\t: {vendor}" in open("/proc/cpuinfo").read(), vendor
 
 
-def test_bad_calls_are_value_errors():
-    """Library calls the network cannot serve say what is wrong in a ValueError (not an AttributeError or an
-    IndexError from deep inside)."""
-    mdlm = tiny_model(vocab_size=5, denoiser="mdlm")
-    b = tiny_model(vocab_size=5)
+def test_what_would_be_silently_wrong_is_refused():
+    """A likelihood asked of a denoiser that has no one-pass form, MDLM asked for a sequential term, an unknown
+    loss type or a hybrid batch with an empty half: refused, not answered with a wrong number."""
+    mdlm, b = tiny_model(vocab_size=5, denoiser="mdlm"), tiny_model(vocab_size=5)
     x = torch.randint(0, 5, (4, 8))
-    cases = [(lambda: nelbo(mdlm, x, 0.5), "MDLM is a pure diffusion model"),
-             (lambda: nelbo(b, x, 1.5), "alpha_0=1.5 must be in"),
-             (lambda: nelbo(b, x, 0.5, loss_type="mse"), "loss_type"),
-             (lambda: nelbo(b, torch.randint(0, 5, (4, 9)), 0.5), "longer than the block size 8"),
-             (lambda: nelbo(b, torch.full((4, 8), 5), 0.5), "token ids must be in [0, 5)"),
-             (lambda: log_likelihood(mdlm, x, torch.arange(8).expand(4, -1)), "no one-pass likelihood"),
-             (lambda: iw_nll(b, torch.randint(0, 5, (2, 12)), 0.5), "longer than the block size"),
-             (lambda: iw_nll(b, x, 0.5, K=0), "K=0 must be an integer >= 1"),
-             (lambda: iw_nll(b, x, 2.0), "alpha_0=2.0 must be in [0, 1]"),
-             (lambda: nelbo(b, x.int(), 0.5), "torch.long tensor of token ids, got shape (4, 8) torch.int32"),
-             (lambda: nelbo(b, x[:, :0], 1.0), "a non-empty (batch, length)"),
-             (lambda: log_likelihood(b, x, torch.zeros(4, 8, dtype=torch.long)), "a permutation of the positions"),
-             (lambda: log_likelihood(b, x, torch.arange(8)[None]), "a permutation of the positions"),
-             (lambda: log_likelihood(b, x, torch.arange(8.).expand(4, -1)), "float32 must be a (B, L) torch.long"),
-             (lambda: log_likelihood(b, x[0], torch.arange(8)), "order (8,) torch.int64 must be a (B, L)"),
-             (lambda: nelbo(b, x, 1.0, t=torch.rand(5)), "t (5,) must hold one time per diffusion row: (4,)"),
-             (lambda: GPTConfig(denoiser="MDLM"), "denoiser='MDLM' must be one of B, A, mdlm"),
-             (lambda: GPTConfig(n_embd=6, n_head=2), "n_embd=6 must be n_head=2 times an even head size"),
-             (lambda: GPTConfig(n_layer=0), "n_layer=0, n_head=4 and n_embd=128 must be positive"),
-             (lambda: GPTConfig(vocab_size=0), "vocab_size=0 must be positive")]
-    for call, message in cases:
-        with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(ValueError, match="denoiser mdlm has no one-pass likelihood"):
+        log_likelihood(mdlm, x, torch.arange(8).expand(4, -1))
+    for call in (lambda: nelbo(mdlm, x, 0.5), lambda: nelbo(b, x, 0.5, loss_type="mse"),
+                 lambda: nelbo(b, x[:1], 0.5)):
+        with pytest.raises(AssertionError):
             call()

@@ -11,7 +11,7 @@ from conftest import causal_mask, tiny_model
 
 from kvcache import KVCache
 from model import attention_mask
-from sample import denoise, diffusion_counts, generate, plan, sample_tokens, windows
+from sample import denoise, diffusion_counts, generate, new_cache, plan, sample_tokens
 
 V = 11
 
@@ -100,40 +100,6 @@ def test_a_prompt_longer_than_the_block_is_cropped_as_the_windows_crop():
     assert torch.equal(x[:, 7:], generate(model, template[7:15], 2, 4, 0.5, seed=3)[0])
 
 
-def test_bad_library_calls_are_value_errors():
-    """generate(), the cache, get_batch and the tokenizer say what is wrong with what they are handed, in a
-    ValueError, rather than sample nonsense or fail deep inside."""
-    from data import Tokenizer, get_batch
-    model, mdlm = sharp_model(), sharp_model(denoiser="mdlm")
-    cache = KVCache.for_model(model.config, 1, 8)
-    chars = Tokenizer({"tokenizer": "char", "vocab_size": 2, "stoi": {"a": 0, "b": 1}, "itos": {0: "a", 1: "b"}})
-    cases = [(lambda: generate(model, torch.tensor([1, V + 1, 2])), "token ids must be in [0, 11), or the mask id 11"),
-             (lambda: generate(model, masks(None).int()), "expected a torch.long tensor of token ids"),
-             (lambda: generate(model, [1, V, 2]), "expected a torch.long tensor of token ids, got a list"),
-             (lambda: generate(mdlm, masks(None, 2), alpha_0=0.5), "MDLM is a pure diffusion model"),
-             (lambda: generate(model, masks(None), top_p=0), "top_p=0 must be in (0, 1]"),
-             (lambda: generate(model, masks(None), temperature=-1.0), "temperature=-1.0 must be finite and >= 0"),
-             (lambda: generate(model, masks(None), steps=2.5), "steps=2.5 must be an integer in [1, 2**53)"),
-             (lambda: generate(model, masks(None), steps=2 ** 63 + 1), "must be an integer in [1, 2**53)"),
-             (lambda: generate(model, masks(None), num_samples=0), "num_samples=0 must be an integer >= 1"),
-             (lambda: generate(model, masks(None), seed=2 ** 32), "seed=4294967296 must be an integer in [0, 2**32)"),
-             (lambda: generate(model, masks(None, length=30), chunk=2.5), "chunk=2.5 must be an integer in [1, "),
-             (lambda: generate(model, masks(None), num_samples=2, cache=cache), "the cache holds 1 rows of 8 slots"),
-             (lambda: plan(torch.tensor([0, 1, 1]), 1, 4, 0.5), "is_gen must be a (L,) bool tensor"),
-             (lambda: plan(masks(None) == V, 1, 0, 0.5, schedule="strided"), "steps=0 must be an integer"),
-             (lambda: plan(masks(None) == V, 1, 4, 0.5, schedule="zig"), "schedule='zig' must be"),
-             (lambda: list(windows(20, 8, 0)), "chunk=0 must be in [1, block_size=8)"),
-             (lambda: (cache.feed(3, 3), cache.commit(4)), "commit(4): the last pass was fed 3 slots"),
-             (lambda: cache.feed(4, 3), "a pass must write at least one slot and read those it writes"),
-             (lambda: KVCache.for_model(model.config, 1, 8).update(0, None, None), "call feed() before each forward"),
-             (lambda: get_batch(torch.arange(10).numpy(), 2, 11), "a block_size in [1, 10]"),
-             (lambda: chars.decode([0, 2]), "ids [2] have no text: the vocabulary's are [0, 2); 2 is the mask token")]
-    for call, message in cases:
-        with pytest.raises(ValueError, match=re.escape(message)):
-            call()
-    assert chars.decode(torch.tensor([1, 0])) == "ba"
-
-
 def test_schedule_counts_and_nfe():
     """Counts are non-empty and sum to at most the generated length; the rest is one token per step, left
     to right; NFE = non-empty diffusion steps + sequential tokens; α0 = 0 is L steps, α0 = 1 at most T."""
@@ -160,14 +126,13 @@ def test_schedule_counts_and_nfe():
 
 def test_temperature_divides_the_logits():
     """Sampling at temperature τ draws exactly what sampling logits / τ at temperature 1 draws, with the same noise;
-    τ = 0 is the argmax, and so is a τ so small that logits / τ would overflow (its limit)."""
+    τ = 0 is the argmax."""
     logits = torch.randn(3, 5, 9)
     for tau, top_p in ((0.5, 1.0), (2.0, 0.9)):
         draw = lambda lg, t: sample_tokens(lg, t, top_p, torch.Generator().manual_seed(3))
         assert torch.equal(draw(logits, tau), draw(logits / tau, 1.0))
         assert not torch.equal(draw(logits, tau), draw(logits, 1.0)), "a temperature changes the draws"
-    for tau in (0.0, 1e-250, 1e-310):
-        assert torch.equal(sample_tokens(logits, tau, 1.0, torch.Generator()), logits[..., :-1].argmax(-1))
+    assert torch.equal(sample_tokens(logits, 0.0, 1.0, torch.Generator()), logits[..., :-1].argmax(-1))
 
 
 def test_nfe_counts_the_forward_passes():
@@ -247,12 +212,13 @@ def test_paper_walkthrough_l8():
 
     phases = []
 
-    def callback(step, start, done, end, x, order, logits, cache, phase, **_):
-        fed = (order[0, start:end] + 1).tolist()
-        log.append((fed, done - start, cache.committed))
+    def callback(step, first, done, end, x, order, logits, cache, phase, **_):
+        fed = (order[0, first:end] + 1).tolist()
+        log.append((fed, done - first, cache.committed))
         phases.append(phase)
 
-    x = denoise(model, torch.full((1, 8), V), order, chunks, callback=callback, sequential=3)
+    draw = lambda logits: sample_tokens(logits, 1.0, 0.9, torch.Generator())
+    x = denoise(model, torch.full((1, 8), V), order, chunks, 3, draw, new_cache(model, 1, 8, "cpu"), callback=callback)
     assert phases == ["diffusion"] * 3 + ["sequential"] * 3, phases
     assert log == [
         ([3, 1], 0, 0),           # step 1: M@3, M@1; nothing clean, nothing committed
@@ -273,7 +239,7 @@ def test_cache_is_preallocated_and_never_commits_masks():
     ptrs = []
     prefixes = []
 
-    def callback(start, done, end, x, order, cache, **_):
+    def callback(x, order, cache, **_):
         ptrs.append(tuple((b.data_ptr(), tuple(b.shape)) for b in cache.k + cache.v))
         prefixes.append((cache.committed, x[:, : cache.committed].clone(), order[:, : cache.committed].clone(),
                          torch.stack(cache.k)[:, :, :, : cache.committed],
@@ -363,7 +329,7 @@ def test_static_shapes_give_the_same_logits_and_tokens():
                 for a, b in zip(dyn, sta):
                     assert torch.allclose(a["logits"], b["logits"], atol=1e-4), (denoiser, alpha_0, kv_cache, a["step"])
                 assert len(dyn) == len(sta) and torch.equal(x_d, x_s), (denoiser, alpha_0, kv_cache)
-                assert all(T & (T - 1) == 0 or s["start"] + T == 37 for T, s in zip(shapes, sta)), shapes
+                assert all(T & (T - 1) == 0 or s["first"] + T == 37 for T, s in zip(shapes, sta)), shapes
 
 
 @torch.no_grad()
@@ -381,14 +347,14 @@ def test_eso_lm_a_caches_only_its_sequential_phase():
         x_u, _, uncached = sample_steps(model, template, False, alpha_0=alpha_0)
         assert torch.equal(x_c, x_u), alpha_0
         for a, b in zip(cached, uncached):
-            assert a["start"] == 0 or a["done"] > seq_start, "a diffusion step must feed every clean token"
+            assert a["first"] == 0 or a["done"] > seq_start, "a diffusion step must feed every clean token"
             assert torch.allclose(a["logits"], b["logits"], atol=1e-4), (alpha_0, a["step"])
             slots = torch.arange(a["end"])
             mask = attention_mask("A", slots[:, None], slots, min(a["done"], seq_start))
             full = model(clean_then_masks(a), a["order"][:, : a["end"]], mask)[:, a["done"]:]
             assert torch.allclose(a["logits"], full, atol=1e-4), (alpha_0, a["step"])
         if alpha_0 < 1:
-            assert any(a["start"] > 0 for a in cached), "the sequential phase must use the cache"
+            assert any(a["first"] > 0 for a in cached), "the sequential phase must use the cache"
 
 
 @torch.no_grad()
@@ -399,13 +365,13 @@ def test_mdlm_sampler_feeds_all_tokens_every_step():
     x, nfe, steps = sample_steps(model, masks(None), True, alpha_0=1.0, steps=5)
     assert nfe <= 5 and (x < V).all()
     for s in steps:
-        assert s["start"] == 0, "MDLM feeds everything, every step"
+        assert s["first"] == 0, "MDLM feeds everything, every step"
         z = s["x"].clone()
         z[:, s["done"]:] = V  # everything not revealed before this step is a mask
         full = model(z, s["order"], None)[:, s["done"]: s["end"]]
         assert torch.allclose(s["logits"], full, atol=1e-4)
     for seed in range(4):  # refused before anything runs, whatever the schedule would have drawn
-        with pytest.raises(ValueError, match="MDLM is a pure diffusion model"):
+        with pytest.raises(AssertionError, match="MDLM is a pure diffusion model"):
             generate(model, masks(None, 2), 1, 4, 0.5, seed=seed)
 
 
@@ -450,20 +416,16 @@ def test_strided_schedule_honours_alpha_0():
 
 
 def test_generate_refuses_what_it_cannot_do():
-    """An infill template longer than the block size, a chunk that leaves a window no context, or an impossible
-    α0, step count or schedule: a ValueError that names it."""
-    import pytest
+    """An infill template longer than the block size (windows can only continue a prompt) and an unknown schedule
+    are refused, not sampled into something else."""
     model = sharp_model(block_size=24)
     infill = masks(None, length=30)
     infill[:3] = torch.tensor([1, 2, 3])
     infill[20] = 4  # a given token after masks: infilling
-    for call, message in ((lambda: generate(model, infill, 1, 4, 0.5), "must be a prompt followed by masks"),
-                          (lambda: generate(model, masks(None, length=30), 1, 4, 0.5, chunk=24), "chunk=24 must be"),
-                          (lambda: generate(model, masks(None), 1, 4, 1.5), "alpha_0=1.5 must be in [0, 1]"),
-                          (lambda: generate(model, masks(None), 1, 0, 0.5), "steps=0"),
-                          (lambda: generate(model, masks(None), 1, 4, 0.5, schedule="zigzag"), "zigzag")):
-        with pytest.raises(ValueError, match=re.escape(message)):
-            call()
+    with pytest.raises(ValueError, match="must be a prompt followed by masks"):
+        generate(model, infill, 1, 4, 0.5)
+    with pytest.raises(AssertionError):
+        generate(model, masks(None), 1, 4, 0.5, schedule="zigzag")
 
 
 @torch.no_grad()

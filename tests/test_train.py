@@ -277,26 +277,22 @@ def test_sample_cli(data_dir, tmp_path, monkeypatch, capsys):
     assert r.returncode == 0 and line[:6] == "First " and line[8:16] == " Citizen" and "_" not in line, r.stdout
     assert "2 tokens generated" in r.stdout, "an infill text is the whole sequence: only its gaps are generated"
     (tmp_path / "latin1.txt").write_bytes("Citizen caf\xe9".encode("latin-1"))
-    for flag, message in [("--steps=0", "--steps=0 must be in [1, 2**53)"), ("--steps=" + str(2 ** 53), "2**53"),
-                          (("--length=99", "--chunk=16"), "chunk=16 must be an integer in [1, block_size=16)"),
+    for flag, message in [("--steps=0", "--steps=0 must be >= 1"),
+                          (("--length=99", "--chunk=16"), "--chunk=16 must be below block_size=16"),
                           (("--infill=First _", "--length=99"), "--infill works within one block"),
                           (("--start=First", "--length=3"), "the prompt is 5 tokens, longer than --length=3"),
                           ("--start=~~", "not in this model's vocab"),
-                          ("--length=-1", "must be in [0, 2**31) (0: the block"),
-                          ("--trajectory=nowhere/t.svg", "--trajectory=nowhere/t.svg: its folder does not exist"),
-                          ("--trajectory=out-tiny", "--trajectory=out-tiny is a folder: give it a file name"),
+                          ("--length=-1", "--length and --chunk must be >= 0"),
+                          ("--trajectory=nowhere/t.svg", "--trajectory=nowhere/t.svg must name a file in a folder"),
+                          ("--trajectory=out-tiny", "--trajectory=out-tiny must name a file in a folder that exists"),
                           ("--max_new_tokens=9", "unknown flag --max_new_tokens; did you mean --length?"),
                           ("--top_p=0", "--top_p=0.0 must be in (0, 1]"), ("--alpha_0=-0.5", "must be in [0, 1]"),
                           ("--out_dir=nowhere", "no checkpoint at nowhere/ckpt.pt"),
-                          ("--start=First Citizen:\nB", "nothing to generate: the prompt is 16 tokens, as long as"),
-                          (("--score=First", "--trajectory=t.svg"), "--trajectory draws a sampling run"),
-                          ("--infill=" + "First _" * 4, "longer than the trained block size 16"),
-                          ("--seed=" + str(2 ** 32), "must be an integer in [0, 2**32): PyTorch's CPU generator"),
-                          ("--num_samples=" + str(2 ** 31), "--num_samples=2147483648 must be in [1, 2**31)"),
-                          ("--length=" + str(2 ** 63), "must be in [0, 2**31) (0: the block size)"),
-                          (("--score=First", "--score_k=" + str(2 ** 62)), "must be in [1, 2**31)"),
-                          ("--score=FILE:latin1.txt", "latin1.txt is not UTF-8 text"),
-                          (("--chunk=16", "--score=" + "First " * 9), "chunk=16 must be an integer in [1, block_size"),
+                          ("--start=First Citizen:\nB", "nothing to generate: the prompt has no gaps and fills"),
+                          (("--score=First", "--trajectory=t.svg"), "--score scores a text on its own"),
+                          ("--infill=" + "First _" * 4, "--infill works within one block (16 tokens): the text is 28"),
+                          ("--score=FILE:latin1.txt", "cannot read latin1.txt as UTF-8 text (UnicodeDecodeError)"),
+                          (("--chunk=16", "--score=" + "First " * 9), "--chunk=16 must be below block_size=16"),
                           ((), "ESO_LM_FEW_ROWS='bogus' must be 'linear' or 'transposed'")]:
         with monkeypatch.context() as env:
             if flag == ():  # no flag: the environment is wrong (read afresh, and forgotten after)
@@ -308,7 +304,7 @@ def test_sample_cli(data_dir, tmp_path, monkeypatch, capsys):
     r = cli("sample.py", "--start=" + "a" * 40, "--length=50", "--num_samples=1", "--device=cpu", "--steps=4",
             "--trajectory=t.svg", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("a" * 40) and "10 tokens generated" in r.stdout, r.stdout
-    assert re.search(r"T=4: [1-9]\d* steps", (tmp_path / "t.svg").read_text()), "the window with masks is drawn"
+    assert re.search(r">  1 d <", (tmp_path / "t.svg").read_text()), "the window with masks is drawn, a row per pass"
     # more memory than any address space holds (2**58 bytes: no machine tries, whatever its overcommit), and sizes
     # whose product overflows int64
     r = cli("sample.py", f"--length={2 ** 24}", f"--num_samples={2 ** 31 - 1}", "--device=cpu", cwd=tmp_path)
