@@ -32,7 +32,7 @@ from configurator import (UserError, attention_backends, autocast_context, parse
                           seed_check)
 from data import atomic_write, get_batch, load_checkpoint, load_split, prepare, tokenizer_of
 from model import GPT, GPTConfig, Linear, few_rows_transposed, iw_nll, nelbo, sampling_products, shape_checks, unwrap
-from sample import check_environment, generate, new_cache, plan
+from sample import generate, new_cache, plan
 
 
 @dataclass
@@ -550,7 +550,7 @@ def validate(cfg, benches):
                and not os.path.isdir(cfg.json_out), f"--json_out={cfg.json_out} must name a file in a folder that "
                "exists")]
     require(checks)
-    check_environment()
+    few_rows_transposed()
 
 
 def main(argv=None):

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from configurator import to_device
+from configurator import UserError, to_device
 
 
 def dropout(config):
@@ -262,7 +262,7 @@ def few_rows_transposed():
     amd_mkl = cpu_vendor() == "AuthenticAMD" and torch.backends.mkl.is_available()
     choice = os.environ.get("ESO_LM_FEW_ROWS") or ("transposed" if amd_mkl else "linear")
     if choice not in ("linear", "transposed"):
-        raise ValueError(f"ESO_LM_FEW_ROWS={choice!r} must be 'linear' or 'transposed'")
+        raise UserError(f"ESO_LM_FEW_ROWS={choice!r} must be 'linear' or 'transposed'")
     return choice == "transposed"
 
 

@@ -335,31 +335,21 @@ class SampleConfig:
 
 
 def validate(cfg):
-    """The flags, before anything is loaded; each wrong one is one line."""
-    checks = [(cfg.steps >= 1, f"--steps={cfg.steps} must be >= 1"),
-              (cfg.alpha_0 == -1 or 0 <= cfg.alpha_0 <= 1, f"--alpha_0={cfg.alpha_0} must be in [0, 1]"),
-              (0 < cfg.top_p <= 1, f"--top_p={cfg.top_p} must be in (0, 1]"),
-              (cfg.temperature >= 0, f"--temperature={cfg.temperature} must be >= 0"),
-              (min(cfg.num_samples, cfg.score_k) >= 1, "--num_samples and --score_k must be >= 1"),
-              (min(cfg.length, cfg.chunk) >= 0, "--length and --chunk must be >= 0 (0: their default)"),
-              (cfg.schedule in ("random", "strided"), f"--schedule={cfg.schedule} must be random or strided"),
-              (not cfg.score or not (cfg.start or cfg.infill or cfg.trajectory), "--score scores a text on its own: "
-               "leave out --start, --infill and --trajectory"),
-              (cfg.score or not cfg.score_svg, "--score_svg draws a scored text: give --score too")]
-    for flag in ("trajectory", "score_svg"):  # now, not after the sampling
-        path = getattr(cfg, flag)
-        checks.append((not path or os.path.isdir(os.path.dirname(os.path.abspath(path))) and not os.path.isdir(path),
-                       f"--{flag}={path} must name a file in a folder that exists"))
-    require(checks)
-    check_environment()
-
-
-def check_environment():
-    """The environment's ESO_LM_FEW_ROWS (model.few_rows_transposed), checked before anything runs."""
-    try:
-        few_rows_transposed()
-    except ValueError as e:
-        raise UserError(str(e)) from e
+    """The flags and the environment, before anything is loaded; each wrong one is one line."""
+    require([(cfg.steps >= 1, f"--steps={cfg.steps} must be >= 1"),
+             (cfg.alpha_0 == -1 or 0 <= cfg.alpha_0 <= 1, f"--alpha_0={cfg.alpha_0} must be in [0, 1]"),
+             (0 < cfg.top_p <= 1, f"--top_p={cfg.top_p} must be in (0, 1]"),
+             (cfg.temperature >= 0, f"--temperature={cfg.temperature} must be >= 0"),
+             (min(cfg.num_samples, cfg.score_k) >= 1, "--num_samples and --score_k must be >= 1"),
+             (min(cfg.length, cfg.chunk) >= 0, "--length and --chunk must be >= 0 (0: their default)"),
+             (cfg.schedule in ("random", "strided"), f"--schedule={cfg.schedule} must be random or strided"),
+             (not cfg.score or not (cfg.start or cfg.infill or cfg.trajectory), "--score scores a text on its own: "
+              "leave out --start, --infill and --trajectory"),
+             (cfg.score or not cfg.score_svg, "--score_svg draws a scored text: give --score too")] +
+            [(not path or os.path.isdir(os.path.dirname(os.path.abspath(path))) and not os.path.isdir(path),
+              f"--{flag}={path} must name a file in a folder that exists")  # now, not after the sampling
+             for flag, path in (("trajectory", cfg.trajectory), ("score_svg", cfg.score_svg))])
+    few_rows_transposed()  # ESO_LM_FEW_ROWS
 
 
 def read_text(arg):
@@ -373,29 +363,25 @@ def read_text(arg):
         raise UserError(f"cannot read {arg[5:]} as UTF-8 text ({type(e).__name__})")
 
 
-def write_text(path, flag, text):
-    try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-    except OSError as e:
-        raise UserError(f"{flag}={path}: cannot write it: {e.strerror}")
+def write_text(path, text, what):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"wrote {what} to {path}", file=sys.stderr)
 
 
 def make_template(tok, mask_id, length, block_size, start="", infill=""):
     """The sequence to complete: given tokens, and mask_id where tokens are to be generated. --start gives a prefix
     (of any length) followed by masks up to `length` (default: the block size; more is sampled window by window);
     --infill gives a text with '_' gaps, the whole sequence unless `length` asks for more, within one block."""
-    if start and infill:
-        raise UserError("give --start or --infill, not both (a prompt is an infill text with no gaps)")
-    ids = tok.encode(start) if start else []
+    ids = tok.encode(start)
     for i, piece in enumerate(infill.split(GAP) if infill else []):
         ids += ([mask_id] if i else []) + tok.encode(piece)
     length = length or (len(ids) if infill else block_size)
     what = "infill text" if infill else "prompt"
-    require([(not infill or max(len(ids), length) <= block_size,
+    require([(not (start and infill), "give --start or --infill, not both (a prompt is an infill text with no gaps)"),
+             (not infill or max(len(ids), length) <= block_size,
               f"--infill works within one block ({block_size} tokens): the text is {len(ids)}, --length={length}"),
-             (len(ids) <= length, f"the {what} is {len(ids)} tokens, longer than --length={length}; shorten it or "
-              "raise --length"),
+             (len(ids) <= length, f"the {what} is {len(ids)} tokens, longer than --length={length}"),
              (mask_id in ids or len(ids) < length, f"nothing to generate: the {what} has no gaps and fills "
               f"--length={length}")])
     return torch.tensor(ids + [mask_id] * (length - len(ids)), dtype=torch.long)
@@ -413,18 +399,14 @@ def load(cfg):
     model = GPT.from_checkpoint(ckpt, device).eval()
     if dtype == "bfloat16":
         cast_matrices(model, torch.bfloat16)
-    trained = ckpt["config"]["alpha_0"]
+    trained, config = ckpt["config"]["alpha_0"], model.config
     cfg.alpha_0 = trained if cfg.alpha_0 == -1 else cfg.alpha_0
-    loaded = f"loaded {out_dir}/ckpt.pt (iter {ckpt['iter_num']}, denoiser {model.config.denoiser}, alpha_0={trained})"
-    return device, ctx, model, Tokenizer(ckpt["meta"]), loaded
-
-
-def check_request(cfg, config, n_tokens):
-    """What the model cannot do with these flags, as one line, before anything is printed."""
-    require([(config.denoiser != "mdlm" or cfg.alpha_0 == 1,
-              f"--alpha_0={cfg.alpha_0}: MDLM is a pure diffusion model; use --alpha_0=1"),
-             (n_tokens <= config.block_size or cfg.chunk < config.block_size,
-              f"--chunk={cfg.chunk} must be below block_size={config.block_size}: each window keeps some text")])
+    require([(config.denoiser != "mdlm" or cfg.alpha_0 == 1, f"--alpha_0={cfg.alpha_0}: MDLM is a pure diffusion "
+              "model; use --alpha_0=1"),
+             (cfg.chunk < config.block_size, f"--chunk={cfg.chunk} must be below block_size={config.block_size}: "
+              "each window keeps some text")])
+    loaded = f"loaded {out_dir}/ckpt.pt (iter {ckpt['iter_num']}, denoiser {config.denoiser}, alpha_0={trained})"
+    return device, ctx, model, Tokenizer(ckpt["meta"]), loaded  # (loaded: printed once the request is known sound)
 
 
 def compiled(model, run):
@@ -440,7 +422,7 @@ def compiled(model, run):
         e = getattr(e, "inner_exception", None) or e
         print(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); sampling without it",
               file=sys.stderr)
-        return None
+        return model
     print(f"warm-up (compilation and graph capture): {time.time() - t0:.2f} s", file=sys.stderr)
     return net
 
@@ -449,19 +431,15 @@ def sample_main(cfg, device, ctx, model, tok, loaded):
     config = model.config
     template = make_template(tok, config.mask_id, cfg.length, config.block_size, read_text(cfg.start),
                              read_text(cfg.infill)).to(device)
-    check_request(cfg, config, len(template))
-    cache_note = {"B": f"kv_cache={cfg.kv_cache}", "A": f"kv_cache={cfg.kv_cache} (A: from the sequential phase on)",
-                  "mdlm": "no KV cache (MDLM caches nothing)"}[config.denoiser]
-    windows_note = (f", windows of {config.block_size} tokens moving by {cfg.chunk or config.block_size // 2}"
-                    if len(template) > config.block_size else "")
-    print(f"{loaded}; sampling with alpha_0={cfg.alpha_0}, T={cfg.steps}, schedule={cfg.schedule}, {cache_note}"
-          f"{windows_note}", file=sys.stderr)
-    static = cfg.compile and config.denoiser != "mdlm"
-    cache = new_cache(model, cfg.num_samples, min(len(template), config.block_size), device, ctx, static=static)
+    W = min(len(template), config.block_size)
+    windows_note = f", windows of {W} tokens moving by {cfg.chunk or W // 2}" if len(template) > W else ""
+    print(f"{loaded}; sampling with alpha_0={cfg.alpha_0}, T={cfg.steps}, schedule={cfg.schedule}, "
+          f"kv_cache={cfg.kv_cache and config.denoiser != 'mdlm'}{windows_note}", file=sys.stderr)
+    cache = new_cache(model, cfg.num_samples, W, device, ctx, static=cfg.compile)
     run = lambda net, callback=None: generate(
         net, template, cfg.num_samples, cfg.steps, cfg.alpha_0, cfg.temperature, cfg.top_p, cfg.kv_cache, cfg.seed,
         callback, ctx, sys.stderr.isatty(), cfg.schedule, static=net is not model, cache=cache, chunk=cfg.chunk)
-    net = (compiled(model, run) if cfg.compile else None) or model
+    net = compiled(model, run) if cfg.compile else model
     trajectory = Trajectory(tok) if cfg.trajectory else None
     sync = lambda: torch.cuda.synchronize(device) if device.startswith("cuda") else None
     sync()
@@ -470,55 +448,48 @@ def sample_main(cfg, device, ctx, model, tok, loaded):
     sync()
     dt = time.time() - t0
     for row in x.tolist():
-        print(tok.decode(row))
-        print("---------------")
+        print(tok.decode(row) + "\n---------------")
     n_gen = int((template == config.mask_id).sum()) * cfg.num_samples
     print(f"NFE {nfe}, {n_gen} tokens generated, {dt:.2f} s, {n_gen / dt:.1f} tokens/s")
     if trajectory:
         title = (f"Eso-LM, alpha_0={cfg.alpha_0}, T={cfg.steps}: a row per forward pass (d diffusion, s sequential), "
                  "grey = mask, red = revealed by that pass")
-        write_text(cfg.trajectory, "--trajectory", trajectory.svg(title))
-        print(f"wrote the trajectory of sample 1 to {cfg.trajectory}", file=sys.stderr)
+        write_text(cfg.trajectory, trajectory.svg(title), "the trajectory of sample 1")
 
 
 def score_main(cfg, device, ctx, model, tok, loaded):
-    """--score: the text's log-likelihood (Eso-LM (B)) or NELBO (A, MDLM: a bound), in nats, nats per token and
-    bits per UTF-8 byte, and (B) each token's surprise, printed and, with --score_svg, drawn."""
+    """--score: the text's log-likelihood (Eso-LM (B)) or minus its NELBO (A, MDLM: a bound), in nats, nats per
+    token and bits per UTF-8 byte, and (B) each token's surprise, printed and, with --score_svg, drawn."""
     text, config = read_text(cfg.score), model.config
     ids = torch.tensor(tok.encode(text), dtype=torch.long, device=device)
-    exact = has_likelihood(config)
-    require([(len(ids) >= 1, "--score needs a text of at least one token"),
-             (exact or not cfg.score_svg, f"--score_svg needs per-token likelihoods, which denoiser {config.denoiser} "
-              "has not"),
-             (exact or len(ids) <= config.block_size, f"denoiser {config.denoiser} scores texts of up to "
-              f"{config.block_size} tokens (its NELBO has no window-by-window form); this one has {len(ids)}")])
-    check_request(cfg, config, len(ids))
+    exact, L, n_bytes = has_likelihood(config), len(ids), len(text.encode("utf-8"))
+    require([(L >= 1, "--score needs a text of at least one token"),
+             (exact or not cfg.score_svg, "--score_svg needs per-token likelihoods, which only denoiser B has"),
+             (exact or L <= config.block_size, f"denoiser {config.denoiser} scores up to {config.block_size} tokens "
+              f"(its NELBO has no window-by-window form); the text has {L}")])
     print(loaded, file=sys.stderr)
     t0 = time.time()
     if exact:
         logp, surprise = score(model, ids, cfg.alpha_0, cfg.score_k, cfg.chunk, cfg.seed, ctx)
         what = ("exact log-likelihood (alpha_0=0: the chain rule)" if cfg.alpha_0 == 0 else
                 f"log-likelihood, importance-weighted over K={cfg.score_k} orderings (in expectation a lower bound, "
-                "exact as K grows)") + (", window by window" if len(ids) > config.block_size else "")
+                "exact as K grows)")
     else:
         torch.manual_seed(cfg.seed)
         with torch.no_grad(), ctx:  # 2K draws of the bound's noise (split between its two terms for 0 < α0 < 1)
-            logp, surprise = -nelbo(model, ids.expand(2 * cfg.score_k, -1), cfg.alpha_0)[0].item() * len(ids), None
+            logp, surprise = -nelbo(model, ids.expand(2 * cfg.score_k, -1), cfg.alpha_0)[0].item() * L, None
         what = f"minus the NELBO (eq. 7) over {2 * cfg.score_k} draws: in expectation a lower bound"
-    dt, n_bytes = time.time() - t0, len(text.encode("utf-8"))
-    print(f"{len(ids)} tokens, {n_bytes} UTF-8 bytes, alpha_0={cfg.alpha_0}: {what}, {dt:.2f} s")
-    print(f"  {logp:.3f} nats: {-logp / len(ids):.4f} nats/token, {-logp / math.log(2) / n_bytes:.4f} bits/byte, "
-          f"perplexity {math.exp(-logp / len(ids)):.3f}")
-    if surprise is None:
-        return
-    pieces = [tok.decode([t]) for t in ids.tolist()]
-    cells = [f"{p.replace(chr(10), '⏎').replace(' ', '␣')}:{s:.2f}" for p, s in zip(pieces, surprise.tolist())]
-    print("  surprise of each token, -log p in nats (mean over the orderings; ␣ a space, ⏎ a line break):")
-    print(textwrap.fill(" ".join(cells), width=100, initial_indent="    ", subsequent_indent="    "))
+    print(f"{L} tokens, {n_bytes} UTF-8 bytes, alpha_0={cfg.alpha_0}: {what}, {time.time() - t0:.2f} s")
+    print(f"  {logp:.3f} nats: {-logp / L:.4f} nats/token, {-logp / math.log(2) / n_bytes:.4f} bits/byte, "
+          f"perplexity {math.exp(-logp / L):.3f}")
+    if surprise is not None:
+        pieces = [tok.decode([t]) for t in ids.tolist()]
+        cells = [f"{p.replace(chr(10), '⏎').replace(' ', '␣')}:{s:.2f}" for p, s in zip(pieces, surprise.tolist())]
+        print("  surprise of each token, -log p in nats (mean over the orderings; ␣ a space, ⏎ a line break):")
+        print(textwrap.fill(" ".join(cells), width=100, initial_indent="    ", subsequent_indent="    "))
     if cfg.score_svg:
-        title = f"surprise of each token, alpha_0={cfg.alpha_0}: {-logp / len(ids):.3f} nats/token"
-        write_text(cfg.score_svg, "--score_svg", surprise_svg(pieces, surprise, title, math.log(config.vocab_size)))
-        print(f"wrote the surprise of each token to {cfg.score_svg}", file=sys.stderr)
+        title = f"surprise of each token, alpha_0={cfg.alpha_0}: {-logp / L:.3f} nats/token"
+        write_text(cfg.score_svg, surprise_svg(pieces, surprise, title, math.log(config.vocab_size)), "the surprise")
 
 
 def main(argv=None):
