@@ -180,17 +180,17 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="muon"):
         """muon: torch.optim.Muon on the blocks' matrices (modded-nanogpt, nanochat), with Moonshot's RMS matching
-        so that it takes AdamW's learning rate and weight decay, and AdamW on the rest (the embedding, tied to the
+        so that it takes AdamW's learning rate and weight decay, then AdamW on the rest (the embedding, tied to the
         head, and the gains). adamw: AdamW on everything, decay on the matrices (nanoGPT). Returns a list."""
-        hidden = [p for n, p in self.named_parameters() if p.dim() == 2 and n.startswith("transformer.h.")]
-        rest = [p for p in self.parameters() if all(p is not q for q in hidden)] if optimizer == "muon" else \
-            list(self.parameters())
+        muon = [p for n, p in self.named_parameters() if p.dim() == 2 and n.startswith("transformer.h.")]
+        muon = muon if optimizer == "muon" else []
+        rest = [p for p in self.parameters() if all(p is not q for q in muon)]
         adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
                                    {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
-        if optimizer == "adamw":
+        if not muon:
             return [adamw]
-        return [torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"),
+        return [torch.optim.Muon(muon, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"),
                 adamw]
 
     @classmethod
