@@ -9,13 +9,16 @@ likelihood (Theorem 3.1). Right after `python train.py`:
     python sample.py --kv_cache=False                 # the uncached reference path: the same logits, up to rounding
     python sample.py --schedule=strided --steps 8     # the paper's improved sampler: far-apart tokens per step
     python sample.py --score "ROMEO: But soft!"       # nats, bits per byte, and each token's surprise
+    python sample.py --trajectory=run.html            # a page that steps through the run, pass by pass
 
 The file reads top-down: the schedule S (Alg. 2), the sampler loop (Fig. 2), generation past the block size,
-scoring, the trajectory picture, then the command line. T is the number of diffusion steps, L the length of a
-sequence, NFE the forward passes a run makes, σ (`order`) the order its positions are revealed in.
+scoring, the trajectory picture and page (its HTML and script: trajectory.html), then the command line. T is the
+number of diffusion steps, L the length of a sequence, NFE the forward passes a run makes, σ (`order`) the order
+its positions are revealed in.
 """
 import contextlib
 import glob
+import json
 import math
 import os
 import sys
@@ -263,19 +266,23 @@ def svg(title, rows, height, extra="", extra_width=0):
 
 
 class Trajectory:
-    """A generate() callback that records every pass of the first sample: its window, phase, the slots fed and
-    read, and each position's text (in the window's original order) with its state: 'given', 'mask', 'new'
-    (revealed by this pass) or 'old'."""
+    """A generate() callback that records every pass of the first sample: denoise()'s slots (offset, step, phase,
+    first, done, end, last, keys), σ, each position's text (in the window's original order) with its state:
+    'mask', 'new' (revealed by this pass) or 'old', each revealed token's probability, the attention mask's rows
+    as strings of 0/1 (None: all see all) and the cache's committed slots after the pass (None: no cache)."""
 
     def __init__(self, tok):
         self.tok, self.passes = tok, []
 
-    def __call__(self, offset, phase, done, end, x, order, **_):
-        text, frame = x[0].tolist(), [None] * x.size(1)
+    def __call__(self, x, order, mask, logits, cache, **s):
+        text, frame, done, end = x[0].tolist(), [None] * x.size(1), s["done"], s["end"]
         for slot, p in enumerate(order[0].tolist()):
             state = "mask" if slot >= end else "new" if slot >= done else "old"
             frame[p] = (GAP if state == "mask" else self.tok.decode([text[slot]]).replace("\n", "⏎"), state)
-        self.passes.append(dict(offset=offset, phase=phase, frame=frame))
+        probs = logits[0].float().softmax(-1).gather(1, x[0, done:end, None])[:, 0]
+        self.passes.append(dict(s, frame=frame, order=order[0].tolist(), p=probs.tolist(),
+                                mask=None if mask is None else ["".join(map(str, r)) for r in mask.int().tolist()],
+                                committed=cache and cache.committed))
 
     def svg(self, title):
         """A row per pass of the first window that has any: masks grey, tokens revealed by that pass red, earlier
@@ -285,6 +292,13 @@ class Trajectory:
         rows = [[(f"{i + 1:>3} {p['phase'][0]} ", "#888888", None)] + [(t, colors[s], None) for t, s in p["frame"]]
                 for i, p in enumerate(first)]
         return svg(title, rows, 48 + 18 * len(rows))
+
+    def html(self, title):
+        """A page that steps through every pass: trajectory.html, its placeholder replaced by this record ('<'
+        escaped, so that no token's text can end the script)."""
+        run = json.dumps(dict(title=title, passes=self.passes), separators=(",", ":")).replace("<", "\\u003c")
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "trajectory.html"), encoding="utf-8") as f:
+            return f.read().replace("RUN_JSON", run)
 
 
 def surprise_svg(pieces, surprise, title, scale):
@@ -328,7 +342,7 @@ class SampleConfig:
     kv_cache: bool = True
     schedule: str = "random"  # random (Alg. 2) or strided (the paper's improved sampler, Suppl. E.10)
     compile: bool = False  # torch.compile + CUDA graphs over static shapes; default True on CUDA
-    trajectory: str = ""  # write the first sample's denoising trajectory (its first window with masks) as an SVG
+    trajectory: str = ""  # run.html: a page that steps through sample 1's passes; x.svg: its first window, a row a pass
     score: str = ""  # score this text (or FILE:path) instead of sampling: its log-likelihood and token surprises
     score_k: int = 16  # orderings of the importance-weighted estimate (for A and MDLM: 2 score_k NELBO draws)
     score_svg: str = ""  # with --score: draw the text coloured by each token's surprise, as an SVG here
@@ -348,7 +362,9 @@ def validate(cfg):
              (cfg.score or not cfg.score_svg, "--score_svg draws a scored text: give --score too")] +
             [(not path or os.path.isdir(os.path.dirname(os.path.abspath(path))) and not os.path.isdir(path),
               f"--{flag}={path} must name a file in a folder that exists")  # now, not after the sampling
-             for flag, path in (("trajectory", cfg.trajectory), ("score_svg", cfg.score_svg))])
+             for flag, path in (("trajectory", cfg.trajectory), ("score_svg", cfg.score_svg))] +
+            [(not cfg.trajectory or cfg.trajectory.endswith((".html", ".svg")),
+              f"--trajectory={cfg.trajectory} must end in .html (a page) or .svg (a picture)")])
     few_rows_transposed()  # ESO_LM_FEW_ROWS
 
 
@@ -452,9 +468,11 @@ def sample_main(cfg, device, ctx, model, tok, loaded):
     n_gen = int((template == config.mask_id).sum()) * cfg.num_samples
     print(f"NFE {nfe}, {n_gen} tokens generated, {dt:.2f} s, {n_gen / dt:.1f} tokens/s")
     if trajectory:
-        title = (f"Eso-LM, alpha_0={cfg.alpha_0}, T={cfg.steps}: a row per forward pass (d diffusion, s sequential), "
-                 "grey = mask, red = revealed by that pass")
-        write_text(cfg.trajectory, trajectory.svg(title), "the trajectory of sample 1")
+        what = f"alpha_0={cfg.alpha_0}, T={cfg.steps}"
+        picture = (trajectory.html(f"Eso-LM ({config.denoiser}), {what}") if cfg.trajectory.endswith(".html") else
+                   trajectory.svg(f"Eso-LM, {what}: a row per forward pass (d diffusion, s sequential), grey = mask, "
+                                  "red = revealed by that pass"))
+        write_text(cfg.trajectory, picture, "the trajectory of sample 1")
 
 
 def score_main(cfg, device, ctx, model, tok, loaded):
