@@ -27,8 +27,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from configurator import (UserError, attention_backends, autocast_context, parse_args, pick_device, require, run_cli,
-                          seed_check)
+from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, require, run_cli
 from data import Tokenizer, load_checkpoint
 from kvcache import KVCache
 from model import (GPT, attention_mask, few_rows_transposed, has_likelihood, likelihood_order, nelbo, permute,
@@ -254,7 +253,7 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
     require([(isinstance(num_samples, numbers.Integral) and num_samples >= 1,
               f"num_samples={num_samples!r} must be an integer >= 1"),
              (0 <= temperature < math.inf, f"temperature={temperature} must be finite and >= 0"),
-             (0 < top_p <= 1, f"top_p={top_p} must be in (0, 1]"), seed_check(seed, "seed")], ValueError)
+             (0 < top_p <= 1, f"top_p={top_p} must be in (0, 1]")], ValueError)
     device, W = template.device, min(len(template), config.block_size)
     gen_cpu = torch.Generator().manual_seed(seed)  # schedule and orderings: the same on every device
     gen_noise = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)  # no MPS float64
@@ -287,8 +286,7 @@ def score(model, ids, alpha_0, K=16, chunk=0, seed=1337, ctx=contextlib.nullcont
     config = unwrap(model).config
     chunk = chunk or config.block_size // 2
     check_request(config, ids, chunk, alpha_0)
-    require([(isinstance(K, numbers.Integral) and K >= 1, f"K={K!r} must be an integer >= 1"),
-             seed_check(seed, "seed")], ValueError)
+    require([(isinstance(K, numbers.Integral) and K >= 1, f"K={K!r} must be an integer >= 1")], ValueError)
     K = 1 if alpha_0 == 0 else K
     gen = torch.Generator().manual_seed(seed)  # the orderings: the same on every device
     W, total, surprise = min(len(ids), config.block_size), 0.0, torch.zeros(len(ids), device=ids.device)
@@ -344,8 +342,7 @@ def validate(cfg):
                "and --infill"),
               (cfg.score or not cfg.score_svg, "--score_svg draws a scored text: give --score too"),
               (not cfg.score or not cfg.trajectory, "--trajectory draws a sampling run: leave it out with --score "
-               "(--score_svg draws the scores)"),
-              seed_check(cfg.seed)]
+               "(--score_svg draws the scores)")]
     for flag, path in (("trajectory", cfg.trajectory), ("score_svg", cfg.score_svg)):  # now, not after the sampling
         if path:
             checks += [(os.path.isdir(os.path.dirname(os.path.abspath(path))), f"--{flag}={path}: its folder does not "
