@@ -99,7 +99,8 @@ def pick_device(name):
     cuda, mps = torch.cuda.device_count(), torch.backends.mps.is_available()
     if name == "auto":
         return "cuda" if cuda else "mps" if mps else "cpu"
-    if not (name == "cpu" or name == "mps" and mps or re.fullmatch(r"cuda(:\d+)?", name) and int(name[5:] or 0) < cuda):
+    gpu = re.fullmatch(r"cuda(:\d+)?", name) and int(name[5:] or 0) < cuda  # cuda:N, the N-th GPU
+    if not (name == "cpu" or name == "mps" and mps or gpu):
         raise UserError(f"--device={name} is not a device of this machine: it has cpu{', mps' if mps else ''} and "
                         f"{cuda} CUDA GPUs (cuda, cuda:N); or use auto")
     return name

@@ -13,9 +13,9 @@ if that exists, as nanoGPT's `shakespeare_char` folder has one).
 
 Checkpoints are files too: train.py writes them and every script reads them through load_checkpoint.
 """
-import collections
 import contextlib
 import hashlib
+import itertools
 import os
 import pickle
 import re
@@ -72,11 +72,12 @@ def prepare(dataset, data_dir="data"):
     """Build data/<dataset>/{train,val}.bin and meta.pkl if missing, or again if input.txt has changed since;
     return the meta dict. Not safe to run twice at once on one folder: under DDP, rank 0 prepares while the
     others wait at a barrier."""
-    out = os.path.join(data_dir, dataset)
-    meta_path, bins = os.path.join(out, "meta.pkl"), [os.path.join(out, f"{s}.bin") for s in ("train", "val")]
+    out, name = os.path.join(data_dir, dataset), dataset.removesuffix("_char")
+    files = [os.path.join(out, f) for f in ("train.bin", "val.bin", "meta.pkl")]
+    *bins, meta_path = files
     src = os.path.join(out, "input.txt")
-    if dataset.endswith("_char") and not os.path.exists(src):
-        src = os.path.join(data_dir, dataset.removesuffix("_char"), "input.txt")
+    if not os.path.exists(src):
+        src = os.path.join(data_dir, name, "input.txt")
     try:
         if os.path.exists(meta_path):
             try:
@@ -85,30 +86,29 @@ def prepare(dataset, data_dir="data"):
             except Exception as e:
                 raise UserError(f"{meta_path} cannot be read ({type(e).__name__}); delete it and the .bin files "
                                 "beside it to prepare the dataset again")
-            if all(map(os.path.exists, bins)) and not _changed(src, meta_path, meta):
+            if all(map(os.path.exists, bins)) and not _changed(src, meta):
                 return meta
         elif any(map(os.path.exists, bins)):
             raise UserError(f"{out} holds .bin files but no meta.pkl to say what their ids are (nanoGPT's GPT-2 "
                             "shakespeare?): move them away to prepare the dataset here")
         if not os.path.exists(src):
-            if os.path.basename(os.path.dirname(src)) != "shakespeare":
+            if name != "shakespeare":
                 raise UserError(f"dataset '{dataset}' needs its text at {src}")
             try:
-                with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as r:
-                    text = r.read()
+                text = urllib.request.urlopen(SHAKESPEARE_URL, timeout=30).read()
             except OSError as e:
                 raise UserError(f"could not download Tiny Shakespeare ({getattr(e, 'reason', e)}); with no "
                                 f"network, save {SHAKESPEARE_URL} as {src} by hand")
             os.makedirs(os.path.dirname(src), exist_ok=True)
             atomic_write(src, lambda f: f.write(text))
-        source = _stamp(src)  # (before reading it: a text edited while it is prepared is prepared again next time)
-        staged = [f"{path}.{os.getpid()}.tmp" for path in (*bins, meta_path)]
-        with removed_on_error(*staged, *([] if os.path.exists(out) else [out])):
-            os.makedirs(out, exist_ok=True)
-            meta = {**_encode(src, dataset.endswith("_char"), staged[:2]), "source": source}
+        staged = [f"{path}.{os.getpid()}.tmp" for path in files]
+        os.makedirs(out, exist_ok=True)
+        with removed_on_error(*staged, out):  # (out: only if that leaves it empty)
+            # (stamped before it is read: a text edited while it is prepared is prepared again next time)
+            meta = {"source": _stamp(src), **_encode(src, dataset.endswith("_char"), staged[:2])}
             with open(staged[2], "wb") as f:
                 pickle.dump(meta, f)
-            for tmp, path in zip(staged, (*bins, meta_path)):  # meta.pkl last: the bins beside it are complete
+            for tmp, path in zip(staged, files):  # meta.pkl last: the bins beside it are complete
                 with open(tmp, "rb+") as f:
                     os.fsync(f.fileno())  # on disk before it is renamed into place
                 os.replace(tmp, path)
@@ -129,63 +129,50 @@ def _encode(src, char_level, paths):
             chars.update(block if char_level else "")
         if n < 100:
             raise UserError(f"{src} holds {n} characters; a dataset needs at least 100 (and a few thousand to learn)")
-        if char_level:
-            chars = sorted(chars)
-            lut = np.zeros(0x110000, dtype=np.uint16)  # Unicode code point -> id
-            lut[[ord(c) for c in chars]] = np.arange(len(chars))
-            encode = lambda piece: lut[np.frombuffer(piece.encode("utf-32-le"), dtype=np.uint32)]
-        else:
-            encode = gpt2_encoding().encode_ordinary
+        stoi = {c: i for i, c in enumerate(sorted(chars))}
+        encode = (lambda piece: [stoi[c] for c in piece]) if char_level else gpt2_encoding().encode_ordinary
         f.seek(0)
-        counts = np.zeros(1 << 16, dtype=np.int64)
-        for path, size in zip(paths, (int(n * 0.9), n - int(n * 0.9))):
+        counts, split = np.zeros(1 << 16, np.int64), int(n * 0.9)
+        for path, size in zip(paths, (split, n - split)):
             with open(path, "wb") as out:
                 for ids in encoded(text_pieces(f, size), encode):
-                    ids = np.asarray(ids, dtype=np.uint16)
-                    out.write(ids.tobytes())
+                    ids = np.asarray(ids, np.uint16)
+                    ids.tofile(out)
                     counts += np.bincount(ids, minlength=1 << 16)
     if char_level:
-        return {"vocab_size": len(chars), "tokenizer": "char", "stoi": {c: i for i, c in enumerate(chars)},
-                "itos": dict(enumerate(chars))}
-    used = np.flatnonzero(counts)
-    lut = np.zeros(1 << 16, dtype=np.uint16)
-    lut[used] = np.arange(len(used))
+        return {"vocab_size": len(stoi), "tokenizer": "char", "stoi": stoi, "itos": dict(enumerate(stoi))}
+    lut = (np.cumsum(counts > 0) - 1).astype(np.uint16)  # GPT-2 id -> its rank among those that occur
     for path in paths:
-        ids = np.memmap(path, dtype=np.uint16, mode="r+")
+        ids = np.memmap(path, np.uint16, "r+")
         for i in range(0, len(ids), PIECE):
             ids[i: i + PIECE] = lut[ids[i: i + PIECE]]
-        ids.flush()
-    return {"vocab_size": len(used), "tokenizer": "gpt2", "gpt2_ids": used.tolist()}
+    used = np.flatnonzero(counts).tolist()
+    return {"vocab_size": len(used), "tokenizer": "gpt2", "gpt2_ids": used}
 
 
 def text_pieces(f, n):
     """The next n characters of the text file f in pieces of about PIECE, cut where SAFE_CUT matches (anywhere in
     a text with no such place in 8 pieces' worth: then a token or two may differ from encoding it whole)."""
     buf = ""
-    while n > 0:
-        block = f.read(min(n, PIECE))
-        n = n - len(block) if block else 0
+    while n > 0 and (block := f.read(min(n, PIECE))):
+        n -= len(block)
         buf += block
         cut = max((m.start() for m in SAFE_CUT.finditer(buf)), default=0)
-        if n == 0 or not cut and len(buf) >= 8 * PIECE:
+        if not cut and len(buf) >= 8 * PIECE:
             cut = len(buf)
         if cut:
             yield buf[:cut]
             buf = buf[cut:]
+    yield buf
 
 
 def encoded(pieces, encode):
-    """encode(piece) for each piece, in order, computed in a thread pool a few pieces ahead (tiktoken and numpy
-    release the GIL), so the encoding runs on every core while the caller writes."""
-    threads = os.cpu_count() or 1
+    """encode(piece) for each piece of the iterator `pieces`, in order, as many at a time as there are cores, in a
+    thread pool (tiktoken releases the GIL): the encoding runs on every core."""
+    threads = os.cpu_count()
     with ThreadPoolExecutor(threads) as pool:
-        ahead = collections.deque()
-        for piece in pieces:
-            ahead.append(pool.submit(encode, piece))
-            if len(ahead) > 2 * threads:
-                yield ahead.popleft().result()
-        while ahead:
-            yield ahead.popleft().result()
+        while batch := list(itertools.islice(pieces, threads)):
+            yield from pool.map(encode, batch)
 
 
 def _stamp(path):
@@ -197,23 +184,18 @@ def _stamp(path):
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha.hexdigest()}
 
 
-def _changed(src, meta_path, meta):
+def _changed(src, meta):
     """Has input.txt changed since its bins were written? Its size and time say it has not, without reading it; if
-    they differ (a copy, a checkout), its hash decides, and a text that is the same gets its new time in meta.pkl
-    where the folder is writable. Bins without their text, or without a stamp (nanoGPT's), are taken as they are."""
+    they differ (a copy, a checkout), its hash decides. Bins without their text, or without a stamp (nanoGPT's),
+    are taken as they are."""
     old = meta.get("source")
     if old is None or not os.path.exists(src):
         return False
     st = os.stat(src)
-    if (old["size"], old["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
-        return False
-    meta["source"] = _stamp(src)
-    if meta["source"]["sha256"] != old["sha256"]:
-        print(f"{src} has changed since {meta_path} was prepared from it: preparing it again")
-        return True
-    with contextlib.suppress(OSError):  # (a read-only folder: the hash is read again next time)
-        atomic_write(meta_path, lambda f: pickle.dump(meta, f))
-    return False
+    changed = (old["size"], old["mtime_ns"]) != (st.st_size, st.st_mtime_ns) and _stamp(src)["sha256"] != old["sha256"]
+    if changed:
+        print(f"{src} has changed since it was prepared: preparing it again")
+    return changed
 
 
 def load_split(dataset, split, data_dir="data"):
@@ -222,7 +204,7 @@ def load_split(dataset, split, data_dir="data"):
     if os.path.getsize(path) % 2:
         raise UserError(f"{path} is cut short (an odd number of bytes, not uint16 tokens); delete it to prepare "
                         "the dataset again")
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    return np.memmap(path, np.uint16, "r")
 
 
 def get_batch(data, batch_size, block_size, device="cpu", generator=None):
@@ -249,40 +231,36 @@ def tokenizer_of(meta):
     return meta["tokenizer"], meta.get("gpt2_ids") or [meta["itos"][i] for i in range(meta["vocab_size"])]
 
 
-def token_bytes(meta):
-    """The UTF-8 length of every token id of a dataset's vocabulary, (vocab_size,) int64: a text's bytes are the sum
-    over its tokens (characters, or GPT-2's byte-level BPE), so a likelihood can be put in bits per byte."""
-    if meta["tokenizer"] == "char":
-        return torch.tensor([len(meta["itos"][i].encode()) for i in range(meta["vocab_size"])])
-    enc = gpt2_encoding()
-    return torch.tensor([len(enc.decode_single_token_bytes(i)) for i in meta["gpt2_ids"]])
-
-
 class Tokenizer:
     """encode/decode for a meta dict: characters, or GPT-2 BPE renumbered to the dataset's compact vocabulary
     (meta['gpt2_ids']). Text the model has no token for is a UserError that names it."""
 
     def __init__(self, meta):
-        self.meta, self.vocab_size, self.is_char = meta, meta["vocab_size"], meta["tokenizer"] == "char"
+        kind, self.itos = tokenizer_of(meta)  # id -> character, or GPT-2 id
+        self.vocab_size, self.is_char = meta["vocab_size"], kind == "char"
+        self.stoi = {t: i for i, t in enumerate(self.itos)}
         if not self.is_char:
             self.enc = gpt2_encoding()
-            self.stoi = {g: i for i, g in enumerate(meta["gpt2_ids"])}  # GPT-2 id -> id
 
     def encode(self, text):
         """As prepare() encoded the training text, where a literal "<|endoftext|>" is text."""
-        stoi = self.meta["stoi"] if self.is_char else self.stoi
-        tokens = list(text) if self.is_char else self.enc.encode_ordinary(text)
-        unknown = [t if self.is_char else self.enc.decode([t]) for t in dict.fromkeys(tokens) if t not in stoi]
+        tokens = text if self.is_char else self.enc.encode_ordinary(text)
+        unknown = [t if self.is_char else self.enc.decode([t]) for t in dict.fromkeys(tokens) if t not in self.stoi]
         if unknown:
             raise UserError(f"the text has {'characters' if self.is_char else 'GPT-2 tokens'} not in this model's "
                             f"vocabulary: {', '.join(map(repr, unknown))}")
-        return [stoi[t] for t in tokens]
+        return [self.stoi[t] for t in tokens]
 
     def decode(self, ids):
-        ids = [int(i) for i in ids]
-        if self.is_char:
-            return "".join(self.meta["itos"][i] for i in ids)
-        return self.enc.decode([self.meta["gpt2_ids"][i] for i in ids])
+        tokens = [self.itos[i] for i in ids]
+        return "".join(tokens) if self.is_char else self.enc.decode(tokens)
+
+
+def token_bytes(meta):
+    """The UTF-8 length of every token id of a dataset's vocabulary, (vocab_size,) int64: a text's bytes are the sum
+    over its tokens (characters, or GPT-2's byte-level BPE), so a likelihood can be put in bits per byte."""
+    tok = Tokenizer(meta)
+    return torch.tensor([len(t.encode() if tok.is_char else tok.enc.decode_single_token_bytes(t)) for t in tok.itos])
 
 
 CHECKPOINT_FORMAT = "eso-lm/2"
@@ -298,7 +276,7 @@ def load_checkpoint(out_dir, device="cpu", name="ckpt.pt"):
                             f"(python train.py --init_from=resume --out_dir={out_dir})")
         raise UserError(f"no checkpoint at {path}; train one first (python train.py --out_dir={out_dir})")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=device)
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated or "
                         "foreign: delete it and train again")
