@@ -95,7 +95,8 @@ def prepare(dataset, data_dir="data"):
             if name != "shakespeare":
                 raise UserError(f"dataset '{dataset}' needs its text at {src}")
             try:
-                text = urllib.request.urlopen(SHAKESPEARE_URL, timeout=30).read()
+                with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as r:
+                    text = r.read()
             except OSError as e:
                 raise UserError(f"could not download Tiny Shakespeare ({getattr(e, 'reason', e)}); with no "
                                 f"network, save {SHAKESPEARE_URL} as {src} by hand")
