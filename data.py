@@ -98,8 +98,8 @@ def prepare(dataset, data_dir="data"):
                 with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as r:
                     text = r.read()
             except OSError as e:
-                raise UserError(f"could not download Tiny Shakespeare ({getattr(e, 'reason', e)}); with no "
-                                f"network, save {SHAKESPEARE_URL} as {src} by hand")
+                raise UserError(f"could not download Tiny Shakespeare ({getattr(e, 'reason', e)}); with no network, "
+                                f"save {SHAKESPEARE_URL} as {src} by hand (mkdir -p {os.path.dirname(src)} first)")
             os.makedirs(os.path.dirname(src), exist_ok=True)
             atomic_write(src, lambda f: f.write(text))
         staged = [f"{path}.{os.getpid()}.tmp" for path in files]
@@ -115,7 +115,8 @@ def prepare(dataset, data_dir="data"):
                 os.replace(tmp, path)
         return meta
     except OSError as e:
-        raise UserError(f"cannot prepare dataset '{dataset}': {e.strerror or e}: {e.filename}")
+        where = f": {e.filename}" if e.filename else ""
+        raise UserError(f"cannot prepare dataset '{dataset}': {e.strerror or e}{where}")
 
 
 def _encode(src, char_level, paths):

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import re
 
 import numpy as np
@@ -19,7 +20,8 @@ from train import TrainConfig, default_out_dir
 
 
 def test_char_dataset_layout(data_dir):
-    """data/<name>_char reads data/<name>/input.txt: 90/10 split by characters, uint16, nanoGPT's meta.pkl."""
+    """data/<name>_char reads data/<name>/input.txt: 90/10 split by characters, uint16, nanoGPT's meta.pkl; a
+    folder nanoGPT prepared (its meta.pkl has no tokenizer and no stamp of the text) is read as it is."""
     meta = prepare("tiny_char", str(data_dir))
     train, val = load_split("tiny_char", "train", str(data_dir)), load_split("tiny_char", "val", str(data_dir))
     assert train.dtype == np.uint16 and len(train) == int(len(TEXT) * 0.9) and len(train) + len(val) == len(TEXT)
@@ -27,6 +29,10 @@ def test_char_dataset_layout(data_dir):
     assert meta["vocab_size"] == len(set(TEXT)) and tok.decode(train[:20].tolist()) == TEXT[:20]
     with pytest.raises(ValueError, match="not in this model's vocabulary"):
         tok.encode("Zebra~")
+    nanogpt = {k: meta[k] for k in ("vocab_size", "itos", "stoi")}
+    (data_dir / "tiny_char" / "meta.pkl").write_bytes(pickle.dumps(nanogpt))
+    (data_dir / "tiny" / "input.txt").write_text(TEXT + "Zebra~")  # (no stamp: not compared)
+    assert prepare("tiny_char", str(data_dir)) == {"tokenizer": "char", **nanogpt}
 
 
 def test_batches(data_dir):
