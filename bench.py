@@ -28,8 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from configurator import (UserError, attention_backends, autocast_context, parse_args, pick_device, require, run_cli,
-                          seed_check)
+from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, require, run_cli
 from data import atomic_write, get_batch, load_checkpoint, load_split, prepare, tokenizer_of
 from model import GPT, GPTConfig, Linear, few_rows_transposed, iw_nll, nelbo, sampling_products, shape_checks, unwrap
 from sample import generate, new_cache, plan
@@ -540,7 +539,6 @@ def validate(cfg, benches):
                and max(cfg.sample_batch, cfg.num_samples) < 2 ** 31, "--rounds, --iters, --small_steps, "
                "--sample_batch, --num_samples and --prepare_mb must be positive (--sample_batch and --num_samples "
                "below 2**31)"),
-              seed_check(cfg.seed),
               (cfg.mdlm_steps >= 0, f"--mdlm_steps={cfg.mdlm_steps} must be >= 0 (0: all of them)"),
               *shape_checks(cfg), (cfg.vocab_size >= 1 and cfg.batch_size >= 1,
                                    "--vocab_size and --batch_size must be positive"),

@@ -32,8 +32,7 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from configurator import (UserError, attention_backends, autocast_context, parse_args, pick_device, require, run_cli,
-                          seed_check)
+from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, require, run_cli
 from data import (atomic_write, eval_batches, get_batch, load_checkpoint, load_split, prepare, save_checkpoint,
                   token_bytes, tokenizer_of)
 from model import (DENOISERS, GPT, GPTConfig, diffusion_rows, has_likelihood, iw_nll, nelbo, shape_checks,
@@ -134,7 +133,6 @@ def validate(cfg):
         (cfg.grad_clip >= 0, f"--grad_clip={cfg.grad_clip} must be >= 0"),
         (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, f"--beta1={cfg.beta1} and --beta2={cfg.beta2} must be in [0, 1)"),
         (cfg.weight_decay >= 0, f"--weight_decay={cfg.weight_decay} must be >= 0"),
-        seed_check(cfg.seed),
         (cfg.eval_windows == 0 or cfg.eval_windows >= cfg.batch_size,
          f"--eval_windows={cfg.eval_windows} must be 0 (all) or at least --batch_size={cfg.batch_size}"),
         (cfg.denoiser in DENOISERS, f"--denoiser={cfg.denoiser} must be one of {', '.join(DENOISERS)}"),
