@@ -1,17 +1,18 @@
 """
-Benchmarks that print tables (timings live here, never in tests); --json_out keeps every row, written as it is
-measured. Sampling follows the paper's latency protocol (Sec. 5.3, Table 11: batch 1, T = 10^6 so that NFE ≈ L,
-nucleus off) on a fixed randomly initialised model (speed does not depend on the weights). Each mode, and about
-how long it takes with its defaults on a 2-core laptop CPU (approximate):
+Benchmarks that print tables (timings live here, never in tests); --json_out keeps every row, written as soon as
+it is measured. Sampling follows the paper's latency protocol (Sec. 5.3, Table 11: batch 1, T = 10^6 so that
+NFE ≈ L, nucleus off) on a fixed randomly initialised model (speed does not depend on the weights).
+The modes (--what), and roughly how long each takes with its defaults on a 2-core laptop CPU (approximate):
 
-    python bench.py                  # sampling: Eso-LM (B) cached vs MDLM vs AR decoding, L = 256, 1024 (~4 min)
-    python bench.py --what=train     # one training iteration: hybrid (α0=.5) vs diffusion (α0=1) vs AR (TODO(lead): duration)
-    python bench.py --what=frontier --out_dirs=out-a,out-b --scorer=out-ar   # speed-quality frontier (~1 min a checkpoint)
-    python bench.py --what=prepare   # data.prepare on a generated ~200 MB text: MB/s and peak memory (~1 min)
-    python bench.py --what=linear    # few-row products, F.linear vs (W xᵀ)ᵀ, and the layout sampling picks (~1 min)
-    python bench.py --what=profile --lengths=1024   # where a cached sampling step's time goes (~1 min)
-    python bench.py --what=profile --lengths=1024 --compile=True   # ... and the compiled static step (TODO(lead): duration)
-    python bench.py --what=gpu --device=cuda   # the GPU report: sample.py's workload, training, Table 11 (--budget_s)
+  sample    Eso-LM (B) cached vs MDLM vs AR decoding, L = 256 and 1024, NFE ≈ L and T = 32 (~4 min)
+  train     one training iteration of the recipe: diffusion (α0=1), hybrid (α0=0.5), AR (TODO(lead): duration)
+  frontier  speed-quality frontier of trained checkpoints: --out_dirs=out-a,out-b --scorer=out-ar (~1 min each)
+  prepare   data.prepare on a generated ~200 MB text: MB/s and peak memory, beside tiktoken's own (~1 min)
+  linear    few-row products as F.linear and as (W xᵀ)ᵀ, the layout sampling picks, a step in each (~1 min)
+  profile   where a cached sampling step's time goes, at the last of --lengths (~2 min); with --compile=True
+            also the compiled static-shape step (TODO(lead): duration: Inductor compiles on the CPU)
+  gpu       the GPU report (--device=cuda): sample.py's workload, a training iteration, Table 11 at 6 x 384 and
+            12 x 768 (stops at --budget_s, 6 min, and the rows under way)
 
 Every mode that times things takes turns in interleaved rounds (`interleaved`), so that drift on a shared machine
 hits every row alike: a row is the median of its rounds, a ratio the median of the rounds' ratios, with their range.
@@ -32,18 +33,18 @@ from dataclasses import dataclass, replace
 from unittest import mock
 
 import torch
-import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from configurator import attention_backends, autocast_context, parse_args, pick_device, require, run_cli
 from data import atomic_write, get_batch, load_checkpoint, load_split, prepare, tokenizer_of
-from model import GPT, GPTConfig, Linear, cpu_vendor, few_rows_transposed, iw_nll, nelbo, sampling_products, shape_checks
+from model import (GPT, GPTConfig, Linear, cpu_vendor, few_rows_transposed, iw_nll, nelbo, sampling_products,
+                   shape_checks)
 from sample import check_environment, generate, new_cache, plan
 
 
 @dataclass
 class BenchConfig:
-    what: str = "sample"  # sample, train, frontier, prepare, linear, profile or gpu (--help: what each measures)
+    what: str = "sample"  # sample, train, frontier, prepare, linear, profile or gpu (--help says what each times)
     lengths: str = "256,1024"  # sequence lengths for --what=sample (linear and profile: the last one)
     small_steps: int = 32  # the "small T" column
     sample_batch: int = 1  # --what=sample: sequences sampled at once (the paper's latency protocol: 1)
@@ -67,7 +68,7 @@ class BenchConfig:
     device: str = "cpu"  # cuda for the GPU report
     seed: int = 1337
     json_out: str = ""  # also write the rows as JSON here, after every row
-    budget_s: int = 360  # --what=gpu: start no row that would end past this many seconds
+    budget_s: int = 360  # --what=gpu: time no more rows once the time spent and the last rows' pass this
 
 
 # -----------------------------------------------------------------------------
@@ -100,6 +101,15 @@ def ratio(a, b):
 
 def said(r):
     return f"{r[0]:.2f}x [{r[1]:.2f}-{r[2]:.2f}]"
+
+
+def per_step(runs, cfg, device):
+    """runs (-> NFE) in --rounds interleaved rounds: {name: ms per step in each round}, printed."""
+    times, nfe = interleaved(runs, cfg.rounds, device)
+    ms = {k: [t / nfe[k] * 1000 for t in ts] for k, ts in times.items()}
+    print(f"median of {cfg.rounds} interleaved rounds: " + ", ".join(
+        f"{k} {statistics.median(v):.2f} ms [{min(v):.2f}-{max(v):.2f}]" for k, v in ms.items()))
+    return ms
 
 
 def compiled(model, mode="reduce-overhead"):
@@ -160,7 +170,7 @@ def sample_group(cfg, device, model, mdlm, template, steps, label):
     nfe = len(plan(torch.ones(L, dtype=torch.bool), B, steps, 1.0, torch.Generator().manual_seed(cfg.seed))[1])
     k = cfg.mdlm_steps if cfg.mdlm_steps < nfe else 0
     part = template.clone()
-    part[: L - k if k else 0] = 0
+    part[: L - k if k else 0] = 0  # all but k positions given: the same full forwards, k of them
     runs = {CACHED: sampler(model, template, B, steps, 1.0, cfg, device),
             MDLM: sampler(mdlm, part, B, 10 ** 6 if k else steps, 1.0, cfg, device)}
     if label == "NFE=L":
@@ -247,12 +257,12 @@ def bench_frontier(cfg, device):
         template = torch.full((L,), model.config.mask_id, device=device)
         for schedule in [s for s in cfg.schedules.split(",") if alpha_0 or s == "random"]:  # AR: left to right
             for steps in dict.fromkeys(L if s == "L" else int(s) for s in cfg.steps_list.split(",")):  # T = L once
-                run = lambda kv: lambda: generate(model, template, cfg.num_samples, steps, alpha_0, kv_cache=kv,
-                                                  seed=cfg.seed, schedule=schedule)
-                times, out = interleaved({"cached": run(True), "uncached": run(False)}, 1, device)
+                times, out = interleaved({kv: functools.partial(generate, model, template, cfg.num_samples, steps,
+                                                                alpha_0, kv_cache=kv, seed=cfg.seed, schedule=schedule)
+                                          for kv in (True, False)}, 1, device)
                 (x, nfe), (x_u, _) = out.values()
                 row = dict(out_dir=out_dir, denoiser=model.config.denoiser, alpha_0=alpha_0, schedule=schedule,
-                           steps=steps, nfe=nfe, seconds=times["cached"][0], seconds_uncached=times["uncached"][0],
+                           steps=steps, nfe=nfe, seconds=times[True][0], seconds_uncached=times[False][0],
                            same_tokens=torch.equal(x, x_u), gen_nll=score(x), entropy=unigram_entropy(x))
                 print(f"{out_dir:<40} {schedule:>8} {steps:>5} {nfe:>5} {row['seconds']:>8.2f} "
                       f"{row['seconds_uncached']:>9.2f} {row['gen_nll']:>8.3f} {row['entropy']:>8.3f}")
@@ -283,8 +293,8 @@ def bench_prepare(cfg, device):
                 "tiktoken": ("tiktoken encode_ordinary_batch alone (text already in memory)", load,
                              "enc.encode_ordinary_batch(pieces, num_threads=os.cpu_count())")}
         for what, (label, setup, work) in code.items():
-            src = (f"import os, resource, time, data; {setup}t0 = time.perf_counter(); {work}; print(time.perf_counter()"
-                   " - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            src = (f"import os, resource, time, data; {setup}t0 = time.perf_counter(); {work}; "
+                   "print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
             out = subprocess.run([sys.executable, "-c", src], stdout=subprocess.PIPE, text=True, check=True,
                                  cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split()
             dt, peak = float(out[0]), int(out[1]) / 1024  # ru_maxrss: KB on Linux
@@ -304,7 +314,8 @@ def bench_linear(cfg, device):
     model, template = fixed_model(cfg, device, L)
     lins = [m for m in model.transformer.h.modules() if isinstance(m, Linear)]
     mb = sum(lin.weight.numel() * lin.weight.element_size() for lin in lins) / 1e6
-    ways = {"F.linear": lambda lin, x: F.linear(x, lin.weight), "(W xT)T": lambda lin, x: lin.transposed(x)}
+    ways = {"F.linear": lambda lin, x: torch.nn.functional.linear(x, lin.weight),
+            "(W xT)T": lambda lin, x: lin.transposed(x)}
     print(f"few-row products through all {len(lins)} weight matrices ({mb:.1f} MB) of a {cfg.n_layer} x "
           f"{cfg.n_embd} model, {device}, {torch.get_num_threads()} threads; ms per pass and GB/s of weights read, "
           f"median of {cfg.rounds} interleaved rounds\n{'rows':>4} {'F.linear':>26} {'(W xT)T':>26}")
@@ -320,16 +331,14 @@ def bench_linear(cfg, device):
         print(f"{n:>4} " + " ".join(f"{t:>12.2f} ms {mb / t:>7.1f} GB/s" for t in ms.values()))
         yield [dict(rows=n, **ms)]
     choice = few_rows_transposed()
-    print(f"this machine (CPU {cpu_vendor() or 'unknown'}, MKL {torch.backends.mkl.is_available()}): sampling computes "
-          f"2 to 8 rows as {'(W xT)T' if choice else 'F.linear'}; ESO_LM_FEW_ROWS overrides it")
+    print(f"this machine (CPU {cpu_vendor() or 'unknown'}, MKL {torch.backends.mkl.is_available()}): sampling "
+          f"computes 2 to 8 rows as {'(W xT)T' if choice else 'F.linear'}; ESO_LM_FEW_ROWS overrides it")
     step = sampler(model, template, 1, 10 ** 6, 1.0, replace(cfg, compile=False), device)
     step()  # warm-up
     fns = {way: mock.patch("model.few_rows_transposed", lambda t=t: t)(step)  # what sampling asks
            for way, t in (("F.linear", False), ("(W xT)T", True))}
-    times, nfe = interleaved(fns, cfg.rounds, device)
-    ms = {way: [t / nfe[way] * 1000 for t in ts] for way, ts in times.items()}
-    print(f"a cached sampling step, L={L}, every few-row product in one layout, {cfg.rounds} interleaved rounds: "
-          + ", ".join(f"{way} {statistics.median(v):.2f} ms [{min(v):.2f}-{max(v):.2f}]" for way, v in ms.items()))
+    print(f"a cached sampling step, L={L}, every few-row product in one layout:")
+    ms = per_step(fns, cfg, device)
     yield [dict(rows="this machine", transposed=choice)] + [
         dict(rows="sampling step", L=L, layout=way, ms_per_step=v) for way, v in ms.items()]
 
@@ -413,12 +422,10 @@ def bench_profile(cfg, device):
             print(f"the compiled static step: {calls:.0f} op calls, {launched:.0f} of which run a kernel "
                   f"({sum('cpp_fused' in e.name for e in prof.events()) / n:.0f} of Inductor's fused C++ kernels, the "
                   "rest products, attention and sampling)")
-    times, n = interleaved(runs, cfg.rounds, device)
-    ms = {name: [t / n[name] * 1000 for t in ts] for name, ts in times.items()}
+    print("unprofiled, ms per step:")
+    ms = per_step(runs, cfg, device)
     floor, ar = ratio(ms["step"], ms["products alone"]), ratio(ms["step"], ms["AR step"])
-    print(f"unprofiled, median of {cfg.rounds} interleaved rounds: " + ", ".join(
-        f"{k} {statistics.median(v):.2f} ms" for k, v in ms.items()) + f"; the step is {said(floor)} its products "
-          f"alone and {said(ar)} an AR step")
+    print(f"the step is {said(floor)} its products alone and {said(ar)} an AR step")
     row.update({f"{k} ms rounds": v for k, v in ms.items()}, step_over_products=floor[0], step_over_ar=ar[0])
     if cfg.compile:
         fast, static = ratio(ms["static step, compiled"], ms["step"]), ratio(ms["static step, eager"], ms["step"])
@@ -505,7 +512,7 @@ def validate(cfg):
     ints = lambda text, extra=(): all(s in extra or s.isdigit() and int(s) > 0 for s in text.split(","))
     require([(cfg.what in BENCHES, f"--what={cfg.what} must be one of {', '.join(BENCHES)}"),
              (ints(cfg.lengths), f"--lengths={cfg.lengths} must be positive integers separated by commas"),
-             (ints(cfg.steps_list, "L"), f"--steps_list={cfg.steps_list} must be positive integers or L, separated "
+             (ints(cfg.steps_list, ("L",)), f"--steps_list={cfg.steps_list} must be positive integers or L, separated "
               "by commas"),
              (min(cfg.rounds, cfg.iters, cfg.small_steps, cfg.sample_batch, cfg.num_samples, cfg.prepare_mb,
                   cfg.vocab_size, cfg.batch_size, cfg.mdlm_steps + 1) > 0, "--rounds, --iters, --small_steps, "
