@@ -226,15 +226,9 @@ def bench_train(cfg, device):
     yield rows
 
 
-def unigram_entropy(x):
-    """The mean over x's rows of the entropy of the row's token frequencies: low for repetitive text."""
-    ps = [c[c > 0] / c.sum() for c in (torch.bincount(row).float() for row in x.cpu())]
-    return statistics.mean(-(p * p.log()).sum().item() for p in ps)
-
-
 def bench_frontier(cfg, device):
     """Samples of each checkpoint at each schedule and T, cached and uncached, scored by the α0 = 0 checkpoint,
-    which reads their token ids as its own."""
+    which reads their token ids as its own, beside their unigram entropy (low for repetitive text)."""
     sckpt, ckpts = load_checkpoint(cfg.scorer, device), {d: load_checkpoint(d, device) for d in cfg.out_dirs.split(",")}
     sc, tok = sckpt["config"], tokenizer_of(sckpt["meta"])
     require([(sc["alpha_0"] == 0, f"--scorer={cfg.scorer} was trained with alpha_0={sc['alpha_0']}; the scorer must "
@@ -242,10 +236,15 @@ def bench_frontier(cfg, device):
                                                "have different tokenizers; score with an alpha_0=0 model of the same "
                                                "dataset") for d, c in ckpts.items())])
     scorer = GPT.from_checkpoint(sckpt, device).eval()
-    score = torch.no_grad()(lambda x: iw_nll(scorer, x, 0.0).mean().item())
+
+    @torch.no_grad()
+    def quality(x):  # NLL per token under the scorer, and the mean entropy of each row's token frequencies
+        ps = [c[c > 0] / c.sum() for c in (torch.bincount(row).float() for row in x.cpu())]
+        return dict(gen_nll=iw_nll(scorer, x, 0.0).mean().item(),
+                    entropy=statistics.mean(-(p * p.log()).sum().item() for p in ps))
     real = get_batch(load_split(sc["dataset"], "val", sc["data_dir"]), cfg.num_samples, scorer.config.block_size,
                      device, torch.Generator().manual_seed(cfg.seed))
-    row = dict(out_dir="val text", gen_nll=score(real), entropy=unigram_entropy(real))
+    row = dict(out_dir="val text", **quality(real))
     print(f"reference, {cfg.num_samples} windows of real val text: NLL {row['gen_nll']:.3f}, entropy "
           f"{row['entropy']:.3f}\n{cfg.num_samples} samples each; seconds cached and uncached; gen NLL: nats/token "
           f"under {cfg.scorer}\n{'checkpoint':<40} {'schedule':>8} {'T':>5} {'NFE':>5} {'cached':>8} {'uncached':>9} "
@@ -263,7 +262,7 @@ def bench_frontier(cfg, device):
                 (x, nfe), (x_u, _) = out.values()
                 row = dict(out_dir=out_dir, denoiser=model.config.denoiser, alpha_0=alpha_0, schedule=schedule,
                            steps=steps, nfe=nfe, seconds=times[True][0], seconds_uncached=times[False][0],
-                           same_tokens=torch.equal(x, x_u), gen_nll=score(x), entropy=unigram_entropy(x))
+                           same_tokens=torch.equal(x, x_u), **quality(x))
                 print(f"{out_dir:<40} {schedule:>8} {steps:>5} {nfe:>5} {row['seconds']:>8.2f} "
                       f"{row['seconds_uncached']:>9.2f} {row['gen_nll']:>8.3f} {row['entropy']:>8.3f}")
                 yield [row]

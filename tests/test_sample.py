@@ -311,8 +311,7 @@ def test_bench_refuses_an_impossible_model_in_one_line(flags, message):
 def test_bench_tables(tmp_path):
     """bench.py's sampling, linear and profile tables on a tiny model (timings are printed, never asserted):
     every sampler row is there with its three rounds, AR decoding makes exactly L forward passes, T = 4 at most
-    4, and a cached step, profiled, runs each weight matrix once (4 per layer and the output layer: no logits
-    computed and thrown away)."""
+    4, and a cached step runs each weight matrix once (4 per layer and the output layer), as its profile counts."""
     out = tmp_path / "rows.json"
     tiny = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--device=cpu", f"--json_out={out}"]
     r = conftest.run("bench.py", "--lengths=16,32", "--small_steps=4", "--mdlm_steps=2", *tiny)
