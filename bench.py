@@ -1,17 +1,21 @@
 """
-Benchmarks that print tables (timings live here, never in tests). Sampling follows the paper's latency protocol
-(Sec. 5.3, Table 11: batch 1, T = 10^6 so that NFE ≈ L, nucleus off) on a fixed randomly initialised model
-(speed does not depend on the weights):
+Benchmarks that print tables (timings live here, never in tests); --json_out keeps every row, written as soon as
+it is measured. Sampling follows the paper's latency protocol (Sec. 5.3, Table 11: batch 1, T = 10^6 so that
+NFE ≈ L, nucleus off) on a fixed randomly initialised model (speed does not depend on the weights).
+The modes (--what), and roughly how long each takes with its defaults on a 2-core laptop CPU (approximate):
 
-    python bench.py                      # sampling: Eso-LM (B) cached vs MDLM vs AR decoding, L = 256, 1024
-    python bench.py --what=train         # one training iteration: hybrid (α0=.5) vs diffusion (α0=1) vs AR
-    python bench.py --what=frontier --out_dirs=out-a,out-b --scorer=out-ar   # speed-quality frontier
-    python bench.py --what=prepare       # data.prepare on a generated ~200 MB text: MB/s and peak memory
-    python bench.py --what=linear        # few-row products, F.linear vs (W xᵀ)ᵀ, and the layout sampling picks
-    python bench.py --what=profile --lengths=1024   # where a cached sampling step's time goes (torch.profiler)
-    python bench.py --what=profile --lengths=1024 --compile=True   # ... and the compiled static step beside it
-    python bench.py --what=gpu           # the whole GPU report: Table 11's protocol, throughput, training
+  sample    Eso-LM (B) cached vs MDLM vs AR decoding, L = 256 and 1024, NFE ≈ L and T = 32 (~4 min)
+  train     one training iteration of the recipe: diffusion (α0=1), hybrid (α0=0.5), AR (TODO(lead): duration)
+  frontier  speed-quality frontier of trained checkpoints: --out_dirs=out-a,out-b --scorer=out-ar (~1 min each)
+  prepare   data.prepare on a generated ~200 MB text: MB/s and peak memory, beside tiktoken's own (~1 min)
+  linear    few-row products as F.linear and as (W xᵀ)ᵀ, the layout sampling picks, a step in each (~1 min)
+  profile   where a cached sampling step's time goes, at the last of --lengths (~2 min); with --compile=True
+            also the compiled static-shape step (TODO(lead): duration: Inductor compiles on the CPU)
+  gpu       the GPU report (--device=cuda): sample.py's workload, a training iteration, Table 11 at 6 x 384 and
+            12 x 768 (stops at --budget_s, 6 min, and the rows under way)
 
+Every mode that times things takes turns in interleaved rounds (`interleaved`), so that drift on a shared machine
+hits every row alike: a row is the median of its rounds, a ratio the median of the rounds' ratios, with their range.
 MDLM is the baseline the paper compares with: the same network with no attention mask (bidirectional), a full
 forward over all L tokens at every step, no cache. Every one of its steps costs the same, so only --mdlm_steps
 of them (128; 0: all) are timed and the total is their mean times NFE (said so in the table).
@@ -19,24 +23,28 @@ The frontier samples from each trained checkpoint at several step counts, then s
 AR (α0=0) model: its mean NLL per token is a small "generative perplexity" (the paper uses GPT-2 Large),
 shown next to the samples' unigram entropy so that repetitive text cannot look good.
 """
+import functools
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, replace
+from unittest import mock
 
 import torch
-import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
-from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, require, run_cli
+from configurator import attention_backends, autocast_context, parse_args, pick_device, require, run_cli
 from data import atomic_write, get_batch, load_checkpoint, load_split, prepare, tokenizer_of
-from model import GPT, GPTConfig, Linear, few_rows_transposed, iw_nll, nelbo, sampling_products, shape_checks, unwrap
+from model import (GPT, GPTConfig, Linear, cpu_vendor, few_rows_transposed, iw_nll, nelbo, sampling_products,
+                   shape_checks)
 from sample import generate, new_cache, plan
 
 
 @dataclass
 class BenchConfig:
-    what: str = "sample"  # sample, train, frontier, prepare, linear, profile or gpu
+    what: str = "sample"  # sample, train, frontier, prepare, linear, profile or gpu (--help says what each times)
     lengths: str = "256,1024"  # sequence lengths for --what=sample (linear and profile: the last one)
     small_steps: int = 32  # the "small T" column
     sample_batch: int = 1  # --what=sample: sequences sampled at once (the paper's latency protocol: 1)
@@ -44,11 +52,11 @@ class BenchConfig:
     n_layer: int = 6  # the fixed model: nanoGPT's shakespeare_char size
     n_head: int = 6
     n_embd: int = 384
-    vocab_size: int = 65
+    vocab_size: int = 65  # the char checkpoint's
     batch_size: int = 12  # --what=train
     block_size: int = 64  # --what=train
-    iters: int = 20  # --what=train and linear: timed iterations per row (and round)
-    rounds: int = 3  # --what=sample, train, linear, profile: interleaved rounds; medians and ratio ranges printed
+    iters: int = 20  # --what=train and linear: timed iterations per row and round
+    rounds: int = 3  # interleaved rounds; medians and ratio ranges printed (--what=gpu: 1)
     compile: bool = False  # torch.compile the model (sampling: CUDA graphs over static shapes)
     optimizer: str = "muon"  # --what=train: the recipe's (muon) or adamw
     out_dirs: str = ""  # --what=frontier: comma-separated checkpoints to sample from
@@ -59,263 +67,205 @@ class BenchConfig:
     prepare_mb: int = 200  # --what=prepare: size of the generated text
     device: str = "cpu"  # cuda for the GPU report
     seed: int = 1337
-    json_out: str = ""  # also write the rows as JSON here
-    budget_s: int = 360  # --what=gpu: start no part of the report after this many seconds
+    json_out: str = ""  # also write the rows as JSON here, after every row
+    budget_s: int = 360  # --what=gpu: time no more rows once the time spent and the last rows' pass this
 
 
-def timed(fn, device):
+# -----------------------------------------------------------------------------
+# the timing harness, and what every mode samples with
+
+def clock(device):
+    """time.perf_counter() once the chosen GPU is idle (a bare synchronize() would wait on the current one)."""
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, out
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
-def sample_run(model, template, batch, steps, alpha_0, cfg, device, kv_cache=True):
-    """(seconds, NFE) of one generate() call; with cfg.compile the static path, after two warm-up runs of the
-    same schedule, so that every step shape is compiled, warmed up and recorded as a CUDA graph before the
-    timed run (none of which is counted)."""
+def interleaved(fns, rounds, device):
+    """Each fn once per round, in turn, so that drift on a shared machine hits them alike: ({name: seconds per
+    round}, {name: its last output})."""
+    times, outs = {name: [] for name in fns}, {}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = clock(device)
+            outs[name] = fn()
+            times[name].append(clock(device) - t0)
+    return times, outs
+
+
+def ratio(a, b):
+    """(median, min, max) of the per-round ratios a / b."""
+    r = sorted(x / y for x, y in zip(a, b))
+    return statistics.median(r), r[0], r[-1]
+
+
+def said(r):
+    return f"{r[0]:.2f}x [{r[1]:.2f}-{r[2]:.2f}]"
+
+
+def per_step(runs, cfg, device):
+    """runs (-> NFE) in --rounds interleaved rounds: {name: ms per step in each round}, printed."""
+    times, nfe = interleaved(runs, cfg.rounds, device)
+    ms = {k: [t / nfe[k] * 1000 for t in ts] for k, ts in times.items()}
+    print(f"median of {cfg.rounds} interleaved rounds: " + ", ".join(
+        f"{k} {statistics.median(v):.2f} ms [{min(v):.2f}-{max(v):.2f}]" for k, v in ms.items()))
+    return ms
+
+
+def compiled(model, mode="reduce-overhead"):
+    """torch.compile as sample.py (CUDA graphs) or train.py (mode=None) does, but a graph break or Dynamo's
+    recompile limit is an error (fullgraph), never a silent fall back to eager."""
+    return torch.compile(model, mode=mode, fullgraph=True)
+
+
+def fixed_model(cfg, device, L, denoiser="B"):
+    """The fixed random model (seed 0: the same weights for every denoiser) at block size L, and L masks."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(L, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, denoiser=denoiser)).to(device)
+    return model.eval(), torch.full((L,), model.config.mask_id, device=device)
+
+
+def sampler(net, template, batch, steps, alpha_0, cfg, device, top_p=1.0):
+    """A cached generate() run -> its NFE (MDLM never caches). With --compile, sample.py --compile's path: static
+    shapes, one cache for every run (CUDA graphs keep its address), and two runs here, so that every step shape
+    is compiled, warmed up and recorded before a timed run."""
     ctx = autocast_context(device, "auto")[0]
-    cache = new_cache(model, batch, len(template), device, ctx, static=True) if cfg.compile and kv_cache else None
-    run = lambda: generate(model, template, batch, steps, alpha_0, top_p=1.0, kv_cache=kv_cache, seed=cfg.seed,
-                           ctx=ctx, static=cfg.compile, cache=cache)
+    cache = new_cache(net, batch, len(template), device, ctx, static=True) if cfg.compile else None
+    run = lambda: generate(net, template, batch, steps, alpha_0, top_p=top_p, seed=cfg.seed, ctx=ctx,
+                           static=cfg.compile, cache=cache)[1]
     for _ in range(2 if cfg.compile else 0):
         run()
-    dt, (_, nfe) = timed(run, device)
-    return dt, nfe
+    return run
 
 
-def mdlm_run(model, template, batch, steps, cfg, device):
-    """MDLM's (seconds, NFE): all steps, or --mdlm_steps of them scaled to NFE (every step is a full forward
-    over all L tokens, so they all cost the same). NFE is that of the schedule generate() draws for this seed
-    (one window: its first plan), as empty steps are dropped."""
-    L = len(template)
-    is_gen = template.cpu() == unwrap(model).config.mask_id
-    nfe = len(plan(is_gen, batch, steps, 1.0, torch.Generator().manual_seed(cfg.seed))[1])
-    if not cfg.mdlm_steps or cfg.mdlm_steps >= nfe:
-        return (*sample_run(model, template, batch, steps, 1.0, cfg, device, kv_cache=False), "")
-    part = template.clone()
-    part[: L - cfg.mdlm_steps] = 0  # all but mdlm_steps positions given: the same full forwards, fewer of them
-    dt, n = sample_run(model, part, batch, 10 ** 6, 1.0, cfg, device, kv_cache=False)
-    return dt / n * nfe, nfe, f" ({n} steps timed)"
+# -----------------------------------------------------------------------------
+# sampling: Eso-LM (B) against MDLM and AR decoding
+
+CACHED, MDLM, AR = "Eso-LM (B), KV cache", "MDLM, full forward every step", "AR decoding, same cache (α0=0)"
 
 
 def bench_sample(cfg, device):
-    """Eso-LM (B) with its KV cache, MDLM, and AR decoding through the same cache, at NFE ≈ L and at a small T.
-    The samplers take turns for --rounds rounds, so that drift on a shared machine hits them alike: each row is
-    the median of its rounds, and the speed-up over MDLM the median of the rounds' ratios, with their range."""
-    rows = []
-    dtype = autocast_context(device, "auto")[1]
-    print(f"sampling, batch {cfg.sample_batch}, {cfg.n_layer} layers x {cfg.n_embd} wide, {device} {dtype}"
-          f"{', compiled' if cfg.compile else ''}{' (CUDA graphs)' if cfg.compile and 'cuda' in device else ''}, "
-          f"{torch.get_num_threads()} threads, median of "
-          f"{cfg.rounds} interleaved rounds")
-    print(f"{'L':>5} {'sampler':<40} {'NFE':>5} {'seconds':>8} {'ms/step':>8} {'tokens/s':>9}")
-    cached, mdlm_name = "Eso-LM (B), KV cache", "MDLM, full forward every step"
-    ar_name = "AR decoding, same cache (α0=0)"
+    """Eso-LM (B) with its KV cache, MDLM, and AR decoding through the same cache, at NFE ≈ L and at a small T,
+    on the same fixed weights: for each L of --lengths and each T, the rows timed together."""
+    print(f"sampling, batch {cfg.sample_batch}, {cfg.n_layer} layers x {cfg.n_embd} wide, {device} "
+          f"{autocast_context(device, 'auto')[1]}{', compiled' if cfg.compile else ''}, {torch.get_num_threads()} "
+          f"threads, median of {cfg.rounds} interleaved rounds\n{'L':>5} {'sampler':<40} {'NFE':>5} {'seconds':>8} "
+          f"{'ms/step':>8} {'tokens/s':>9}")
     for L in map(int, cfg.lengths.split(",")):
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(L, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd)).to(device).eval()
-        mdlm = GPT(GPTConfig(L, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, denoiser="mdlm")).to(device)
-        mdlm.load_state_dict(model.state_dict())
-        template = torch.full((L,), model.config.mask_id, device=device)
-        if cfg.compile:  # (sample_run warms up each compiled schedule itself)
-            model, mdlm = (torch.compile(m.eval(), mode="reduce-overhead") for m in (model, mdlm))
+        (model, template), (mdlm, _) = fixed_model(cfg, device, L), fixed_model(cfg, device, L, "mdlm")
+        if cfg.compile:
+            torch._dynamo.reset()  # Dynamo's recompile limit counts across lengths and model instances
+            model, mdlm = compiled(model), compiled(mdlm)
         else:
             generate(model, template[:64], 1, 10 ** 6, 1.0)  # warm-up: allocator, thread pool, caches
-        B = cfg.sample_batch
         for steps, label in ((10 ** 6, "NFE=L"), (cfg.small_steps, f"T={cfg.small_steps}")):
-            runs = {cached: lambda: (*sample_run(model, template, B, steps, 1.0, cfg, device), ""),
-                    mdlm_name: lambda: mdlm_run(mdlm, template, B, steps, cfg, device)}
-            if label == "NFE=L":
-                runs[ar_name] = lambda: (*sample_run(model, template, B, steps, 0.0, cfg, device), "")
-            times, info = {name: [] for name in runs}, {}
-            for _ in range(cfg.rounds):
-                for name, fn in runs.items():
-                    dt, *info[name] = fn()  # (NFE, note) are the same every round
-                    times[name].append(dt)
-            for name, dts in times.items():
-                (nfe, note), dt = info[name], statistics.median(dts)
-                rows.append(dict(L=L, batch=B, n_layer=cfg.n_layer, n_embd=cfg.n_embd, schedule=label, sampler=name,
-                                 nfe=nfe, seconds=dt, seconds_rounds=dts, ms_per_step=dt / nfe * 1000,
-                                 tokens_per_s=B * L / dt, extrapolated=bool(note)))
-                print(f"{L:>5} {name + ', ' + label:<40} {nfe:>5} {dt:>8.2f} {dt / nfe * 1000:>8.3f} "
-                      f"{B * L / dt:>9.1f}{note}", flush=True)
-            ratios = sorted(m / c for m, c in zip(times[mdlm_name], times[cached]))
-            cached_row = rows[-len(runs)]  # the first of these rows
-            cached_row.update(speedup=statistics.median(ratios), speedup_min=ratios[0], speedup_max=ratios[-1])
-            per_ar = sorted(c / a for c, a in zip(times[cached], times.get(ar_name, [])))  # per round, as above
-            extra = (f", cached / AR {statistics.median(per_ar):.2f} [{per_ar[0]:.2f}-{per_ar[-1]:.2f}]"
-                     if per_ar else "")
-            speedup = statistics.median(ratios)
-            how = f"{speedup:.1f}x faster than MDLM" if speedup >= 1 else f"slower than MDLM, {speedup:.2f}x its speed"
-            print(f"{'':>5} -> {label}: Eso-LM (B) cached is {how} [{ratios[0]:.1f}-{ratios[-1]:.1f}]{extra}")
+            yield sample_group(cfg, device, model, mdlm, template, steps, label)
+
+
+def sample_group(cfg, device, model, mdlm, template, steps, label):
+    """Eso-LM (B) cached, MDLM and, at NFE = L, AR decoding, in --rounds interleaved rounds. MDLM's NFE is that of
+    the schedule generate() draws for this seed; past --mdlm_steps, only that many positions are masked (the same
+    full forwards, fewer of them) and its time is scaled to NFE."""
+    B, L = cfg.sample_batch, len(template)
+    nfe = len(plan(torch.ones(L, dtype=torch.bool), B, steps, 1.0, torch.Generator().manual_seed(cfg.seed))[1])
+    k = cfg.mdlm_steps if cfg.mdlm_steps < nfe else 0
+    part = template.clone()
+    part[: L - k if k else 0] = 0  # all but k positions given: the same full forwards, k of them
+    runs = {CACHED: sampler(model, template, B, steps, 1.0, cfg, device),
+            MDLM: sampler(mdlm, part, B, 10 ** 6 if k else steps, 1.0, cfg, device)}
+    if label == "NFE=L":
+        runs[AR] = sampler(model, template, B, steps, 0.0, cfg, device)
+    times, nfes = interleaved(runs, cfg.rounds, device)
+    if k:
+        times[MDLM], nfes[MDLM] = [t / nfes[MDLM] * nfe for t in times[MDLM]], nfe
+    rows = []
+    for name, dts in times.items():
+        dt, n, note = statistics.median(dts), nfes[name], f" ({k} steps timed)" if name == MDLM and k else ""
+        print(f"{L:>5} {name + ', ' + label:<40} {n:>5} {dt:>8.2f} {dt / n * 1000:>8.3f} {B * L / dt:>9.1f}{note}",
+              flush=True)
+        rows.append(dict(L=L, batch=B, n_layer=cfg.n_layer, n_embd=cfg.n_embd, schedule=label, sampler=name, nfe=n,
+                         seconds=dt, seconds_rounds=dts, ms_per_step=dt / n * 1000, tokens_per_s=B * L / dt,
+                         extrapolated=bool(note)))
+    speedup = ratio(times[MDLM], times[CACHED])
+    rows[0].update(zip(("speedup", "speedup_min", "speedup_max"), speedup))
+    ar = f", cached / AR {said(ratio(times[CACHED], times[AR]))}" if AR in times else ""
+    print(f"{'':>5} -> {label}: Eso-LM (B) cached over MDLM {said(speedup)}{ar}")
     return rows
 
 
-GPU_LATENCY = [((6, 6, 384), 1024, 1, 128), ((12, 12, 768), 2048, 1, 128), ((12, 12, 768), 8192, 1, 128),
-               ((6, 6, 384), 1024, 64, 64)]  # (layers, heads, width), L, batch, MDLM steps timed (each costs the same)
-GPU_SAMPLE_DEFAULTS = dict(L=256, size=(6, 6, 384), num_samples=4, steps=32, alpha_0=0.5)  # sample.py's defaults
-GPU_TRAIN = dict(batch_size=64, block_size=256, n_layer=6, n_head=6, n_embd=384)  # the GPU preset
-
-
-def bench_gpu(cfg, device):
-    """One command, the whole GPU report: the paper's latency protocol (Table 11: batch 1, NFE ≈ L) at its model
-    size (12 x 768) for L = 2048 and 8192 and at 6 x 384 for L = 1024; one batch-64 throughput row; the default
-    `sample.py --steps 32` workload (4 samples of 256 tokens); one training iteration at the GPU preset. On CUDA
-    everything is compiled (CUDA graphs for sampling), as train.py and sample.py do by default. Each part starts
-    with a fresh torch.compile (Dynamo's recompile limit counts across model instances), a silent fall back to
-    eager is an error, and each part says how many graphs it compiled; past --budget_s seconds, the parts left
-    are listed as not timed."""
-    import torch._dynamo
-    if not device.startswith("cuda"):
-        print(f"note: --what=gpu is meant for a CUDA GPU; running it on {device}")
-    compiled = cfg.compile or device.startswith("cuda")
-    d, t_start, rows = GPU_SAMPLE_DEFAULTS, time.perf_counter(), []
-    parts = [(f"latency, {n_layer} x {n_embd}, L={L}, batch {batch}",
-              lambda n_layer=n_layer, n_head=n_head, n_embd=n_embd, L=L, batch=batch, steps=steps: [
-                  dict(r, table="latency" if batch == 1 else "throughput") for r in bench_sample(replace(
-                      cfg, n_layer=n_layer, n_head=n_head, n_embd=n_embd, lengths=str(L), sample_batch=batch,
-                      mdlm_steps=steps, compile=compiled, rounds=1), device)])
-             for (n_layer, n_head, n_embd), L, batch, steps in GPU_LATENCY]
-    parts.append((f"the default `python sample.py --steps {d['steps']}` workload: {d['num_samples']} samples of "
-                  f"{d['L']} tokens, {d['size'][0]} x {d['size'][2]}, alpha_0={d['alpha_0']}",
-                  lambda: sample_defaults(cfg, device, compiled)))
-    parts.append(("training", lambda: [dict(r, table="train") for r in
-                                       bench_train(replace(cfg, **GPU_TRAIN, compile=compiled), device)]))
-    for name, part in parts:
-        if time.perf_counter() - t_start > cfg.budget_s:
-            print(f"\n{name}: not timed (the {cfg.budget_s} s budget is spent)")
-            rows.append(dict(table=name, timed=False, reason="budget"))
-            continue
-        print(f"\n{name}")
-        torch._dynamo.reset()
-        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        try:
-            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # never eager while labelled compiled
-                part_rows = part()
-        except Exception as e:
-            print(f"  not timed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
-            rows.append(dict(table=name, timed=False, reason=f"{type(e).__name__}: {e}"[:500]))
-            continue
-        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
-        print(f"  {'compiled: ' + str(graphs) + ' graphs' if compiled else 'not compiled'}")
-        rows += [dict(r, compiled=compiled, graphs=graphs) for r in part_rows]
-    print(f"\nthe whole report took {time.perf_counter() - t_start:.0f} s")
-    return rows
-
-
-def sample_defaults(cfg, device, compiled):
-    d = GPU_SAMPLE_DEFAULTS
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(d["L"], cfg.vocab_size, *d["size"])).to(device).eval()
-    template = torch.full((d["L"],), model.config.mask_id, device=device)
-    net = torch.compile(model, mode="reduce-overhead") if compiled else model
-    t0 = time.perf_counter()
-    dt, nfe = sample_run(net, template, d["num_samples"], d["steps"], d["alpha_0"], replace(cfg, compile=compiled),
-                         device)
-    print(f"  NFE {nfe}: {dt:.3f} s of sampling ({time.perf_counter() - t0 - dt:.1f} s of warm-up before it)")
-    return [dict(table="sample.py defaults", nfe=nfe, seconds=dt)]
-
+# -----------------------------------------------------------------------------
+# training, the frontier, data preparation
 
 def bench_train(cfg, device):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(cfg.block_size, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd)).to(device)
-    opts = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.split(":")[0], cfg.optimizer)
-    net = torch.compile(model) if cfg.compile else model
+    """One training iteration (forward, backward, optimizer) at α0 = 1, 0.5, 0: --rounds interleaved rounds of
+    --iters iterations, after one untimed round (compilation, allocator, caches)."""
+    model, _ = fixed_model(cfg, device, cfg.block_size)
+    opts = model.train().configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.split(":")[0], cfg.optimizer)
+    net = compiled(model, None) if cfg.compile else model
     ctx, dtype = autocast_context(device, "auto")
     x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size), device=device)
     print(f"one training iteration (forward, backward, {cfg.optimizer}), batch {cfg.batch_size} x {cfg.block_size}, "
           f"{cfg.n_layer} layers x {cfg.n_embd} wide, {device} {dtype}{', compiled' if cfg.compile else ''}; "
           f"median of {cfg.rounds} interleaved rounds of {cfg.iters} iterations, ratio range in brackets")
-    names = {1.0: "diffusion, α0=1", 0.5: "hybrid, α0=0.5", 0.0: "AR, α0=0"}
 
-    def step(alpha_0):
-        with ctx, attention_backends(device):
-            loss, _ = nelbo(net, x, alpha_0)
-        loss.backward()
-        for opt in opts:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    for alpha_0 in names:  # warm-up (and compilation)
-        for _ in range(3 if not cfg.compile else 10):
-            step(alpha_0)
-    ms = {a: [] for a in names}
-    for _ in range(cfg.rounds):  # interleaved: drift on a shared machine hits every row alike
-        for alpha_0 in names:
-            dt, _ = timed(lambda: [step(alpha_0) for _ in range(cfg.iters)], device)
-            ms[alpha_0].append(dt / cfg.iters * 1000)
-    rows = []
-    for alpha_0, name in names.items():
-        ratios = sorted(a / b for a, b in zip(ms[alpha_0], ms[1.0]))
-        med = statistics.median(ms[alpha_0])
-        rows.append(dict(alpha_0=alpha_0, ms=med, ratio=statistics.median(ratios), ratio_min=ratios[0],
-                         ratio_max=ratios[-1]))
-        print(f"  {name:<16} {med:8.1f} ms   {rows[-1]['ratio']:.2f}x the diffusion iteration "
-              f"[{ratios[0]:.2f}-{ratios[-1]:.2f}]", flush=True)
-    return rows
-
-
-def unigram_entropy(row):
-    counts = torch.bincount(row).float()
-    p = counts[counts > 0] / counts.sum()
-    return -(p * p.log()).sum().item()
+    def iterations(alpha_0):
+        for _ in range(cfg.iters):
+            with ctx, attention_backends(device):
+                loss, _ = nelbo(net, x, alpha_0)
+            loss.backward()
+            for opt in opts:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    fns = {alpha_0: functools.partial(iterations, alpha_0) for alpha_0 in (1.0, 0.5, 0.0)}  # diffusion, hybrid, AR
+    interleaved(fns, 1, device)
+    times, rows = interleaved(fns, cfg.rounds, device)[0], []
+    for alpha_0, ts in times.items():
+        ms, r = statistics.median(ts) / cfg.iters * 1000, ratio(ts, times[1.0])
+        print(f"  α0={alpha_0}: {ms:8.1f} ms, {said(r)} the diffusion (α0=1) iteration")
+        rows.append(dict(alpha_0=alpha_0, ms=ms, ratio=r[0], ratio_min=r[1], ratio_max=r[2]))
+    yield rows
 
 
 def bench_frontier(cfg, device):
-    if not cfg.out_dirs or not cfg.scorer:
-        raise UserError("--what=frontier needs --out_dirs=dir1,dir2 and --scorer=<the α0=0 checkpoint dir>")
-    scorer_ckpt = load_checkpoint(cfg.scorer, device)
-    if scorer_ckpt["config"]["alpha_0"] != 0:
-        raise UserError(f"--scorer={cfg.scorer} was trained with alpha_0={scorer_ckpt['config']['alpha_0']}; "
-                        "the scorer must be an AR model (alpha_0=0)")
-    scorer = GPT.from_checkpoint(scorer_ckpt, device).eval()
-    ckpts = {out_dir: load_checkpoint(out_dir, device) for out_dir in cfg.out_dirs.split(",")}
-    for out_dir, ckpt in ckpts.items():  # a scorer reads the samples' token ids as its own, within its block
-        if tokenizer_of(ckpt["meta"]) != tokenizer_of(scorer_ckpt["meta"]):
-            raise UserError(f"{out_dir} and the scorer {cfg.scorer} have different tokenizers; score with an "
-                            "alpha_0=0 model of the same dataset")
-        if ckpt["model_args"]["block_size"] > scorer.config.block_size:
-            raise UserError(f"{out_dir} samples {ckpt['model_args']['block_size']} tokens, more than the scorer's "
-                            f"block size {scorer.config.block_size}")
-    scfg = scorer_ckpt["config"]
-    if tokenizer_of(prepare(scfg["dataset"], scfg["data_dir"])) != tokenizer_of(scorer_ckpt["meta"]):
-        raise UserError(f"the scorer {cfg.scorer} was trained with another tokenizer than {scfg['data_dir']}/"
-                        f"{scfg['dataset']}/meta.pkl (its input.txt has changed since?): its val text cannot be scored")
-    val = load_split(scfg["dataset"], "val", scfg["data_dir"])
-    real = get_batch(val, cfg.num_samples, scorer.config.block_size, device, torch.Generator().manual_seed(cfg.seed))
-    with torch.no_grad():
-        real_nll = iw_nll(scorer, real, 0.0).mean().item()
-    real_ent = sum(unigram_entropy(r) for r in real.cpu()) / len(real)
-    rows = [dict(out_dir="val text", denoiser=None, alpha_0=None, schedule=None, steps=None, nfe=None, seconds=None,
-                 seconds_uncached=None, same_tokens=None, gen_nll=real_nll, entropy=real_ent)]
-    print(f"reference, {cfg.num_samples} windows of real val text: NLL {real_nll:.3f}, entropy {real_ent:.3f}")
-    print(f"{cfg.num_samples} samples each; seconds cached and uncached; gen NLL: nats/token under {cfg.scorer}")
-    print(f"{'checkpoint':<40} {'schedule':>8} {'T':>5} {'NFE':>5} {'cached':>8} {'uncached':>9} {'gen NLL':>8} "
-          f"{'entropy':>8}")
+    """Samples of each checkpoint at each schedule and T, cached and uncached, scored by the α0 = 0 checkpoint,
+    which reads their token ids as its own, beside their unigram entropy (low for repetitive text)."""
+    sckpt, ckpts = load_checkpoint(cfg.scorer, device), {d: load_checkpoint(d, device) for d in cfg.out_dirs.split(",")}
+    sc, tok = sckpt["config"], tokenizer_of(sckpt["meta"])
+    require([(sc["alpha_0"] == 0, f"--scorer={cfg.scorer} was trained with alpha_0={sc['alpha_0']}; the scorer must "
+              "be an AR model (alpha_0=0)"), *((tokenizer_of(c["meta"]) == tok, f"{d} and the scorer {cfg.scorer} "
+                                               "have different tokenizers; score with an alpha_0=0 model of the same "
+                                               "dataset") for d, c in ckpts.items())])
+    scorer = GPT.from_checkpoint(sckpt, device).eval()
+
+    @torch.no_grad()
+    def quality(x):  # NLL per token under the scorer, and the mean entropy of each row's token frequencies
+        ps = [c[c > 0] / c.sum() for c in (torch.bincount(row).float() for row in x.cpu())]
+        return dict(gen_nll=iw_nll(scorer, x, 0.0).mean().item(),
+                    entropy=statistics.mean(-(p * p.log()).sum().item() for p in ps))
+    real = get_batch(load_split(sc["dataset"], "val", sc["data_dir"]), cfg.num_samples, scorer.config.block_size,
+                     device, torch.Generator().manual_seed(cfg.seed))
+    row = dict(out_dir="val text", **quality(real))
+    print(f"reference, {cfg.num_samples} windows of real val text: NLL {row['gen_nll']:.3f}, entropy "
+          f"{row['entropy']:.3f}\n{cfg.num_samples} samples each; seconds cached and uncached; gen NLL: nats/token "
+          f"under {cfg.scorer}\n{'checkpoint':<40} {'schedule':>8} {'T':>5} {'NFE':>5} {'cached':>8} {'uncached':>9} "
+          f"{'gen NLL':>8} {'entropy':>8}")
+    yield [row]
     for out_dir, ckpt in ckpts.items():
         model = GPT.from_checkpoint(ckpt, device).eval()
         L, alpha_0 = model.config.block_size, ckpt["config"]["alpha_0"]
         template = torch.full((L,), model.config.mask_id, device=device)
-        for schedule in cfg.schedules.split(","):
-            if alpha_0 == 0 and schedule != "random":  # AR: one schedule only, left to right
-                continue
+        for schedule in [s for s in cfg.schedules.split(",") if alpha_0 or s == "random"]:  # AR: left to right
             for steps in dict.fromkeys(L if s == "L" else int(s) for s in cfg.steps_list.split(",")):  # T = L once
-                run = lambda kv: generate(model, template, cfg.num_samples, steps, alpha_0, kv_cache=kv,
-                                          seed=cfg.seed, schedule=schedule)
-                dt, (x, nfe) = timed(lambda: run(True), device)
-                dt_u, (x_u, _) = timed(lambda: run(False), device)
-                with torch.no_grad():
-                    gen_nll = iw_nll(scorer, x, 0.0).mean().item()
-                ent = sum(unigram_entropy(r) for r in x.cpu()) / len(x)
-                rows.append(dict(out_dir=out_dir, denoiser=model.config.denoiser, alpha_0=alpha_0, schedule=schedule,
-                                 steps=steps, nfe=nfe, seconds=dt, seconds_uncached=dt_u,
-                                 same_tokens=bool(torch.equal(x, x_u)), gen_nll=gen_nll, entropy=ent))
-                print(f"{out_dir:<40} {schedule:>8} {steps:>5} {nfe:>5} {dt:>8.2f} {dt_u:>9.2f} {gen_nll:>8.3f} "
-                      f"{ent:>8.3f}", flush=True)
-    return rows
+                times, out = interleaved({kv: functools.partial(generate, model, template, cfg.num_samples, steps,
+                                                                alpha_0, kv_cache=kv, seed=cfg.seed, schedule=schedule)
+                                          for kv in (True, False)}, 1, device)
+                (x, nfe), (x_u, _) = out.values()
+                row = dict(out_dir=out_dir, denoiser=model.config.denoiser, alpha_0=alpha_0, schedule=schedule,
+                           steps=steps, nfe=nfe, seconds=times[True][0], seconds_uncached=times[False][0],
+                           same_tokens=torch.equal(x, x_u), **quality(x))
+                print(f"{out_dir:<40} {schedule:>8} {steps:>5} {nfe:>5} {row['seconds']:>8.2f} "
+                      f"{row['seconds_uncached']:>9.2f} {row['gen_nll']:>8.3f} {row['entropy']:>8.3f}")
+                yield [row]
 
 
 def bench_prepare(cfg, device):
@@ -324,43 +274,72 @@ def bench_prepare(cfg, device):
     cut into the same pieces, on all cores (the speed to compare with)."""
     import random
     import subprocess
-    import sys
     import tempfile
     prepare("shakespeare")  # the lines to shuffle (downloaded if missing)
     lines = open(os.path.join("data", "shakespeare", "input.txt"), encoding="utf-8").read().splitlines(keepends=True)
+    rng = random.Random(cfg.seed)
     with tempfile.TemporaryDirectory() as tmp:
         os.makedirs(os.path.join(tmp, "big"))
         path = os.path.join(tmp, "big", "input.txt")
-        rng, size = random.Random(cfg.seed), 0
         with open(path, "w", encoding="utf-8") as f:
-            while size < cfg.prepare_mb * 1e6:
-                chunk = "".join(rng.choices(lines, k=10000))
-                f.write(chunk)
-                size += len(chunk.encode())
-        mb = size / 1e6
-        code = {"prepare": f"import time, data; t0 = time.perf_counter(); data.prepare('big', {tmp!r}); "
-                           "print(time.perf_counter() - t0)",
-                "tiktoken": f"import os, time, data; text = open({path!r}, encoding='utf-8').read(); "
-                            "enc = data.gpt2_encoding(); pieces = [text[i: i + data.PIECE] for i in "
-                            "range(0, len(text), data.PIECE)]; t0 = time.perf_counter(); "
-                            "enc.encode_ordinary_batch(pieces, num_threads=os.cpu_count()); "
-                            "print(time.perf_counter() - t0)"}
-        rows = []
+            while f.tell() < cfg.prepare_mb * 1e6:
+                f.write("".join(rng.choices(lines, k=10000)))
+        mb = os.path.getsize(path) / 1e6
         print(f"a {mb:.0f} MB text (Tiny Shakespeare's lines, shuffled), {os.cpu_count()} cores")
-        for name, src in code.items():
-            out = subprocess.run([sys.executable, "-c", f"{src}\nimport resource; print(resource.getrusage("
-                                  "resource.RUSAGE_SELF).ru_maxrss)"], capture_output=True, text=True,
-                                 cwd=os.path.dirname(os.path.abspath(__file__)))
-            if out.returncode:
-                raise UserError(f"{name} failed: {out.stderr.strip().splitlines()[-1]}")
-            peak = int(out.stdout.split()[-1]) / 1024  # ru_maxrss is in KB on Linux
-            dt = float(out.stdout.split()[0])
-            rows.append(dict(what=name, mb=mb, seconds=dt, mb_per_s=mb / dt, peak_mb=peak))
-            label = ("data.prepare: read, count, encode, renumber, write" if name == "prepare" else
-                     "tiktoken encode_ordinary_batch alone (text already in memory)")
-            print(f"  {label:<66} {dt:7.1f} s {mb / dt:7.1f} MB/s, peak memory {peak:7.0f} MB", flush=True)
-        print(f"  -> prepare reaches {rows[0]['mb_per_s'] / rows[1]['mb_per_s']:.0%} of tiktoken's MB/s")
-    return rows
+        load = (f"text = open({path!r}, encoding='utf-8').read(); enc = data.gpt2_encoding(); pieces = "
+                "[text[i: i + data.PIECE] for i in range(0, len(text), data.PIECE)]; ")
+        code = {"prepare": ("data.prepare: read, count, encode, renumber, write", "", f"data.prepare('big', {tmp!r})"),
+                "tiktoken": ("tiktoken encode_ordinary_batch alone (text already in memory)", load,
+                             "enc.encode_ordinary_batch(pieces, num_threads=os.cpu_count())")}
+        for what, (label, setup, work) in code.items():
+            src = (f"import os, resource, time, data; {setup}t0 = time.perf_counter(); {work}; "
+                   "print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            out = subprocess.run([sys.executable, "-c", src], stdout=subprocess.PIPE, text=True, check=True,
+                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split()
+            dt, peak = float(out[0]), int(out[1]) / 1024  # ru_maxrss: KB on Linux
+            print(f"  {label:<66} {dt:7.1f} s {mb / dt:7.1f} MB/s, peak memory {peak:7.0f} MB")
+            yield [dict(what=what, mb=mb, seconds=dt, mb_per_s=mb / dt, peak_mb=peak)]
+
+
+# -----------------------------------------------------------------------------
+# a cached sampling step: its products, its profile
+
+def bench_linear(cfg, device):
+    """The products of one cached sampling step (a few rows through every weight matrix of the fixed model's
+    blocks) as F.linear and as (W xᵀ)ᵀ, which round differently and whose speed at 2 to 8 rows depends on the
+    machine; the layout model.Linear takes on this machine when sampling; then a whole cached sampling step at L
+    (the last of --lengths) with every such product in each layout."""
+    L = int(cfg.lengths.split(",")[-1])
+    model, template = fixed_model(cfg, device, L)
+    lins = [m for m in model.transformer.h.modules() if isinstance(m, Linear)]
+    mb = sum(lin.weight.numel() * lin.weight.element_size() for lin in lins) / 1e6
+    ways = {"F.linear": lambda lin, x: torch.nn.functional.linear(x, lin.weight),
+            "(W xT)T": lambda lin, x: lin.transposed(x)}
+    print(f"few-row products through all {len(lins)} weight matrices ({mb:.1f} MB) of a {cfg.n_layer} x "
+          f"{cfg.n_embd} model, {device}, {torch.get_num_threads()} threads; ms per pass and GB/s of weights read, "
+          f"median of {cfg.rounds} interleaved rounds\n{'rows':>4} {'F.linear':>26} {'(W xT)T':>26}")
+    with torch.inference_mode():
+        xs = {n: {lin.in_features: torch.randn(n, lin.in_features, device=device) for lin in lins}
+              for n in (1, 2, 4, 8, 16)}
+        fns = {(n, way): lambda n=n, way=way: [ways[way](lin, xs[n][lin.in_features]) for _ in range(cfg.iters)
+                                               for lin in lins] for n in xs for way in ways}
+        interleaved(fns, 1, device)  # warm-up
+        times = interleaved(fns, cfg.rounds, device)[0]
+    for n in xs:
+        ms = {way: statistics.median(times[n, way]) / cfg.iters * 1000 for way in ways}
+        print(f"{n:>4} " + " ".join(f"{t:>12.2f} ms {mb / t:>7.1f} GB/s" for t in ms.values()))
+        yield [dict(rows=n, **ms)]
+    choice = few_rows_transposed()
+    print(f"this machine (CPU {cpu_vendor() or 'unknown'}, MKL {torch.backends.mkl.is_available()}): sampling "
+          f"computes 2 to 8 rows as {'(W xT)T' if choice else 'F.linear'}; ESO_LM_FEW_ROWS overrides it")
+    step = sampler(model, template, 1, 10 ** 6, 1.0, replace(cfg, compile=False), device)
+    step()  # warm-up
+    fns = {way: mock.patch("model.few_rows_transposed", lambda t=t: t)(step)  # what sampling asks
+           for way, t in (("F.linear", False), ("(W xT)T", True))}
+    print(f"a cached sampling step, L={L}, every few-row product in one layout:")
+    ms = per_step(fns, cfg, device)
+    yield [dict(rows="this machine", transposed=choice)] + [
+        dict(rows="sampling step", L=L, layout=way, ms_per_step=v) for way, v in ms.items()]
 
 
 # ops that make a view, allocate, or pass their input through: no kernel runs (on a GPU, none is launched)
@@ -381,186 +360,186 @@ def kernels(events):
     return sum(runs(e) and not calls_one(e) for e in events)
 
 
+def profiled(run):
+    """run() (-> NFE) under torch.profiler: (op calls per step, nested ones counted; kernels per step; the
+    profile; NFE)."""
+    with torch.profiler.profile() as prof:
+        nfe = run()
+    return len(prof.events()) / nfe, kernels(prof.events()) / nfe, prof, nfe
+
+
+def products_of(model, run):
+    """run() (-> NFE) once; then (a function that makes its weight products again, alone: the same Linear
+    modules, inputs and layout, the floor of its steps (-> NFE); the products per step)."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, x, y: seen.append((m, x[0]))) for m in model.modules()
+             if isinstance(m, Linear)]
+    nfe = run()
+    for hook in hooks:
+        hook.remove()
+
+    def products():
+        with torch.inference_mode(), sampling_products():  # in the layout the sampler uses
+            for m, x in seen:
+                m(x)
+        return nfe
+    return products, len(seen) / nfe
+
+
 def bench_profile(cfg, device):
     """Where the time of a cached sampling step goes (Eso-LM (B), batch 1, NFE ≈ L, L the last of --lengths):
-    under torch.profiler, the op calls per step (nested ones counted), how many of them run a kernel, and ms per
-    step by op (CPU-side: on a GPU that is launch overhead); then, unprofiled, in --rounds interleaved rounds: the
-    step, its weight products alone (the same Linear modules, rows and layout: the step's floor), and AR decoding
-    through the same cache; with --compile=True also the static-shape step of sample.py --compile=True, eager and
-    compiled (on the CPU, its op calls and kernels counted as the eager step's)."""
+    under torch.profiler, the op calls per step, how many of them run a kernel, and ms per step by op (CPU-side:
+    on a GPU that is launch overhead); then, unprofiled, in --rounds interleaved rounds: the step, its weight
+    products alone (the step's floor), and AR decoding through the same cache; with --compile=True also the
+    static-shape step of sample.py --compile=True, eager and compiled (on the CPU, its op calls and kernels
+    counted as the eager step's)."""
     L = int(cfg.lengths.split(",")[-1])
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(L, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd)).to(device).eval()
-    template = torch.full((L,), model.config.mask_id, device=device)
-    step = lambda alpha_0=1.0: generate(model, template, 1, 10 ** 6, alpha_0, top_p=1.0)[1]
-    generate(model, template[:64], 1, 10 ** 6, 1.0)  # warm-up, as bench_sample
-    with torch.profiler.profile() as prof:
-        nfe = step()
-    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-    per_step = {e.key: e.self_cpu_time_total / 1000 / nfe for e in ops}  # ms per step
-    group = lambda key: ("matrix products" if key in ("aten::mm", "aten::addmm", "aten::bmm") else
-                         "attention" if "scaled_dot_product" in key else "everything else")
+    model, template = fixed_model(cfg, device, L)
+    eager = replace(cfg, compile=False)
+    runs = {"step": sampler(model, template, 1, 10 ** 6, 1.0, eager, device),
+            "AR step": sampler(model, template, 1, 10 ** 6, 0.0, eager, device)}
+    runs["products alone"], products = products_of(model, runs["step"])  # (and a warm-up)
+    calls, launched, prof, nfe = profiled(runs["step"])
     groups = {}
-    for key, ms in per_step.items():
-        groups[group(key)] = groups.get(group(key), 0) + ms
-    calls, launched = len(prof.events()) / nfe, kernels(prof.events()) / nfe
-    mm_calls = sum(e.count for e in ops if group(e.key) == "matrix products") / nfe
+    for e in prof.key_averages():
+        group = ("matrix products" if e.key in ("aten::mm", "aten::addmm", "aten::bmm") else
+                 "attention" if "scaled_dot_product" in e.key else "everything else")
+        groups[group] = groups.get(group, 0) + e.self_cpu_time_total / 1000 / nfe  # ms per step
+    row = dict(L=L, nfe=nfe, op_calls_per_step=calls, kernels_per_step=launched, products_per_step=products,
+               **{f"{k} ms": v for k, v in groups.items()})
     print(f"one cached sampling step, L={L}, NFE={nfe}, {cfg.n_layer} x {cfg.n_embd}, {device}, "
           f"{torch.get_num_threads()} threads: {calls:.0f} op calls (nested ones counted), {launched:.0f} of which run "
-          f"a kernel (the rest make views or allocate); under torch.profiler {sum(per_step.values()):.2f} ms, of which")
-    for name, ms in groups.items():
-        print(f"  {name:<20} {ms:7.3f} ms")
-    print(f"  {'op':<52} {'ms/step':>8} {'calls/step':>10}")
-    for e in ops[:12]:
-        print(f"  {e.key[:52]:<52} {per_step[e.key]:8.3f} {e.count / nfe:10.1f}")
-    # a step's products: every layer's c_attn on the 2 fed tokens, the rest on 2 rows, but the last layer's, which
-    # computes only the mask's row, as does lm_head
-    h = model.transformer.h
-    lins = [(lin, 1 if i == len(h) - 1 and lin is not blk.attn.c_attn else 2) for i, blk in enumerate(h)
-            for lin in (blk.attn.c_attn, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj)] + [(model.lm_head, 1)]
-    xs = [torch.randn(1, rows, lin.in_features, device=device) for lin, rows in lins]
-
-    def products(n=100):
-        with torch.inference_mode(), sampling_products():  # in the layout the sampler uses
-            for _ in range(n):
-                for (lin, _), x in zip(lins, xs):
-                    lin(x)
-        return n
-    runs = {"step": step, "products alone": products, "AR step": lambda: step(0.0)}
+          f"a kernel (the rest make views or allocate), {products:.0f} weight products; under torch.profiler "
+          f"{sum(groups.values()):.2f} ms, of which " + ", ".join(f"{k} {v:.3f} ms" for k, v in groups.items()))
     if cfg.compile:  # the GPU path's step (static shapes, as sample.py --compile=True), eager and compiled
-        static_run, net, compiled_counts = compiled_static_step(model, template, device)
-        runs.update({"static step, eager": lambda: static_run(model), "static step, compiled": lambda: static_run(net)})
-    ms = {name: [] for name in runs}
-    for _ in range(cfg.rounds):
-        for name, fn in runs.items():
-            dt, n = timed(fn, device)
-            ms[name].append(dt / n * 1000)
-    ratio = lambda a, b: sorted(x / y for x, y in zip(ms[a], ms[b]))  # per round: drift hits both alike
-    said = lambda r: f"{statistics.median(r):.2f}x [{r[0]:.2f}-{r[-1]:.2f}]"
-    floor, ar = ratio("step", "products alone"), ratio("step", "AR step")
-    print(f"unprofiled, median of {cfg.rounds} interleaved rounds: " +
-          ", ".join(f"{k} {statistics.median(v):.2f} ms" for k, v in ms.items()) +
-          f"; the step is {said(floor)} its products alone and {said(ar)} an AR step")
-    row = dict(L=L, nfe=nfe, op_calls_per_step=calls, kernels_per_step=launched, products_per_step=mm_calls,
-               **{f"{k} ms": v for k, v in groups.items()}, **{f"{k} ms rounds": v for k, v in ms.items()},
-               step_over_products=statistics.median(floor), step_over_ar=statistics.median(ar))
+        runs["static step, eager"] = sampler(model, template, 1, 10 ** 6, 1.0, cfg, device)
+        with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):  # C++ kernels seen by the profiler
+            runs["static step, compiled"] = sampler(compiled(model), template, 1, 10 ** 6, 1.0, cfg, device)
+        if device == "cpu":  # (on a GPU the profiler would see one CUDA graph replay per step)
+            calls, launched, prof, n = profiled(runs["static step, compiled"])
+            row.update(compiled_op_calls_per_step=calls, compiled_kernels_per_step=launched)
+            print(f"the compiled static step: {calls:.0f} op calls, {launched:.0f} of which run a kernel "
+                  f"({sum('cpp_fused' in e.name for e in prof.events()) / n:.0f} of Inductor's fused C++ kernels, the "
+                  "rest products, attention and sampling)")
+    print("unprofiled, ms per step:")
+    ms = per_step(runs, cfg, device)
+    floor, ar = ratio(ms["step"], ms["products alone"]), ratio(ms["step"], ms["AR step"])
+    print(f"the step is {said(floor)} its products alone and {said(ar)} an AR step")
+    row.update({f"{k} ms rounds": v for k, v in ms.items()}, step_over_products=floor[0], step_over_ar=ar[0])
     if cfg.compile:
-        compiled, static = ratio("static step, compiled", "step"), ratio("static step, eager", "step")
-        print(f"the compiled static step is {said(compiled)} the eager step; run eagerly, the static step (a padded "
+        fast, static = ratio(ms["static step, compiled"], ms["step"]), ratio(ms["static step, eager"], ms["step"])
+        print(f"the compiled static step is {said(fast)} the eager step; run eagerly, the static step (a padded "
               f"chunk, all {L} cache slots read) is {said(static)} it")
-        row.update(compiled_over_eager=statistics.median(compiled), static_over_eager=statistics.median(static))
-        row.update(compiled_counts)
-    return [row]
+        row.update(compiled_over_eager=fast[0], static_over_eager=static[0])
+    yield [row]
 
 
-def compiled_static_step(model, template, device):
-    """The static-shape sampling step of sample.py --compile=True: (run(net) -> NFE, the compiled net, and on the
-    CPU its op calls and kernels per step, counted as bench_profile counts the eager step's)."""
-    cache = new_cache(model, 1, len(template), device, static=True)
-    static_run = lambda net: generate(net, template, 1, 10 ** 6, 1.0, top_p=1.0, static=True, cache=cache)[1]
-    net = torch.compile(model, mode="reduce-overhead")
-    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):  # C++ kernels seen by the profiler
-        for _ in range(2):  # as sample.py: every step shape compiled and warmed up before anything is timed
-            static_run(net)
-    if device != "cpu":  # (on a GPU the profiler would see one CUDA graph replay per step)
-        return static_run, net, {}
-    with torch.profiler.profile() as prof:
-        steps = static_run(net)
-    fused = sum("cpp_fused" in e.name for e in prof.events()) / steps
-    counts = dict(compiled_op_calls_per_step=len(prof.events()) / steps,
-                  compiled_kernels_per_step=kernels(prof.events()) / steps)
-    print(f"the compiled static step: {counts['compiled_op_calls_per_step']:.0f} op calls, "
-          f"{counts['compiled_kernels_per_step']:.0f} of which run a kernel ({fused:.0f} of Inductor's fused C++ "
-          "kernels, the rest products, attention and sampling)")
-    return static_run, net, counts
+# -----------------------------------------------------------------------------
+# the GPU report
+
+def sample_py(cfg, device):
+    """What `python sample.py --steps 32` runs on the char checkpoint: --sample_batch samples of L (--lengths)
+    tokens in --small_steps steps, α0 = 0.5, top_p 0.9, temperature 1, KV cache, static and compiled on CUDA as
+    sample.py does (after its two warm-up runs)."""
+    model, template = fixed_model(cfg, device, int(cfg.lengths))
+    run = sampler(compiled(model) if cfg.compile else model, template, cfg.sample_batch, cfg.small_steps, 0.5, cfg,
+                  device, top_p=0.9)
+    times, nfe = interleaved({"sample.py": run}, 1, device)
+    print(f"NFE {nfe['sample.py']}: {times['sample.py'][0]:.3f} s")
+    yield [dict(nfe=nfe["sample.py"], seconds=times["sample.py"][0])]
 
 
-def bench_linear(cfg, device):
-    """The products of one cached sampling step (a few rows through every weight matrix of the fixed model) as
-    F.linear and as (W xᵀ)ᵀ, which round differently and whose speed at 2 to 8 rows depends on the machine; the
-    layout model.Linear takes on this machine when sampling; then a whole cached sampling step at L (the last of
-    --lengths) with every such product in each layout."""
-    import model as model_module
-    torch.manual_seed(0)
-    C = cfg.n_embd
-    lins = [Linear(i, o, bias=False).to(device) for _ in range(cfg.n_layer) for o, i in
-            ((3 * C, C), (C, C), (4 * C, C), (C, 4 * C))]  # c_attn, attn c_proj, c_fc, mlp c_proj per layer
-    mb = sum(lin.weight.numel() * lin.weight.element_size() for lin in lins) / 1e6
-    ways = {"F.linear": lambda lin, x: F.linear(x, lin.weight), "(W xT)T": lambda lin, x: lin.transposed(x)}
-    print(f"few-row products through all {len(lins)} weight matrices ({mb:.1f} MB) of a {cfg.n_layer} x {C} "
-          f"model, {device}, {torch.get_num_threads()} threads; ms per pass and GB/s of weights read")
-    print(f"{'rows':>4} " + " ".join(f"{w:>26}" for w in ways))
-    rows = []
-    with torch.inference_mode():
-        for n in (1, 2, 4, 8, 16):
-            xs = {i: torch.randn(n, i, device=device) for i in (C, 4 * C)}
-            res = {}
-            for name, fn in ways.items():
-                run = lambda: [fn(lin, xs[lin.in_features]) for lin in lins]
-                run()
-                dt, _ = timed(lambda: [run() for _ in range(cfg.iters)], device)
-                res[name] = dt / cfg.iters
-            rows.append(dict(rows=n, **{k: v * 1000 for k, v in res.items()}))
-            print(f"{n:>4} " + " ".join(f"{t * 1000:>12.2f} ms {mb / 1000 / t:>7.1f} GB/s" for t in res.values()),
-                  flush=True)
-    choice = model_module.few_rows_transposed()
-    print(f"this machine (CPU {model_module.cpu_vendor() or 'unknown'}, MKL {torch.backends.mkl.is_available()}): "
-          f"sampling computes 2 to 8 rows as {'(W xT)T' if choice else 'F.linear'}; ESO_LM_FEW_ROWS overrides it")
-    L = int(cfg.lengths.split(",")[-1])
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(L, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd)).to(device).eval()
-    template = torch.full((L,), model.config.mask_id, device=device)
-    generate(model, template, 1, 10 ** 6, 1.0)  # warm-up
-    ms = {"F.linear": [], "(W xT)T": []}
-    try:
-        for _ in range(cfg.rounds):
-            for name, transposed in zip(ms, (False, True)):
-                model_module.few_rows_transposed = lambda: transposed  # what sampling_products asks
-                dt, (_, nfe) = timed(lambda: generate(model, template, 1, 10 ** 6, 1.0, top_p=1.0), device)
-                ms[name].append(dt / nfe * 1000)
-    finally:
-        model_module.few_rows_transposed = few_rows_transposed
-    print(f"a cached sampling step, L={L}, every few-row product in one layout, {cfg.rounds} interleaved rounds: "
-          + ", ".join(f"{name} {statistics.median(v):.2f} ms [{min(v):.2f}-{max(v):.2f}]" for name, v in ms.items()))
-    rows.append(dict(rows="this machine", transposed=choice))
-    rows += [dict(rows="sampling step", L=L, layout=name, ms_per_step=v) for name, v in ms.items()]
-    return rows
+SIZE, BIG = dict(n_layer=6, n_head=6, n_embd=384), dict(n_layer=12, n_head=12, n_embd=768)  # the char model, GPT-2's
+GPU_PARTS = [  # (table, mode, its flags), the cheap and most used first
+    ("sample.py defaults", sample_py, dict(SIZE, lengths="256", sample_batch=4, small_steps=32)),
+    ("train", bench_train, dict(SIZE, batch_size=64, block_size=256)),  # train.py's GPU preset
+    ("latency", bench_sample, dict(SIZE, lengths="1024", sample_batch=1, mdlm_steps=128)),
+    ("throughput", bench_sample, dict(SIZE, lengths="1024", sample_batch=64, mdlm_steps=64)),
+    ("latency", bench_sample, dict(BIG, lengths="2048", sample_batch=1, mdlm_steps=128)),
+    ("latency", bench_sample, dict(BIG, lengths="8192", sample_batch=1, mdlm_steps=128))]
 
 
-def validate(cfg, benches):
-    """The flags' values, checked before anything is timed, each wrong one as one line."""
-    numbers = lambda text, extra=(): all(s.strip() in extra or (s.strip().isdigit() and int(s) >= 1)
-                                         for s in text.split(","))
-    checks = [(cfg.what in benches, f"--what={cfg.what} must be one of {', '.join(benches)}"),
-              (numbers(cfg.lengths), f"--lengths={cfg.lengths} must be positive integers separated by commas"),
-              (numbers(cfg.steps_list, ("L",)), f"--steps_list={cfg.steps_list} must be positive integers or L, "
-               "separated by commas"),
-              (min(cfg.rounds, cfg.iters, cfg.small_steps, cfg.sample_batch, cfg.num_samples, cfg.prepare_mb) >= 1
-               and max(cfg.sample_batch, cfg.num_samples) < 2 ** 31, "--rounds, --iters, --small_steps, "
-               "--sample_batch, --num_samples and --prepare_mb must be positive (--sample_batch and --num_samples "
-               "below 2**31)"),
-              (cfg.mdlm_steps >= 0, f"--mdlm_steps={cfg.mdlm_steps} must be >= 0 (0: all of them)"),
-              *shape_checks(cfg), (cfg.vocab_size >= 1 and cfg.batch_size >= 1,
-                                   "--vocab_size and --batch_size must be positive"),
-              (set(cfg.schedules.split(",")) <= {"random", "strided"}, f"--schedules={cfg.schedules} must be random, "
-               "strided or both, separated by a comma"),
-              (not cfg.json_out or os.path.isdir(os.path.dirname(os.path.abspath(cfg.json_out)))
-               and not os.path.isdir(cfg.json_out), f"--json_out={cfg.json_out} must name a file in a folder that "
-               "exists")]
-    require(checks)
-    few_rows_transposed()
+def compile_counts():
+    """Dynamo's and Inductor's running totals (on a CPU, which has no CUDA graphs, every Inductor graph is a
+    skip)."""
+    return dict(graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()),
+                cudagraph_skips=counters["inductor"]["cudagraph_skips"])
+
+
+def bench_gpu(cfg, device):
+    """One command, the whole GPU report (GPU_PARTS): sample.py's default workload, a training iteration of the
+    GPU preset, then the paper's latency protocol (Table 11: batch 1, NFE ≈ L) at 6 x 384 and, last, at its model
+    size, 12 x 768. On CUDA all is compiled as train.py and sample.py do by default (CUDA graphs for sampling),
+    each part afresh; a CUDA-graph skip is an error (main). Each row records what ran since its part began
+    (compile_counts; compiled: asked for, and no graph break). The rows timed together next start only while the
+    time spent and that of the last ones fit in --budget_s; a failure ends its part; a row with timed=False says
+    why a part stopped after rows_timed rows (what is left of it, if anything, is not timed)."""
+    want, t0, stop = cfg.compile or device.startswith("cuda"), time.perf_counter(), ""
+    for table, bench, flags in GPU_PARTS:
+        print(f"\n{table}, {flags}")
+        torch._dynamo.reset()  # Dynamo's recompile limit counts across model instances
+        before, done, why, t1 = compile_counts(), 0, stop, time.perf_counter()
+        try:
+            for rows in [] if stop else bench(replace(cfg, compile=want, rounds=1, **flags), device):
+                ran = {k: v - before[k] for k, v in compile_counts().items()}
+                ran["compiled"] = want and ran["graphs"] > 0 and not ran["graph_breaks"]
+                print(f"-> {'compiled' if ran['compiled'] else 'not compiled'}: {ran['graphs']} graphs, "
+                      f"{ran['graph_breaks']} graph breaks, {ran['cudagraph_skips']} CUDA-graph skips")
+                done += len(rows)
+                yield [dict(r, table=table, **flags, timed=True, **ran) for r in rows]
+                spent, last, t1 = time.perf_counter() - t0, time.perf_counter() - t1, time.perf_counter()
+                if spent + last > cfg.budget_s:
+                    stop = why = f"{spent:.0f} s spent of the {cfg.budget_s} s budget"
+                    break
+        except Exception as e:  # the rows done are kept
+            e = getattr(e, "inner_exception", None) or e
+            why = f"{type(e).__name__}: {str(e).strip()[:2000]}"
+        if why:
+            print(f"not timed after {done} rows: {why.splitlines()[0]}")
+            yield [dict(table=table, **flags, timed=False, rows_timed=done, reason=why)]
+    print(f"\nthe whole report took {time.perf_counter() - t0:.0f} s")
+
+
+# -----------------------------------------------------------------------------
+
+BENCHES = dict(sample=bench_sample, train=bench_train, frontier=bench_frontier, prepare=bench_prepare,
+               linear=bench_linear, profile=bench_profile, gpu=bench_gpu)
+
+
+def validate(cfg):
+    """The flags, checked before anything runs, each wrong one as one line that names it."""
+    ints = lambda text, extra=(): all(s in extra or s.isdigit() and int(s) > 0 for s in text.split(","))
+    require([(cfg.what in BENCHES, f"--what={cfg.what} must be one of {', '.join(BENCHES)}"),
+             (ints(cfg.lengths), f"--lengths={cfg.lengths} must be positive integers separated by commas"),
+             (ints(cfg.steps_list, ("L",)), f"--steps_list={cfg.steps_list} must be positive integers or L, separated "
+              "by commas"),
+             (min(cfg.rounds, cfg.iters, cfg.small_steps, cfg.sample_batch, cfg.num_samples, cfg.prepare_mb,
+                  cfg.vocab_size, cfg.batch_size, cfg.mdlm_steps + 1) > 0, "--rounds, --iters, --small_steps, "
+              "--sample_batch, --num_samples, --prepare_mb, --vocab_size and --batch_size must be positive, "
+              "--mdlm_steps >= 0"),
+             *shape_checks(cfg),
+             (set(cfg.schedules.split(",")) <= {"random", "strided"}, f"--schedules={cfg.schedules} must be random, "
+              "strided or both, separated by a comma"),
+             (cfg.what != "frontier" or cfg.out_dirs and cfg.scorer, "--what=frontier needs --out_dirs=dir1,dir2 and "
+              "--scorer=<the α0=0 checkpoint dir>"),
+             (not cfg.json_out or os.path.isdir(os.path.dirname(os.path.abspath(cfg.json_out))) and not
+              os.path.isdir(cfg.json_out), f"--json_out={cfg.json_out} must name a file in a folder that exists")])
+    few_rows_transposed()  # ESO_LM_FEW_ROWS
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
     cfg = BenchConfig()
     parse_args(cfg, argv)
-    benches = {"sample": bench_sample, "train": bench_train, "frontier": bench_frontier, "linear": bench_linear,
-               "prepare": bench_prepare, "gpu": bench_gpu, "profile": bench_profile}
-    validate(cfg, benches)
-    device = pick_device(cfg.device)
-    rows = benches[cfg.what](cfg, device)
-    if cfg.json_out:
-        atomic_write(cfg.json_out, lambda f: json.dump(rows, f, indent=1), "w")
+    validate(cfg)
+    device, rows = pick_device(cfg.device), []
+    with torch._inductor.config.patch({"triton.cudagraph_or_error": True}):  # a CUDA-graph skip is an error
+        for unit in BENCHES[cfg.what](cfg, device):  # the rows timed together
+            rows += unit
+            if cfg.json_out:  # after every unit: a stop, a failure or Ctrl-C keeps every row measured
+                atomic_write(cfg.json_out, lambda f: json.dump(rows, f, indent=1), "w")
 
 
 if __name__ == "__main__":

@@ -38,9 +38,8 @@ def test_every_readme_command_runs(tmp_path, monkeypatch):
     os.makedirs(tmp_path / "assets")
     text = TEXT * 3 + open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()  # every character it quotes
     (tmp_path / "data" / "shakespeare" / "input.txt").write_text(text)
-    monkeypatch.setattr(bench, "GPU_LATENCY", [((1, 2, 16), 16, 1, 4)])  # the GPU report's code, at tiny sizes
-    monkeypatch.setattr(bench, "GPU_SAMPLE_DEFAULTS", dict(L=16, size=(1, 2, 16), num_samples=2, steps=4, alpha_0=0.5))
-    monkeypatch.setattr(bench, "GPU_TRAIN", dict(batch_size=4, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    tiny = dict(n_layer=1, n_head=2, n_embd=16, lengths="16", batch_size=4, block_size=16)  # the GPU report, tiny
+    monkeypatch.setattr(bench, "GPU_PARTS", [(t, f, dict(flags, **tiny)) for t, f, flags in bench.GPU_PARTS[:3]])
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="eager"))
     trains = [c for c in commands if c[:2] == ["python", "train.py"] and "--eval_only=True" not in c]

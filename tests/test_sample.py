@@ -258,12 +258,15 @@ def test_cache_is_preallocated_and_never_commits_masks():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--n_embd=30", "--n_head=4"], "n_embd=30 must be n_head=4 times an even head size (RoPE)"),
-    (["--n_head=0"], "block_size=64, n_layer=6, n_head=0 and n_embd=384 must be positive"),
-    (["--vocab_size=0"], "--vocab_size and --batch_size must be positive"),
-    (["--what=train", "--block_size=0"], "block_size=0, n_layer=6, n_head=6 and n_embd=384 must be positive"),
-    (["--sample_batch=" + str(2 ** 62)], "--rounds, --iters, --small_steps, --sample_batch, --num_samples and "
-     "--prepare_mb must be positive (--sample_batch and --num_samples below 2**31)"),
+    (["--n_embd=30", "--n_head=4"], "--n_embd=30 must be --n_head=4 times an even head size (RoPE)"),
+    (["--what=train", "--block_size=0"], "--block_size, --n_layer, --n_head and --n_embd must be positive"),
+    (["--vocab_size=0"], "--rounds, --iters, --small_steps, --sample_batch, --num_samples, --prepare_mb, --vocab_size "
+     "and --batch_size must be positive, --mdlm_steps >= 0"),
+    (["--mdlm_steps=-1"], "--rounds, --iters, --small_steps, --sample_batch, --num_samples, --prepare_mb, "
+     "--vocab_size and --batch_size must be positive, --mdlm_steps >= 0"),
+    (["--lengths=16,x"], "--lengths=16,x must be positive integers separated by commas"),
+    (["--what=frontier"], "--what=frontier needs --out_dirs=dir1,dir2 and --scorer=<the α0=0 checkpoint dir>"),
+    (["--what=gpus"], "--what=gpus must be one of sample, train, frontier, prepare, linear, profile, gpu"),
 ])
 def test_bench_refuses_an_impossible_model_in_one_line(flags, message):
     r = conftest.cli("bench.py", "--lengths=16", "--rounds=1", *flags)
@@ -273,8 +276,7 @@ def test_bench_refuses_an_impossible_model_in_one_line(flags, message):
 def test_bench_tables(tmp_path):
     """bench.py's sampling, linear and profile tables on a tiny model (timings are printed, never asserted):
     every sampler row is there with its three rounds, AR decoding makes exactly L forward passes, T = 4 at most
-    4, and a cached step, profiled, runs each weight matrix once (4 per layer and the output layer: no logits
-    computed and thrown away)."""
+    4, and a cached step runs each weight matrix once (4 per layer and the output layer), as its profile counts."""
     out = tmp_path / "rows.json"
     tiny = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--device=cpu", f"--json_out={out}"]
     r = conftest.run("bench.py", "--lengths=16,32", "--small_steps=4", "--mdlm_steps=2", *tiny)
@@ -284,8 +286,8 @@ def test_bench_tables(tmp_path):
     assert [(row["L"], row["schedule"]) for row in rows] == [(L, s) for L in (16, 32) for s in schedules]
     assert all(row["nfe"] == row["L"] for row in rows if row["sampler"].startswith("AR"))
     assert all(row["nfe"] <= 4 for row in rows if row["schedule"] == "T=4")
-    assert r.stdout.count("cached is") == 4
-    assert len(re.findall(r"cached / AR [0-9.]+ \[[0-9.]+-[0-9.]+\]", r.stdout)) == 2, "per round, with the range"
+    assert r.stdout.count("cached over MDLM") == 4
+    assert len(re.findall(r"cached / AR [0-9.]+x \[[0-9.]+-[0-9.]+\]", r.stdout)) == 2, "per round, with the range"
     for cached, mdlm in zip(rows, rows[1:]):  # MDLM timed on 2 steps, its NFE that of the schedule drawn (α0 = 1 both)
         if cached["sampler"].startswith("Eso-LM"):
             assert mdlm["extrapolated"] and mdlm["nfe"] == cached["nfe"], (cached, mdlm)
