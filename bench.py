@@ -2,26 +2,25 @@
 Benchmarks that print tables (timings live here, never in tests); --json_out keeps every row, written as soon as
 it is measured. Sampling follows the paper's latency protocol (Sec. 5.3, Table 11: batch 1, T = 10^6 so that
 NFE ≈ L, nucleus off) on a fixed randomly initialised model (speed does not depend on the weights).
-The modes (--what), and roughly how long each takes with its defaults on a 2-core laptop CPU (approximate):
+The modes (--what), and about how long each takes with its defaults on a 2-core laptop CPU:
 
-  sample    Eso-LM (B) cached vs MDLM vs AR decoding, L = 256 and 1024, NFE ≈ L and T = 32 (~4 min)
-  train     one training iteration of the recipe: diffusion (α0=1), hybrid (α0=0.5), AR (TODO(lead): duration)
-  frontier  speed-quality frontier of trained checkpoints: --out_dirs=out-a,out-b --scorer=out-ar (~1 min each)
-  prepare   data.prepare on a generated ~200 MB text: MB/s and peak memory, beside tiktoken's own (~1 min)
-  linear    few-row products as F.linear and as (W xᵀ)ᵀ, the layout sampling picks, a step in each (~1 min)
-  profile   where a cached sampling step's time goes, at the last of --lengths (~2 min); with --compile=True
-            also the compiled static-shape step (TODO(lead): duration: Inductor compiles on the CPU)
+  sample    Eso-LM (B) cached vs MDLM vs AR decoding, L = 256 and 1024, NFE ≈ L and T = 32 (TODO min)
+  train     one training iteration of the recipe: diffusion (α0=1), hybrid (α0=0.5), AR (TODO min)
+  frontier  the speed-quality frontier of trained checkpoints: --out_dirs=out-a,out-b --scorer=out-ar (TODO min)
+  prepare   data.prepare on a generated ~200 MB text: MB/s and peak memory (TODO min)
+  profile   where a cached sampling step's time goes, at the last of --lengths, and the step with its few-row
+            products in the other layout (TODO min); --compile=True adds the compiled static-shape step (TODO min)
   gpu       the GPU report (--device=cuda): sample.py's workload, a training iteration, Table 11 at 6 x 384 and
-            12 x 768 (stops at --budget_s, 6 min, and the rows under way)
+            12 x 768 (it stops when --budget_s, 6 min, would be passed)
 
-Every mode that times things takes turns in interleaved rounds (`interleaved`), so that drift on a shared machine
-hits every row alike: a row is the median of its rounds, a ratio the median of the rounds' ratios, with their range.
+The rows of a table take turns in interleaved rounds (`interleaved`), so that drift on a shared machine hits them
+alike: a row is the median of its rounds, a ratio the median of the rounds' ratios, with their range.
 MDLM is the baseline the paper compares with: the same network with no attention mask (bidirectional), a full
-forward over all L tokens at every step, no cache. Every one of its steps costs the same, so only --mdlm_steps
-of them (128; 0: all) are timed and the total is their mean times NFE (said so in the table).
-The frontier samples from each trained checkpoint at several step counts, then scores the samples with the
-AR (α0=0) model: its mean NLL per token is a small "generative perplexity" (the paper uses GPT-2 Large),
-shown next to the samples' unigram entropy so that repetitive text cannot look good.
+forward over all L tokens at every step, no cache. Its steps all cost the same, so only --mdlm_steps of them are
+timed and the total is their mean times NFE (said so in the table).
+The frontier samples from each trained checkpoint at several step counts and scores the samples with the AR
+(α0 = 0) model: their NLL per token is a small "generative perplexity" (the paper uses GPT-2 Large), shown beside
+their unigram entropy, so that repetitive text cannot look good.
 """
 import functools
 import json
@@ -37,15 +36,15 @@ from torch._dynamo.utils import counters
 
 from configurator import attention_backends, autocast_context, parse_args, pick_device, require, run_cli
 from data import atomic_write, get_batch, load_checkpoint, load_split, prepare, tokenizer_of
-from model import (GPT, GPTConfig, Linear, cpu_vendor, few_rows_transposed, iw_nll, nelbo, sampling_products,
+from model import (GPT, GPTConfig, Linear, cast_matrices, few_rows_transposed, iw_nll, nelbo, sampling_products,
                    shape_checks)
 from sample import generate, new_cache, plan
 
 
 @dataclass
 class BenchConfig:
-    what: str = "sample"  # sample, train, frontier, prepare, linear, profile or gpu (--help says what each times)
-    lengths: str = "256,1024"  # sequence lengths for --what=sample (linear and profile: the last one)
+    what: str = "sample"  # sample, train, frontier, prepare, profile or gpu (--help says what each times)
+    lengths: str = "256,1024"  # sequence lengths for --what=sample (profile: the last one)
     small_steps: int = 32  # the "small T" column
     sample_batch: int = 1  # --what=sample: sequences sampled at once (the paper's latency protocol: 1)
     mdlm_steps: int = 128  # --what=sample: time this many MDLM steps and scale to NFE (0: run them all)
@@ -55,10 +54,9 @@ class BenchConfig:
     vocab_size: int = 65  # the char checkpoint's
     batch_size: int = 12  # --what=train
     block_size: int = 64  # --what=train
-    iters: int = 20  # --what=train and linear: timed iterations per row and round
+    iters: int = 20  # --what=train: timed iterations per row and round
     rounds: int = 3  # interleaved rounds; medians and ratio ranges printed (--what=gpu: 1)
     compile: bool = False  # torch.compile the model (sampling: CUDA graphs over static shapes)
-    optimizer: str = "muon"  # --what=train: the recipe's (muon) or adamw
     out_dirs: str = ""  # --what=frontier: comma-separated checkpoints to sample from
     scorer: str = ""  # --what=frontier: the α0=0 checkpoint that scores samples
     steps_list: str = "8,16,32,64,L"  # --what=frontier
@@ -94,34 +92,24 @@ def interleaved(fns, rounds, device):
 
 
 def ratio(a, b):
-    """(median, min, max) of the per-round ratios a / b."""
+    """'median x [min-max]' of the per-round ratios a / b, and the median."""
     r = sorted(x / y for x, y in zip(a, b))
-    return statistics.median(r), r[0], r[-1]
+    return f"{statistics.median(r):.2f}x [{r[0]:.2f}-{r[-1]:.2f}]", statistics.median(r), r[0], r[-1]
 
 
-def said(r):
-    return f"{r[0]:.2f}x [{r[1]:.2f}-{r[2]:.2f}]"
-
-
-def per_step(runs, cfg, device):
-    """runs (-> NFE) in --rounds interleaved rounds: {name: ms per step in each round}, printed."""
-    times, nfe = interleaved(runs, cfg.rounds, device)
-    ms = {k: [t / nfe[k] * 1000 for t in ts] for k, ts in times.items()}
-    print(f"median of {cfg.rounds} interleaved rounds: " + ", ".join(
-        f"{k} {statistics.median(v):.2f} ms [{min(v):.2f}-{max(v):.2f}]" for k, v in ms.items()))
-    return ms
-
-
-def compiled(model, mode="reduce-overhead"):
-    """torch.compile as sample.py (CUDA graphs) or train.py (mode=None) does, but a graph break or Dynamo's
+def compiled(model, training=False):
+    """torch.compile as train.py (dynamic shapes) or sample.py (CUDA graphs) does, but a graph break or Dynamo's
     recompile limit is an error (fullgraph), never a silent fall back to eager."""
-    return torch.compile(model, mode=mode, fullgraph=True)
+    return torch.compile(model, fullgraph=True, **dict(dynamic=True) if training else dict(mode="reduce-overhead"))
 
 
 def fixed_model(cfg, device, L, denoiser="B"):
-    """The fixed random model (seed 0: the same weights for every denoiser) at block size L, and L masks."""
+    """The fixed random model for sampling (seed 0: the same weights for every denoiser; bf16 matrices where
+    autocast is bf16, as sample.py loads it) at block size L, and L masks."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(L, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, denoiser=denoiser)).to(device)
+    if autocast_context(device, "auto")[1] == "bfloat16":
+        cast_matrices(model, torch.bfloat16)
     return model.eval(), torch.full((L,), model.config.mask_id, device=device)
 
 
@@ -147,10 +135,9 @@ CACHED, MDLM, AR = "Eso-LM (B), KV cache", "MDLM, full forward every step", "AR 
 def bench_sample(cfg, device):
     """Eso-LM (B) with its KV cache, MDLM, and AR decoding through the same cache, at NFE ≈ L and at a small T,
     on the same fixed weights: for each L of --lengths and each T, the rows timed together."""
-    print(f"sampling, batch {cfg.sample_batch}, {cfg.n_layer} layers x {cfg.n_embd} wide, {device} "
-          f"{autocast_context(device, 'auto')[1]}{', compiled' if cfg.compile else ''}, {torch.get_num_threads()} "
-          f"threads, median of {cfg.rounds} interleaved rounds\n{'L':>5} {'sampler':<40} {'NFE':>5} {'seconds':>8} "
-          f"{'ms/step':>8} {'tokens/s':>9}")
+    print(f"sampling, batch {cfg.sample_batch}, {cfg.n_layer} x {cfg.n_embd}, {device}, {torch.get_num_threads()} "
+          f"threads{', compiled' if cfg.compile else ''}, median of {cfg.rounds} rounds\n{'L':>5} {'sampler':<40} "
+          f"{'NFE':>5} {'seconds':>8} {'ms/step':>8} {'tokens/s':>9}")
     for L in map(int, cfg.lengths.split(",")):
         (model, template), (mdlm, _) = fixed_model(cfg, device, L), fixed_model(cfg, device, L, "mdlm")
         if cfg.compile:
@@ -168,9 +155,9 @@ def sample_group(cfg, device, model, mdlm, template, steps, label):
     full forwards, fewer of them) and its time is scaled to NFE."""
     B, L = cfg.sample_batch, len(template)
     nfe = len(plan(torch.ones(L, dtype=torch.bool), B, steps, 1.0, torch.Generator().manual_seed(cfg.seed))[1])
-    k = cfg.mdlm_steps if cfg.mdlm_steps < nfe else 0
+    k = cfg.mdlm_steps if cfg.mdlm_steps < nfe else 0  # 0: all of them
     part = template.clone()
-    part[: L - k if k else 0] = 0  # all but k positions given: the same full forwards, k of them
+    part[: L - k if k else 0] = 0  # all but k positions given: k of the same full forwards
     runs = {CACHED: sampler(model, template, B, steps, 1.0, cfg, device),
             MDLM: sampler(mdlm, part, B, 10 ** 6 if k else steps, 1.0, cfg, device)}
     if label == "NFE=L":
@@ -187,9 +174,9 @@ def sample_group(cfg, device, model, mdlm, template, steps, label):
                          seconds=dt, seconds_rounds=dts, ms_per_step=dt / n * 1000, tokens_per_s=B * L / dt,
                          extrapolated=bool(note)))
     speedup = ratio(times[MDLM], times[CACHED])
-    rows[0].update(zip(("speedup", "speedup_min", "speedup_max"), speedup))
-    ar = f", cached / AR {said(ratio(times[CACHED], times[AR]))}" if AR in times else ""
-    print(f"{'':>5} -> {label}: Eso-LM (B) cached over MDLM {said(speedup)}{ar}")
+    rows[0].update(zip(("speedup", "speedup_min", "speedup_max"), speedup[1:]))
+    ar = f", cached / AR {ratio(times[CACHED], times[AR])[0]}" if AR in times else ""
+    print(f"{'':>5} -> {label}: Eso-LM (B) cached over MDLM {speedup[0]}{ar}")
     return rows
 
 
@@ -197,22 +184,20 @@ def sample_group(cfg, device, model, mdlm, template, steps, label):
 # training, the frontier, data preparation
 
 def bench_train(cfg, device):
-    """One training iteration (forward, backward, optimizer) at α0 = 1, 0.5, 0: --rounds interleaved rounds of
-    --iters iterations, after one untimed round (compilation, allocator, caches)."""
-    model, _ = fixed_model(cfg, device, cfg.block_size)
-    opts = model.train().configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.split(":")[0], cfg.optimizer)
-    net = compiled(model, None) if cfg.compile else model
-    ctx, dtype = autocast_context(device, "auto")
+    """One training iteration (forward, backward, Muon) at α0 = 1, 0.5, 0: --rounds interleaved rounds of --iters
+    iterations, after one untimed round (compilation, allocator, caches)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(cfg.block_size, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd)).to(device)
+    opts = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.split(":")[0])
+    net, (ctx, dtype) = compiled(model, True) if cfg.compile else model, autocast_context(device, "auto")
     x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size), device=device)
-    print(f"one training iteration (forward, backward, {cfg.optimizer}), batch {cfg.batch_size} x {cfg.block_size}, "
-          f"{cfg.n_layer} layers x {cfg.n_embd} wide, {device} {dtype}{', compiled' if cfg.compile else ''}; "
-          f"median of {cfg.rounds} interleaved rounds of {cfg.iters} iterations, ratio range in brackets")
+    print(f"one training iteration, batch {cfg.batch_size} x {cfg.block_size}, {cfg.n_layer} x {cfg.n_embd}, "
+          f"{device} {dtype}{', compiled' if cfg.compile else ''}; median of {cfg.rounds} rounds of {cfg.iters}")
 
     def iterations(alpha_0):
         for _ in range(cfg.iters):
             with ctx, attention_backends(device):
-                loss, _ = nelbo(net, x, alpha_0)
-            loss.backward()
+                nelbo(net, x, alpha_0)[0].backward()
             for opt in opts:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -221,21 +206,18 @@ def bench_train(cfg, device):
     times, rows = interleaved(fns, cfg.rounds, device)[0], []
     for alpha_0, ts in times.items():
         ms, r = statistics.median(ts) / cfg.iters * 1000, ratio(ts, times[1.0])
-        print(f"  α0={alpha_0}: {ms:8.1f} ms, {said(r)} the diffusion (α0=1) iteration")
-        rows.append(dict(alpha_0=alpha_0, ms=ms, ratio=r[0], ratio_min=r[1], ratio_max=r[2]))
+        print(f"  α0={alpha_0}: {ms:8.1f} ms, {r[0]} the diffusion (α0=1) iteration")
+        rows.append(dict(alpha_0=alpha_0, ms=ms, ratio=r[1], ratio_min=r[2], ratio_max=r[3]))
     yield rows
 
 
 def bench_frontier(cfg, device):
-    """Samples of each checkpoint at each schedule and T, cached and uncached, scored by the α0 = 0 checkpoint,
-    which reads their token ids as its own, beside their unigram entropy (low for repetitive text)."""
+    """Samples of each checkpoint at each schedule and T, scored by the α0 = 0 checkpoint (which reads their token
+    ids as its own: the tokenizers must match), beside their unigram entropy (low for repetitive text)."""
     sckpt, ckpts = load_checkpoint(cfg.scorer, device), {d: load_checkpoint(d, device) for d in cfg.out_dirs.split(",")}
-    sc, tok = sckpt["config"], tokenizer_of(sckpt["meta"])
-    require([(sc["alpha_0"] == 0, f"--scorer={cfg.scorer} was trained with alpha_0={sc['alpha_0']}; the scorer must "
-              "be an AR model (alpha_0=0)"), *((tokenizer_of(c["meta"]) == tok, f"{d} and the scorer {cfg.scorer} "
-                                               "have different tokenizers; score with an alpha_0=0 model of the same "
-                                               "dataset") for d, c in ckpts.items())])
-    scorer = GPT.from_checkpoint(sckpt, device).eval()
+    require([(tokenizer_of(c["meta"]) == tokenizer_of(sckpt["meta"]), f"{d} and the scorer {cfg.scorer} have "
+              "different tokenizers") for d, c in ckpts.items()])
+    scorer, sc = GPT.from_checkpoint(sckpt, device).eval(), sckpt["config"]
 
     @torch.no_grad()
     def quality(x):  # NLL per token under the scorer, and the mean entropy of each row's token frequencies
@@ -246,9 +228,8 @@ def bench_frontier(cfg, device):
                      device, torch.Generator().manual_seed(cfg.seed))
     row = dict(out_dir="val text", **quality(real))
     print(f"reference, {cfg.num_samples} windows of real val text: NLL {row['gen_nll']:.3f}, entropy "
-          f"{row['entropy']:.3f}\n{cfg.num_samples} samples each; seconds cached and uncached; gen NLL: nats/token "
-          f"under {cfg.scorer}\n{'checkpoint':<40} {'schedule':>8} {'T':>5} {'NFE':>5} {'cached':>8} {'uncached':>9} "
-          f"{'gen NLL':>8} {'entropy':>8}")
+          f"{row['entropy']:.3f}\n{cfg.num_samples} samples each; gen NLL: nats/token under {cfg.scorer}\n"
+          f"{'checkpoint':<40} {'schedule':>8} {'T':>5} {'NFE':>5} {'seconds':>8} {'gen NLL':>8} {'entropy':>8}")
     yield [row]
     for out_dir, ckpt in ckpts.items():
         model = GPT.from_checkpoint(ckpt, device).eval()
@@ -256,91 +237,42 @@ def bench_frontier(cfg, device):
         template = torch.full((L,), model.config.mask_id, device=device)
         for schedule in [s for s in cfg.schedules.split(",") if alpha_0 or s == "random"]:  # AR: left to right
             for steps in dict.fromkeys(L if s == "L" else int(s) for s in cfg.steps_list.split(",")):  # T = L once
-                times, out = interleaved({kv: functools.partial(generate, model, template, cfg.num_samples, steps,
-                                                                alpha_0, kv_cache=kv, seed=cfg.seed, schedule=schedule)
-                                          for kv in (True, False)}, 1, device)
-                (x, nfe), (x_u, _) = out.values()
+                t0 = clock(device)
+                x, nfe = generate(model, template, cfg.num_samples, steps, alpha_0, seed=cfg.seed, schedule=schedule)
                 row = dict(out_dir=out_dir, denoiser=model.config.denoiser, alpha_0=alpha_0, schedule=schedule,
-                           steps=steps, nfe=nfe, seconds=times[True][0], seconds_uncached=times[False][0],
-                           same_tokens=torch.equal(x, x_u), **quality(x))
-                print(f"{out_dir:<40} {schedule:>8} {steps:>5} {nfe:>5} {row['seconds']:>8.2f} "
-                      f"{row['seconds_uncached']:>9.2f} {row['gen_nll']:>8.3f} {row['entropy']:>8.3f}")
+                           steps=steps, nfe=nfe, seconds=clock(device) - t0, **quality(x))
+                print(f"{out_dir:<40} {schedule:>8} {steps:>5} {nfe:>5} {row['seconds']:>8.2f} {row['gen_nll']:>8.3f} "
+                      f"{row['entropy']:>8.3f}")
                 yield [row]
 
 
 def bench_prepare(cfg, device):
     """data.prepare on a generated text of ~prepare_mb MB (Tiny Shakespeare's lines, shuffled), in a fresh
-    process: MB/s and its peak memory; beside it, tiktoken's own batch encoder on the same text, in memory and
-    cut into the same pieces, on all cores (the speed to compare with)."""
+    process: MB/s and its peak memory."""
     import random
     import subprocess
     import tempfile
     prepare("shakespeare")  # the lines to shuffle (downloaded if missing)
-    lines = open(os.path.join("data", "shakespeare", "input.txt"), encoding="utf-8").read().splitlines(keepends=True)
+    lines = open(os.path.join("data", "shakespeare", "input.txt"), encoding="utf-8").readlines()
     rng = random.Random(cfg.seed)
     with tempfile.TemporaryDirectory() as tmp:
         os.makedirs(os.path.join(tmp, "big"))
-        path = os.path.join(tmp, "big", "input.txt")
-        with open(path, "w", encoding="utf-8") as f:
+        with open(os.path.join(tmp, "big", "input.txt"), "w", encoding="utf-8") as f:
             while f.tell() < cfg.prepare_mb * 1e6:
                 f.write("".join(rng.choices(lines, k=10000)))
-        mb = os.path.getsize(path) / 1e6
-        print(f"a {mb:.0f} MB text (Tiny Shakespeare's lines, shuffled), {os.cpu_count()} cores")
-        load = (f"text = open({path!r}, encoding='utf-8').read(); enc = data.gpt2_encoding(); pieces = "
-                "[text[i: i + data.PIECE] for i in range(0, len(text), data.PIECE)]; ")
-        code = {"prepare": ("data.prepare: read, count, encode, renumber, write", "", f"data.prepare('big', {tmp!r})"),
-                "tiktoken": ("tiktoken encode_ordinary_batch alone (text already in memory)", load,
-                             "enc.encode_ordinary_batch(pieces, num_threads=os.cpu_count())")}
-        for what, (label, setup, work) in code.items():
-            src = (f"import os, resource, time, data; {setup}t0 = time.perf_counter(); {work}; "
-                   "print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-            out = subprocess.run([sys.executable, "-c", src], stdout=subprocess.PIPE, text=True, check=True,
-                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split()
-            dt, peak = float(out[0]), int(out[1]) / 1024  # ru_maxrss: KB on Linux
-            print(f"  {label:<66} {dt:7.1f} s {mb / dt:7.1f} MB/s, peak memory {peak:7.0f} MB")
-            yield [dict(what=what, mb=mb, seconds=dt, mb_per_s=mb / dt, peak_mb=peak)]
+            mb = f.tell() / 1e6
+        src = (f"import resource, time, data; t0 = time.perf_counter(); data.prepare('big', {tmp!r}); "
+               "print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        out = subprocess.run([sys.executable, "-c", src], stdout=subprocess.PIPE, text=True, check=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split()
+    dt, peak = float(out[0]), int(out[1]) / 1024  # ru_maxrss: KB on Linux
+    print(f"data.prepare of a {mb:.0f} MB text (Tiny Shakespeare's lines, shuffled), {os.cpu_count()} cores: "
+          f"{dt:.1f} s, {mb / dt:.1f} MB/s, peak memory {peak:.0f} MB")
+    yield [dict(mb=mb, seconds=dt, mb_per_s=mb / dt, peak_mb=peak)]
 
 
 # -----------------------------------------------------------------------------
-# a cached sampling step: its products, its profile
-
-def bench_linear(cfg, device):
-    """The products of one cached sampling step (a few rows through every weight matrix of the fixed model's
-    blocks) as F.linear and as (W xᵀ)ᵀ, which round differently and whose speed at 2 to 8 rows depends on the
-    machine; the layout model.Linear takes on this machine when sampling; then a whole cached sampling step at L
-    (the last of --lengths) with every such product in each layout."""
-    L = int(cfg.lengths.split(",")[-1])
-    model, template = fixed_model(cfg, device, L)
-    lins = [m for m in model.transformer.h.modules() if isinstance(m, Linear)]
-    mb = sum(lin.weight.numel() * lin.weight.element_size() for lin in lins) / 1e6
-    ways = {"F.linear": lambda lin, x: torch.nn.functional.linear(x, lin.weight),
-            "(W xT)T": lambda lin, x: lin.transposed(x)}
-    print(f"few-row products through all {len(lins)} weight matrices ({mb:.1f} MB) of a {cfg.n_layer} x "
-          f"{cfg.n_embd} model, {device}, {torch.get_num_threads()} threads; ms per pass and GB/s of weights read, "
-          f"median of {cfg.rounds} interleaved rounds\n{'rows':>4} {'F.linear':>26} {'(W xT)T':>26}")
-    with torch.inference_mode():
-        xs = {n: {lin.in_features: torch.randn(n, lin.in_features, device=device) for lin in lins}
-              for n in (1, 2, 4, 8, 16)}
-        fns = {(n, way): lambda n=n, way=way: [ways[way](lin, xs[n][lin.in_features]) for _ in range(cfg.iters)
-                                               for lin in lins] for n in xs for way in ways}
-        interleaved(fns, 1, device)  # warm-up
-        times = interleaved(fns, cfg.rounds, device)[0]
-    for n in xs:
-        ms = {way: statistics.median(times[n, way]) / cfg.iters * 1000 for way in ways}
-        print(f"{n:>4} " + " ".join(f"{t:>12.2f} ms {mb / t:>7.1f} GB/s" for t in ms.values()))
-        yield [dict(rows=n, **ms)]
-    choice = few_rows_transposed()
-    print(f"this machine (CPU {cpu_vendor() or 'unknown'}, MKL {torch.backends.mkl.is_available()}): sampling "
-          f"computes 2 to 8 rows as {'(W xT)T' if choice else 'F.linear'}; ESO_LM_FEW_ROWS overrides it")
-    step = sampler(model, template, 1, 10 ** 6, 1.0, replace(cfg, compile=False), device)
-    step()  # warm-up
-    fns = {way: mock.patch("model.few_rows_transposed", lambda t=t: t)(step)  # what sampling asks
-           for way, t in (("F.linear", False), ("(W xT)T", True))}
-    print(f"a cached sampling step, L={L}, every few-row product in one layout:")
-    ms = per_step(fns, cfg, device)
-    yield [dict(rows="this machine", transposed=choice)] + [
-        dict(rows="sampling step", L=L, layout=way, ms_per_step=v) for way, v in ms.items()]
-
+# where a cached sampling step's time goes
 
 # ops that make a view, allocate, or pass their input through: no kernel runs (on a GPU, none is launched)
 NO_KERNEL = frozenset(f"aten::{op}" for op in (
@@ -352,11 +284,8 @@ NO_KERNEL = frozenset(f"aten::{op}" for op in (
 def kernels(events):
     """How many of the profiled events ran a kernel: an aten op outside NO_KERNEL, or one of Inductor's fused C++
     kernels, that calls none itself (aten::layer_norm calls native_layer_norm, which is counted once)."""
-    def runs(e):
-        return (e.name.startswith("aten::") and e.name not in NO_KERNEL) or "cpp_fused" in e.name
-
-    def calls_one(e):  # (at any depth)
-        return any(runs(c) or calls_one(c) for c in e.cpu_children)
+    runs = lambda e: e.name.startswith("aten::") and e.name not in NO_KERNEL or "cpp_fused" in e.name
+    calls_one = lambda e: any(runs(c) or calls_one(c) for c in e.cpu_children)  # (at any depth)
     return sum(runs(e) and not calls_one(e) for e in events)
 
 
@@ -369,8 +298,8 @@ def profiled(run):
 
 
 def products_of(model, run):
-    """run() (-> NFE) once; then (a function that makes its weight products again, alone: the same Linear
-    modules, inputs and layout, the floor of its steps (-> NFE); the products per step)."""
+    """run() (-> NFE) once; then (a function that makes its weight products again, alone: the same Linear modules,
+    inputs and layout, the floor of its steps (-> NFE); the products per step)."""
     seen = []
     hooks = [m.register_forward_hook(lambda m, x, y: seen.append((m, x[0]))) for m in model.modules()
              if isinstance(m, Linear)]
@@ -390,14 +319,17 @@ def bench_profile(cfg, device):
     """Where the time of a cached sampling step goes (Eso-LM (B), batch 1, NFE ≈ L, L the last of --lengths):
     under torch.profiler, the op calls per step, how many of them run a kernel, and ms per step by op (CPU-side:
     on a GPU that is launch overhead); then, unprofiled, in --rounds interleaved rounds: the step, its weight
-    products alone (the step's floor), and AR decoding through the same cache; with --compile=True also the
-    static-shape step of sample.py --compile=True, eager and compiled (on the CPU, its op calls and kernels
-    counted as the eager step's)."""
+    products alone (the step's floor), AR decoding through the same cache, and the step with its few-row products
+    in the other layout (model.Linear: the two round differently, and which is faster depends on the machine; the
+    sampler's is a property of the machine, never a timing); with --compile=True also the static-shape step of
+    sample.py --compile=True, eager and compiled (on the CPU, its op calls and kernels counted as the eager step's)."""
     L = int(cfg.lengths.split(",")[-1])
     model, template = fixed_model(cfg, device, L)
     eager = replace(cfg, compile=False)
     runs = {"step": sampler(model, template, 1, 10 ** 6, 1.0, eager, device),
             "AR step": sampler(model, template, 1, 10 ** 6, 0.0, eager, device)}
+    layout, other = ("(W xT)T", "F.linear")[::1 if few_rows_transposed() else -1]
+    runs[f"step, {other}"] = mock.patch("model.few_rows_transposed", lambda: layout == "F.linear")(runs["step"])
     runs["products alone"], products = products_of(model, runs["step"])  # (and a warm-up)
     calls, launched, prof, nfe = profiled(runs["step"])
     groups = {}
@@ -406,11 +338,11 @@ def bench_profile(cfg, device):
                  "attention" if "scaled_dot_product" in e.key else "everything else")
         groups[group] = groups.get(group, 0) + e.self_cpu_time_total / 1000 / nfe  # ms per step
     row = dict(L=L, nfe=nfe, op_calls_per_step=calls, kernels_per_step=launched, products_per_step=products,
-               **{f"{k} ms": v for k, v in groups.items()})
+               layout=layout, **{f"{k} ms": v for k, v in groups.items()})
     print(f"one cached sampling step, L={L}, NFE={nfe}, {cfg.n_layer} x {cfg.n_embd}, {device}, "
           f"{torch.get_num_threads()} threads: {calls:.0f} op calls (nested ones counted), {launched:.0f} of which run "
-          f"a kernel (the rest make views or allocate), {products:.0f} weight products; under torch.profiler "
-          f"{sum(groups.values()):.2f} ms, of which " + ", ".join(f"{k} {v:.3f} ms" for k, v in groups.items()))
+          f"a kernel (the rest make views or allocate), {products:.0f} weight products, 2 to 8 rows as {layout} "
+          f"(ESO_LM_FEW_ROWS overrides it); profiled, " + ", ".join(f"{k} {v:.3f} ms" for k, v in groups.items()))
     if cfg.compile:  # the GPU path's step (static shapes, as sample.py --compile=True), eager and compiled
         runs["static step, eager"] = sampler(model, template, 1, 10 ** 6, 1.0, cfg, device)
         with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):  # C++ kernels seen by the profiler
@@ -419,18 +351,18 @@ def bench_profile(cfg, device):
             calls, launched, prof, n = profiled(runs["static step, compiled"])
             row.update(compiled_op_calls_per_step=calls, compiled_kernels_per_step=launched)
             print(f"the compiled static step: {calls:.0f} op calls, {launched:.0f} of which run a kernel "
-                  f"({sum('cpp_fused' in e.name for e in prof.events()) / n:.0f} of Inductor's fused C++ kernels, the "
-                  "rest products, attention and sampling)")
-    print("unprofiled, ms per step:")
-    ms = per_step(runs, cfg, device)
-    floor, ar = ratio(ms["step"], ms["products alone"]), ratio(ms["step"], ms["AR step"])
-    print(f"the step is {said(floor)} its products alone and {said(ar)} an AR step")
-    row.update({f"{k} ms rounds": v for k, v in ms.items()}, step_over_products=floor[0], step_over_ar=ar[0])
-    if cfg.compile:
-        fast, static = ratio(ms["static step, compiled"], ms["step"]), ratio(ms["static step, eager"], ms["step"])
-        print(f"the compiled static step is {said(fast)} the eager step; run eagerly, the static step (a padded "
-              f"chunk, all {L} cache slots read) is {said(static)} it")
-        row.update(compiled_over_eager=fast[0], static_over_eager=static[0])
+                  f"({sum('cpp_fused' in e.name for e in prof.events()) / n:.0f} of Inductor's fused C++ kernels)")
+    times, nfes = interleaved(runs, cfg.rounds, device)
+    ms = {k: [t / nfes[k] * 1000 for t in ts] for k, ts in times.items()}
+    print(f"unprofiled, ms per step, median of {cfg.rounds} rounds: " + ", ".join(
+        f"{k} {statistics.median(v):.2f} [{min(v):.2f}-{max(v):.2f}]" for k, v in ms.items()))
+    for name, base in (("step", "products alone"), ("step", "AR step"), (f"step, {other}", "step"),
+                       ("static step, compiled", "step"), ("static step, eager", "step")):
+        if name in ms:
+            r = ratio(ms[name], ms[base])
+            print(f"  {name} / {base}: {r[0]}")
+            row[f"{name} / {base}"] = r[1]
+    row.update({f"{k} ms rounds": v for k, v in ms.items()})
     yield [row]
 
 
@@ -503,40 +435,35 @@ def bench_gpu(cfg, device):
 # -----------------------------------------------------------------------------
 
 BENCHES = dict(sample=bench_sample, train=bench_train, frontier=bench_frontier, prepare=bench_prepare,
-               linear=bench_linear, profile=bench_profile, gpu=bench_gpu)
+               profile=bench_profile, gpu=bench_gpu)
 
 
 def validate(cfg):
     """The flags, checked before anything runs, each wrong one as one line that names it."""
     ints = lambda text, extra=(): all(s in extra or s.isdigit() and int(s) > 0 for s in text.split(","))
     require([(cfg.what in BENCHES, f"--what={cfg.what} must be one of {', '.join(BENCHES)}"),
-             (ints(cfg.lengths), f"--lengths={cfg.lengths} must be positive integers separated by commas"),
-             (ints(cfg.steps_list, ("L",)), f"--steps_list={cfg.steps_list} must be positive integers or L, separated "
-              "by commas"),
+             (ints(cfg.lengths) and ints(cfg.steps_list, ("L",)), "--lengths and --steps_list must be positive "
+              "integers separated by commas (--steps_list: or L)"),
              (min(cfg.rounds, cfg.iters, cfg.small_steps, cfg.sample_batch, cfg.num_samples, cfg.prepare_mb,
                   cfg.vocab_size, cfg.batch_size, cfg.mdlm_steps + 1) > 0, "--rounds, --iters, --small_steps, "
               "--sample_batch, --num_samples, --prepare_mb, --vocab_size and --batch_size must be positive, "
               "--mdlm_steps >= 0"),
              *shape_checks(cfg),
-             (set(cfg.schedules.split(",")) <= {"random", "strided"}, f"--schedules={cfg.schedules} must be random, "
-              "strided or both, separated by a comma"),
              (cfg.what != "frontier" or cfg.out_dirs and cfg.scorer, "--what=frontier needs --out_dirs=dir1,dir2 and "
               "--scorer=<the α0=0 checkpoint dir>"),
-             (not cfg.json_out or os.path.isdir(os.path.dirname(os.path.abspath(cfg.json_out))) and not
-              os.path.isdir(cfg.json_out), f"--json_out={cfg.json_out} must name a file in a folder that exists")])
+             (not cfg.json_out or os.path.isdir(os.path.dirname(os.path.abspath(cfg.json_out))),
+              f"--json_out={cfg.json_out} must name a file in a folder that exists")])
     few_rows_transposed()  # ESO_LM_FEW_ROWS
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if {"-h", "--help"} & set(argv):
+    if {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):
         print(__doc__)
-    cfg = BenchConfig()
+    cfg, rows = BenchConfig(), []
     parse_args(cfg, argv)
     validate(cfg)
-    device, rows = pick_device(cfg.device), []
     with torch._inductor.config.patch({"triton.cudagraph_or_error": True}):  # a CUDA-graph skip is an error
-        for unit in BENCHES[cfg.what](cfg, device):  # the rows timed together
+        for unit in BENCHES[cfg.what](cfg, pick_device(cfg.device)):  # the rows timed together
             rows += unit
             if cfg.json_out:  # after every unit: a stop, a failure or Ctrl-C keeps every row measured
                 atomic_write(cfg.json_out, lambda f: json.dump(rows, f, indent=1), "w")
