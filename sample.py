@@ -245,12 +245,10 @@ def score(model, ids, alpha_0, K=16, chunk=0, seed=1337, ctx=contextlib.nullcont
 # -----------------------------------------------------------------------------
 # pictures: the denoising trajectory, the surprise of each token
 
-def svg(title, rows, height, extra="", extra_width=0):
-    """A white SVG of monospace text rows (each a list of (text, colour, background or None)) under a bold title,
-    wide enough for the longest row, the title and `extra` (more SVG, extra_width pixels wide)."""
+def svg(title, rows):
+    """A white SVG of monospace text rows (each a list of (text, colour, background or None)) under a bold title."""
     esc = lambda t: t.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     char = 8.4  # the width of one character at font-size 14
-    width = max([len(title) * char, extra_width] + [sum(len(t) for t, _, _ in row) * char for row in rows]) + 24
     body = [f'<text x="8" y="18" font-weight="bold">{esc(title)}</text>']
     for i, row in enumerate(rows):
         x, y = 8.0, 40 + 18 * i
@@ -260,9 +258,10 @@ def svg(title, rows, height, extra="", extra_width=0):
                             f'fill="{background}"/>')
             body.append(f'<text x="{x:.1f}" y="{y}" fill="{fill}">{esc(text)}</text>')
             x += len(text) * char
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height}" '
+    width = max([len(title)] + [sum(len(t) for t, _, _ in row) for row in rows]) * char + 24
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{48 + 18 * len(rows)}" '
             f'font-family="DejaVu Sans Mono, Menlo, Consolas, monospace" font-size="14" xml:space="preserve">'
-            f'<rect width="100%" height="100%" fill="white"/>{"".join(body)}{extra}</svg>\n')
+            f'<rect width="100%" height="100%" fill="white"/>{"".join(body)}</svg>\n')
 
 
 class Trajectory:
@@ -291,7 +290,7 @@ class Trajectory:
         first = [p for p in self.passes if p["offset"] == self.passes[0]["offset"]]
         rows = [[(f"{i + 1:>3} {p['phase'][0]} ", "#888888", None)] + [(t, colors[s], None) for t, s in p["frame"]]
                 for i, p in enumerate(first)]
-        return svg(title, rows, 48 + 18 * len(rows))
+        return svg(title, rows)
 
     def html(self, title):
         """A page that steps through every pass: trajectory.html, its placeholder replaced by this record ('<'
@@ -303,7 +302,7 @@ class Trajectory:
 
 def surprise_svg(pieces, surprise, title, scale):
     """The scored text, each token on a background from white (0 nats) to red (`scale` nats or more), line breaks
-    kept, with a colour bar as the legend."""
+    kept, and a row of shades as the legend."""
     shade = lambda s: "#ff{0:02x}{0:02x}".format(round(255 * (1 - min(max(s / scale, 0), 1))))
     rows = [[]]
     for piece, s in zip(pieces, surprise.tolist()):
@@ -313,12 +312,8 @@ def surprise_svg(pieces, surprise, title, scale):
                 rows.append([])
             if line:
                 rows[-1].append((line, "#000000", shade(s)))
-    y = 40 + 18 * len(rows) + 10
-    bar = "".join(f'<rect x="{8 + 12 * i}" y="{y}" width="12" height="12" fill="{shade(scale * i / 19)}"/>'
-                  for i in range(20))
-    label = f"-log p of each token: 0 (white) to {scale:.2f} nats or more (red)"
-    legend = f'{bar}<text x="{8 + 12 * 20 + 8}" y="{y + 11}" font-size="12">{label}</text>'
-    return svg(title, rows, y + 24, legend, extra_width=12 * 20 + 8 + len(label) * 7.2)
+    legend = [(f" {scale * i / 4:.1f} ", "#000000", shade(scale * i / 4)) for i in range(5)]
+    return svg(title, rows + [[], [("-log p of each token, in nats:", "#000000", None)] + legend])
 
 
 # -----------------------------------------------------------------------------
