@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 
 import torch
-from torch.distributed import ReduceOp, all_reduce, barrier, destroy_process_group, init_process_group
+from torch.distributed import all_reduce, barrier, destroy_process_group, init_process_group
 
 from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, require, run_cli
 from data import (atomic_write, eval_batches, get_batch, load_checkpoint, load_split, prepare, save_checkpoint,
@@ -138,13 +138,13 @@ def default_out_dir(cfg):
 
 
 def get_lr(it, cfg):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, min_lr after (nanoGPT)."""
-    lr, decay_iters = cfg.learning_rate, cfg.lr_decay_iters or cfg.max_iters
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (0: max_iters), min_lr after (nanoGPT)."""
+    lr, warmup = cfg.learning_rate, cfg.warmup_iters
     if not cfg.decay_lr:
         return lr
-    if it < cfg.warmup_iters:
-        return lr * (it + 1) / (cfg.warmup_iters + 1)
-    ratio = min(1, (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters))
+    if it < warmup:
+        return lr * (it + 1) / (warmup + 1)
+    ratio = min(1, (it - warmup) / max(1, (cfg.lr_decay_iters or cfg.max_iters) - warmup))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - cfg.min_lr)
 
 
@@ -198,13 +198,14 @@ class Trainer:
         for k, v in PRESETS[kind, "char" if cfg.dataset.endswith("_char") else "bpe"].items():
             if k not in user_keys:
                 setattr(cfg, k, v)
+        cfg.out_dir = cfg.out_dir or default_out_dir(cfg)  # (of the flags given: a resumed run writes where it read)
         ckpt = self.checkpoint_to_continue(user_keys)
         validate(cfg)
-        cfg.out_dir = cfg.out_dir or default_out_dir(cfg)
-        self.accum = -(-cfg.gradient_accumulation_steps // self.world)  # micro-batches per rank (an unset
-        require([(self.accum * self.world == cfg.gradient_accumulation_steps  # flag: rounded up)
-                  or "gradient_accumulation_steps" not in user_keys, f"--gradient_accumulation_steps="
-                  f"{cfg.gradient_accumulation_steps} must be a multiple of the {self.world} processes")])
+        # micro-batches per rank; an unset --gradient_accumulation_steps is rounded up to a multiple of the ranks
+        self.accum = -(-cfg.gradient_accumulation_steps // self.world)
+        require([(self.accum * self.world == cfg.gradient_accumulation_steps or "gradient_accumulation_steps" not in
+                  user_keys, f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of "
+                  f"the {self.world} processes")])
         cfg.gradient_accumulation_steps = self.accum * self.world
         self.ctx, cfg.dtype = autocast_context(self.device, cfg.dtype)
         if self.ddp:
@@ -243,7 +244,6 @@ class Trainer:
         cfg = self.cfg
         if cfg.init_from != "resume" and not cfg.eval_only:
             return None
-        cfg.out_dir = cfg.out_dir or default_out_dir(cfg)  # (kept: the checkpoint's flags would name another)
         ckpt = load_checkpoint(cfg.out_dir, self.device, "ckpt.pt" if cfg.eval_only else "last.pt")
         saved = ckpt["config"]
         require([(k not in user_keys or getattr(cfg, k) == saved[k], f"--{k}={getattr(cfg, k)} differs from the "
@@ -288,17 +288,16 @@ class Trainer:
         wait (get_batch, nelbo), and the loss and the gradient norm stay on the device, in self.pending: the host
         never waits for the device here. If compiling fails, one line says so and the step runs again on the model
         itself (every micro-batch reseeds torch: it is the step an uncompiled run takes), as do all after it."""
-        cfg, G = self.cfg, self.cfg.gradient_accumulation_steps
-        split = diffusion_rows(cfg.batch_size, cfg.alpha_0, cfg.batch_split)
+        cfg, loss = self.cfg, 0
         torch.manual_seed(micro_seed(cfg.seed, it, 10006))
-        u, loss = torch.rand(()), 0
+        G = cfg.gradient_accumulation_steps  # diffusion times stratified over the global batch; row g: micro-batch g's
+        times = stratified_times(G * diffusion_rows(cfg.batch_size, cfg.alpha_0, cfg.batch_split)).view(G, -1)
         try:
             for g in range(self.rank * self.accum, (self.rank + 1) * self.accum):
                 torch.manual_seed(micro_seed(cfg.seed, it, g))
                 x = get_batch(self.train_data, cfg.batch_size, cfg.block_size, self.device)
                 with self.ctx, attention_backends(self.device):
-                    t = stratified_times(split, u, g * split, G * split)
-                    micro = nelbo(self.net, x, cfg.alpha_0, cfg.batch_split, cfg.loss_type, t)[0] / self.accum
+                    micro = nelbo(self.net, x, cfg.alpha_0, cfg.batch_split, cfg.loss_type, times[g])[0] / self.accum
                 micro.backward()
                 loss = loss + micro.detach()
         except torch._dynamo.exc.TorchDynamoException as e:  # (every rank compiles the same graphs)
@@ -376,10 +375,10 @@ class Trainer:
         cfg, it = self.cfg, self.iter_num
         t0, it0 = time.time(), it
         while True:
-            if self.ddp:
-                flag = torch.tensor(float(bool(stop)), device=self.device)
-                all_reduce(flag, ReduceOp.MAX)
-                stop += [1] * int(flag.item())
+            if self.ddp:  # the signals of every rank
+                signals = torch.tensor(len(stop), device=self.device)
+                all_reduce(signals)
+                stop += [1] * signals.item()
             if stop:
                 self.read_losses(it)
                 if it and self.saved:
