@@ -92,7 +92,8 @@ class TrainConfig:
 # with Muon); the CPU BPE preset stops after 1500 iterations (5.5 minutes on 2 cores). The GPU presets are
 # nanoGPT's train_shakespeare_char model for 2500 iterations (characters) and 1000 (BPE, a third as many tokens
 # per epoch); ckpt.pt keeps the best-val weights whatever comes after. No figure of them is in the README.
-GPU = dict(batch_size=64, block_size=256, n_layer=6, n_head=6, n_embd=384, eval_iters=100, log_interval=100, compile=True)
+GPU = dict(batch_size=64, block_size=256, n_layer=6, n_head=6, n_embd=384, eval_iters=100, log_interval=100,
+           compile=True)
 PRESETS = {
     ("cpu", "char"): {},
     ("cpu", "bpe"): dict(max_iters=1500),
@@ -101,7 +102,7 @@ PRESETS = {
 }
 # the model's flags, the method's, the data and the optimizer: a resumed run keeps them, and a user who gives one
 # of them again must give the checkpoint's value
-MODEL_FLAGS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "denoiser")  # GPTConfig's, but vocab_size
+MODEL_FLAGS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "denoiser")  # GPTConfig's but one
 KEPT_ON_RESUME = (*MODEL_FLAGS, "alpha_0", "batch_split", "dataset", "optimizer")
 # where and how this process runs: flags a resumed run never takes from its checkpoint
 RUN_KEYS = ("init_from", "eval_only", "out_dir", "device", "dtype", "compile", "backend")
@@ -126,7 +127,8 @@ def validate(cfg):
               f"{flag('eval_windows')} must be 0 (all) or at least {flag('batch_size')}"),
              (cfg.denoiser != "mdlm" or cfg.alpha_0 == 1,
               f"--denoiser=mdlm is a pure diffusion model: it needs --alpha_0=1, not {cfg.alpha_0}"),
-             (cfg.alpha_0 in (0, 1) or 0 < diffusion_rows(cfg.batch_size, cfg.alpha_0, cfg.batch_split) < cfg.batch_size,
+             (cfg.alpha_0 in (0, 1) or
+              0 < diffusion_rows(cfg.batch_size, cfg.alpha_0, cfg.batch_split) < cfg.batch_size,
               f"{flag('batch_size')} with {flag('batch_split')} leaves one half of the hybrid loss empty")])
     require(shape_checks(cfg))
 
@@ -237,14 +239,15 @@ class Trainer:
             f"loss_type={cfg.loss_type}")
 
     def checkpoint_to_continue(self, user_keys):
-        """The checkpoint a resumed run (last.pt) or --eval_only (ckpt.pt, the best weights) starts from, or
-        None. Every flag the user did not set is the checkpoint's, but for those of where and how this process
+        """The checkpoint a resumed run or --eval_only starts from (last.pt; --eval_only of a folder without one:
+        ckpt.pt), or None. Every flag the user did not set is the checkpoint's, but for those of where and how this process
         runs (RUN_KEYS), so that `--init_from=resume --out_dir=DIR` alone continues the run it was; a model or
         method flag (KEPT_ON_RESUME) that the user set differently is an error."""
         cfg = self.cfg
         if cfg.init_from != "resume" and not cfg.eval_only:
             return None
-        ckpt = load_checkpoint(cfg.out_dir, self.device, "ckpt.pt" if cfg.eval_only else "last.pt")
+        only_ckpt = cfg.eval_only and not os.path.exists(os.path.join(cfg.out_dir, "last.pt"))
+        ckpt = load_checkpoint(cfg.out_dir, self.device, "ckpt.pt" if only_ckpt else "last.pt")
         saved = ckpt["config"]
         require([(k not in user_keys or getattr(cfg, k) == saved[k], f"--{k}={getattr(cfg, k)} differs from the "
                   f"checkpoint's {saved[k]}; a resumed or evaluated run keeps it") for k in KEPT_ON_RESUME])
@@ -405,10 +408,8 @@ class Trainer:
     def final_eval(self, it):
         """After the loop: the whole val split (or eval_windows of it) with the weights sample.py reads (ckpt.pt),
         the NELBO and the IW NLL at K = 1 and eval_k, in nats per token, bits per byte and (characters) bits per
-        character; printed and written to eval.json, with trained_iters: how far the run trained (last.pt)."""
-        cfg, trained = self.cfg, it
-        if cfg.eval_only and os.path.exists(os.path.join(cfg.out_dir, "last.pt")):
-            trained = load_checkpoint(cfg.out_dir, "cpu", "last.pt")["iter_num"]
+        character; printed and written to eval.json, with trained_iters=it: how far the run trained."""
+        cfg = self.cfg
         best = load_checkpoint(cfg.out_dir, self.device)
         self.model.load_state_dict(best["model"])
         ks = dict.fromkeys((1, cfg.eval_k)) if has_likelihood(self.model.config) else {}
@@ -421,7 +422,7 @@ class Trainer:
             bpc = f", {m[key] / math.log(2):.4f} bits/char" if self.meta["tokenizer"] == "char" else ""
             log(f"  {'NELBO' if key == 'nelbo' else 'IW NLL, K=' + key[8:]:<14} {m[key]:.4f} nats/token, "
                 f"{m[key + '_bpb']:.4f} bits/byte{bpc}")
-        m.update(alpha_0=cfg.alpha_0, denoiser=cfg.denoiser, iter=best["iter_num"], trained_iters=trained,
+        m.update(alpha_0=cfg.alpha_0, denoiser=cfg.denoiser, iter=best["iter_num"], trained_iters=it,
                  dataset=cfg.dataset, tokenizer=self.meta["tokenizer"])
         atomic_write(os.path.join(cfg.out_dir, "eval.json"), lambda f: json.dump(m, f, indent=2), "w")
         return m
