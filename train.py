@@ -12,8 +12,8 @@ Data parallel on 2 GPUs (or 2 CPU processes with --device=cpu; the backend follo
     torchrun --standalone --nproc_per_node=2 train.py --dataset=shakespeare
 
 train() is importable; the notebook and the tests call the same function the CLI runs. It reads like
-nanoGPT's loop, with its phases named: Trainer's set-up, step() (one optimizer step), eval_and_save() and
-final_eval(). Every micro-step reseeds torch from (seed, iteration, global micro-batch index), so a run is a
+nanoGPT's loop, with its phases named: Trainer's set-up, step() (one optimizer step), eval_and_save(), loop()
+and final_eval(). Every micro-step reseeds torch from (seed, iteration, global micro-batch index), so a run is a
 pure function of its flags: resuming continues the same data and noise, and N ranks compute the same global
 batch as one process with N times the gradient accumulation. A step never waits for the device: its loss and
 gradient norm stay there until a log line or an eval reads them (read_losses).
@@ -233,7 +233,8 @@ class Trainer:
                 old = load_checkpoint(cfg.out_dir, "cpu", "last.pt")
                 log(f"{cfg.out_dir} holds another run (trained to iter {old['iter_num']}, best val nelbo "
                     f"{old['best_val_loss']:.4f}); this run replaces its checkpoints from its first eval on")
-        log(f"device {self.device} ({cfg.dtype}), {self.world} process(es); tokens per iteration will be: "
+        log(f"device {self.device} ({cfg.dtype}), {self.world} process(es), gradient_accumulation_steps="
+            f"{cfg.gradient_accumulation_steps}; tokens per iteration will be: "
             f"{cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size:,}\nnumber of parameters: "
             f"{self.model.get_num_params() / 1e6:.2f}M; alpha_0={cfg.alpha_0}, batch_split={cfg.batch_split}, "
             f"loss_type={cfg.loss_type}")
