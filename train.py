@@ -379,11 +379,13 @@ class Trainer:
         cfg, it = self.cfg, self.iter_num
         t0, it0 = time.time(), it
         while True:
-            if self.ddp:  # the signals of every rank
-                signals = torch.tensor(len(stop), device=self.device)
+            signals = len(stop)  # (the count now: a signal after it is the next iteration's)
+            if self.ddp:  # every rank's, so that all stop at the same iteration
+                signals = torch.tensor(signals, device=self.device)
                 all_reduce(signals)
-                stop += [1] * signals.item()
-            if stop:
+                signals = signals.item()
+            if signals:
+                stop.append(1)
                 self.read_losses(it)
                 if it and self.saved:
                     self.save(it, best=False)
