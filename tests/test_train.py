@@ -234,7 +234,9 @@ def test_a_training_step_never_waits_for_the_device(data_dir, tmp_path, monkeypa
     read raises; with a host read put back (the loss's .item()), the same step fails."""
     import train
     monkeypatch.setattr(train, "pick_device", lambda name: "meta")
-    autocast = torch.is_autocast_enabled  # (autocast knows no meta device: it is off there)
+    # autocast knows no meta device: it is off there
+    monkeypatch.setattr(train, "autocast_context", lambda device, dtype: (contextlib.nullcontext(), "float32"))
+    autocast = torch.is_autocast_enabled
     monkeypatch.setattr(torch, "is_autocast_enabled", lambda *d: False if d and str(d[0]) == "meta" else autocast(*d))
     cfg = TrainConfig()
     keys = parse_args(cfg, [*TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}", "--alpha_0=0.5",
