@@ -7,15 +7,16 @@ On one GPU (bf16 autocast, torch.compile; the GPU preset below is nanoGPT's shak
 
     python train.py --dataset=shakespeare
 
-With DDP on 2 GPUs (or 2 CPU processes with --device=cpu; the backend follows the device):
+Data parallel on 2 GPUs (or 2 CPU processes with --device=cpu; the backend follows the device):
 
     torchrun --standalone --nproc_per_node=2 train.py --dataset=shakespeare
 
 train() is importable; the notebook and the tests call the same function the CLI runs. It reads like
-nanoGPT's loop, with its phases named: Trainer's set-up, step() (one optimizer step), eval_and_save() and
-final_eval(). Every micro-step reseeds torch from (seed, iteration, global micro-batch index), so a run is a
-pure function of its flags: resuming continues the same data and noise, and DDP with N ranks computes the
-same global batch as one process with N times the gradient accumulation.
+nanoGPT's loop, with its phases named: Trainer's set-up, step() (one optimizer step), eval_and_save(), loop()
+and final_eval(). Every micro-step reseeds torch from (seed, iteration, global micro-batch index), so a run is a
+pure function of its flags: resuming continues the same data and noise, and N ranks compute the same global
+batch as one process with N times the gradient accumulation. A step never waits for the device: its loss and
+gradient norm stay there until a log line or an eval reads them (read_losses).
 """
 import contextlib
 import json
@@ -24,19 +25,18 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn as nn
-from torch.distributed import destroy_process_group, init_process_group
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
+from torch.distributed import all_reduce, barrier, destroy_process_group, init_process_group
 
 from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, require, run_cli
 from data import (atomic_write, eval_batches, get_batch, load_checkpoint, load_split, prepare, save_checkpoint,
                   token_bytes, tokenizer_of)
 from model import (DENOISERS, GPT, GPTConfig, diffusion_rows, has_likelihood, iw_nll, nelbo, shape_checks,
-                   stratified_times, unwrap)
+                   stratified_times)
+
 
 @dataclass
 class TrainConfig:
@@ -92,57 +92,45 @@ class TrainConfig:
 # with Muon); the CPU BPE preset stops after 1500 iterations (5.5 minutes on 2 cores). The GPU presets are
 # nanoGPT's train_shakespeare_char model for 2500 iterations (characters) and 1000 (BPE, a third as many tokens
 # per epoch); ckpt.pt keeps the best-val weights whatever comes after. No figure of them is in the README.
+GPU = dict(batch_size=64, block_size=256, n_layer=6, n_head=6, n_embd=384, eval_iters=100, log_interval=100,
+           compile=True)
 PRESETS = {
     ("cpu", "char"): {},
     ("cpu", "bpe"): dict(max_iters=1500),
-    ("cuda", "char"): dict(batch_size=64, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2,
-                           max_iters=2500, eval_iters=100, log_interval=100, compile=True),
-    ("cuda", "bpe"): dict(batch_size=64, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.3,
-                          max_iters=1000, eval_interval=100, eval_iters=100, log_interval=100, compile=True),
+    ("cuda", "char"): dict(GPU, dropout=0.2, max_iters=2500),
+    ("cuda", "bpe"): dict(GPU, dropout=0.3, max_iters=1000, eval_interval=100),
 }
-MODEL_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "denoiser")
-# the model's flags (but vocab_size, which comes from the data), the method's, the data and the optimizer: a resumed
-# run keeps them, and a user who gives one of them again must give the checkpoint's value
-KEPT_ON_RESUME = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "denoiser", "alpha_0", "batch_split",
-                  "dataset", "optimizer")
+# the model's flags, the method's, the data and the optimizer: a resumed run keeps them, and a user who gives one
+# of them again must give the checkpoint's value
+MODEL_FLAGS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "denoiser")  # GPTConfig's but one
+KEPT_ON_RESUME = (*MODEL_FLAGS, "alpha_0", "batch_split", "dataset", "optimizer")
 # where and how this process runs: flags a resumed run never takes from its checkpoint
 RUN_KEYS = ("init_from", "eval_only", "out_dir", "device", "dtype", "compile", "backend")
-
+CHOICES = dict(init_from=("scratch", "resume"), denoiser=DENOISERS, loss_type=("elbo", "low_var"),
+               optimizer=("muon", "adamw"), backend=("auto", "nccl", "gloo", "mpi", "ucc", "xccl"))
 
 
 def validate(cfg):
-    checks = [
-        (0 <= cfg.alpha_0 <= 1, f"--alpha_0={cfg.alpha_0} must be in [0, 1]"),
-        (0 < cfg.batch_split < 1, f"--batch_split={cfg.batch_split} must be in (0, 1)"),
-        (cfg.loss_type in ("elbo", "low_var"), f"--loss_type={cfg.loss_type} must be elbo or low_var"),
-        (cfg.init_from in ("scratch", "resume"), f"--init_from={cfg.init_from} must be scratch or resume"),
-        (cfg.dataset.removesuffix("_char") not in ("", ".", "..") and not {"/", os.sep} & set(cfg.dataset),
-         f"--dataset={cfg.dataset} must be the name of a folder in --data_dir (data/<name>/input.txt); give a path "
-         "with --data_dir"),
-        (cfg.optimizer in ("adamw", "muon"), f"--optimizer={cfg.optimizer} must be adamw or muon"),
-        (cfg.batch_size >= 1, f"--batch_size={cfg.batch_size} must be at least 1"),
-        *shape_checks(cfg),
-        (1 <= cfg.gradient_accumulation_steps <= 10006, "--gradient_accumulation_steps must be in 1..10006"),
-        (0 <= cfg.dropout < 1, f"--dropout={cfg.dropout} must be in [0, 1)"),
-        (cfg.learning_rate > 0 and cfg.min_lr >= 0,
-         f"--learning_rate={cfg.learning_rate} must be > 0 and --min_lr={cfg.min_lr} >= 0"),
-        (min(cfg.max_iters, cfg.warmup_iters, cfg.lr_decay_iters) >= 0,
-         "--max_iters, --warmup_iters and --lr_decay_iters must be >= 0"),
-        (cfg.eval_interval >= 1 and cfg.eval_iters >= 1 and cfg.log_interval >= 1 and cfg.eval_k >= 1,
-         "--eval_interval, --eval_iters, --log_interval and --eval_k must be positive"),
-        (cfg.grad_clip >= 0, f"--grad_clip={cfg.grad_clip} must be >= 0"),
-        (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, f"--beta1={cfg.beta1} and --beta2={cfg.beta2} must be in [0, 1)"),
-        (cfg.weight_decay >= 0, f"--weight_decay={cfg.weight_decay} must be >= 0"),
-        (cfg.eval_windows == 0 or cfg.eval_windows >= cfg.batch_size,
-         f"--eval_windows={cfg.eval_windows} must be 0 (all) or at least --batch_size={cfg.batch_size}"),
-        (cfg.denoiser in DENOISERS, f"--denoiser={cfg.denoiser} must be one of {', '.join(DENOISERS)}"),
-        (cfg.denoiser != "mdlm" or cfg.alpha_0 == 1, f"--denoiser=mdlm is a pure diffusion model: it needs "
-         f"--alpha_0=1, not {cfg.alpha_0}"),
-        (cfg.alpha_0 in (0, 1) or 0 < diffusion_rows(cfg.batch_size, cfg.alpha_0, cfg.batch_split) < cfg.batch_size,
-         f"--batch_size={cfg.batch_size} with --batch_split={cfg.batch_split} leaves one half of the hybrid "
-         "loss empty; use a larger batch"),
-    ]
-    require(checks)
+    """Each flag checked once, before any work: the first that is wrong ends the run in one line naming it."""
+    flag = lambda k: f"--{k}={getattr(cfg, k)}"
+    require([*((getattr(cfg, k) in v, f"{flag(k)} must be one of {', '.join(v)}") for k, v in CHOICES.items()),
+             *((getattr(cfg, k) > 0, f"{flag(k)} must be positive") for k in (  # (n_head: shape_checks divides by it)
+                 "n_head", "batch_size", "gradient_accumulation_steps", "learning_rate", "eval_interval", "eval_iters",
+                 "log_interval", "eval_k")),
+             *((getattr(cfg, k) >= 0, f"{flag(k)} must be >= 0") for k in (
+                 "max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "grad_clip", "weight_decay")),
+             *((0 <= getattr(cfg, k) < 1, f"{flag(k)} must be in [0, 1)") for k in ("dropout", "beta1", "beta2")),
+             (0 <= cfg.alpha_0 <= 1, f"{flag('alpha_0')} must be in [0, 1]"),
+             (os.path.basename(cfg.dataset) == cfg.dataset, f"{flag('dataset')} must be the name of a folder in "
+              "--data_dir (data/<name>/input.txt); give a path with --data_dir"),
+             (cfg.eval_windows == 0 or cfg.eval_windows >= cfg.batch_size,
+              f"{flag('eval_windows')} must be 0 (all) or at least {flag('batch_size')}"),
+             (cfg.denoiser != "mdlm" or cfg.alpha_0 == 1,
+              f"--denoiser=mdlm is a pure diffusion model: it needs --alpha_0=1, not {cfg.alpha_0}"),
+             (cfg.alpha_0 in (0, 1) or
+              0 < diffusion_rows(cfg.batch_size, cfg.alpha_0, cfg.batch_split) < cfg.batch_size,
+              f"{flag('batch_size')} with {flag('batch_split')} leaves one half of the hybrid loss empty")])
+    require(shape_checks(cfg))
 
 
 def default_out_dir(cfg):
@@ -152,422 +140,324 @@ def default_out_dir(cfg):
 
 
 def get_lr(it, cfg):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (nanoGPT)."""
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (0: max_iters), min_lr after (nanoGPT)."""
+    lr, warmup = cfg.learning_rate, cfg.warmup_iters
     if not cfg.decay_lr:
-        return cfg.learning_rate
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it > decay_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+        return lr
+    if it < warmup:
+        return lr * (it + 1) / (warmup + 1)
+    ratio = min(1, (it - warmup) / max(1, (cfg.lr_decay_iters or cfg.max_iters) - warmup))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - cfg.min_lr)
 
 
 def micro_seed(seed, it, g):
     """Seed of micro-batch g of iteration it: distinct for every (it, g) with 0 <= g < 10007 (also modulo 2**32,
-    what PyTorch keeps of a seed, up to iteration 429,000). g = 10006 seeds the
-    iteration's diffusion times, so a batch has at most 10006 micro-batches (validate)."""
+    what PyTorch keeps of a seed, up to iteration 429,000). g = 10006 seeds the iteration's diffusion times."""
     return seed + 10007 * it + g
 
 
-class Objective(nn.Module):
-    """The training loss as one module, so DDP sees one forward per micro-step (the hybrid calls the
-    network twice: at length L for the diffusion rows, at m + L for the sequential rows)."""
-
-    def __init__(self, model, cfg):
-        super().__init__()
-        self.model, self.cfg = model, cfg
-
-    def forward(self, x, t):
-        c = self.cfg
-        return nelbo(self.model, x, c.alpha_0, c.batch_split, c.loss_type, t)
-
-
 @torch.no_grad()
-def evaluate(model, batches, cfg, ctx, ks=(1,), token_bytes=None):
-    """Mean over batches of the NELBO (ELBO weights, always) and the IW NLL at each K, nats per token (only for
-    a denoiser with a one-pass likelihood). Reseeds torch so that the numbers depend on the model alone. Given
-    token_bytes (data.token_bytes), each is also put in bits per UTF-8 byte of the text scored (key + '_bpb'),
-    a measure that does not depend on the vocabulary."""
-    ks = ks if has_likelihood(unwrap(model).config) else ()
-    was_training = model.training
+def evaluate(model, batches, cfg, ctx, token_bytes, ks=(1,)):
+    """Means over batches, nats per token: the NELBO (ELBO weights, always) and, for a denoiser with a one-pass
+    likelihood, the importance-weighted NLL over K orderings (iw_nll_k<K>); each also in bits per UTF-8 byte of the
+    text scored (key + '_bpb', with token_bytes: data.token_bytes), a measure that does not depend on the
+    vocabulary. Reseeds torch, so that the numbers depend on the model alone."""
     model.eval()
     torch.manual_seed(cfg.seed)
-    sums, n, windows, n_bytes = {"nelbo": 0.0, **{f"nll_k{k}": 0.0 for k in ks}}, 0, 0, 0
-    for x in batches:
+    sums = Counter()
+    for n, x in enumerate(batches, 1):
         with ctx, attention_backends(x.device):
-            sums["nelbo"] += nelbo(model, x, cfg.alpha_0, cfg.batch_split, "elbo")[0].item()
-            for k in ks:  # at α0 = 0 every ordering is left to right: all K give the K=1 value
-                sums[f"nll_k{k}"] += iw_nll(model, x, cfg.alpha_0, 1 if cfg.alpha_0 == 0 else k).mean().item()
-        n, windows = n + 1, windows + len(x)
-        n_bytes += 0 if token_bytes is None else int(token_bytes[x.cpu()].sum())
-    model.train(was_training)
-    metrics = {**{k: v / n for k, v in sums.items()}, "windows": windows}
-    if n_bytes:  # mean nats per token * tokens / (ln 2 * bytes): every batch has the same number of tokens
-        metrics["bytes_per_token"] = n_bytes / (windows * cfg.block_size)
-        metrics.update({f"{k}_bpb": v / n * windows * cfg.block_size / n_bytes / math.log(2) for k, v in sums.items()})
-    return metrics
+            sums["nelbo"] += nelbo(model, x, cfg.alpha_0, cfg.batch_split)[0].item()
+            for k in ks if has_likelihood(model.config) else ():  # (α0 = 0: every ordering is left to right)
+                sums[f"iw_nll_k{k}"] += iw_nll(model, x, cfg.alpha_0, 1 if cfg.alpha_0 == 0 else k).mean().item()
+        sums["bytes_per_token"] += token_bytes[x.cpu()].double().mean().item()
+    model.train()
+    bytes_per_token = sums.pop("bytes_per_token") / n
+    metrics = {k: v / n for k, v in sums.items()}
+    return {**metrics, **{f"{k}_bpb": v / bytes_per_token / math.log(2) for k, v in metrics.items()},
+            "bytes_per_token": bytes_per_token}
 
 
-def report(metrics, meta, cfg, it, source):
-    """The final printout: nats per token, bits per byte, bits per character (char data) and perplexity."""
-    per_byte = f", {metrics['bytes_per_token']:.3f} UTF-8 bytes per token" if "bytes_per_token" in metrics else ""
-    lines = [f"final eval of the weights of iter {it} ({source}), denoiser {cfg.denoiser}, alpha_0={cfg.alpha_0}, "
-             f"{metrics['windows']} val windows{per_byte}:"]
-    names = {"nelbo": "NELBO", "nll_k1": "exact NLL, K=1", f"nll_k{cfg.eval_k}": f"exact NLL, K={cfg.eval_k}"}
-    if "nll_k1" not in metrics:
-        names = {"nelbo": "NELBO"}
-        lines.append(f"  (denoiser {cfg.denoiser} has no one-pass likelihood: its NELBO is the number to report)")
-    for key, name in names.items():
-        v = metrics[key]
-        bpb = f", {metrics[key + '_bpb']:.4f} bits/byte" if key + "_bpb" in metrics else ""
-        bpc = f", {v / math.log(2):.4f} bits/char" if meta["tokenizer"] == "char" else ""
-        lines.append(f"  {name:<18} {v:.4f} nats/token{bpb}{bpc}, perplexity {math.exp(v):.3f}")
-    return "\n".join(lines)
+def log(msg):
+    """On rank 0; flushed, so `| tee` and log files see each line as it comes."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(msg, flush=True)
 
 
 class Trainer:
-    """One run: its set-up (__init__: DDP, presets, resume, data, model, optimizers) and its phases, step()
-    (one optimizer step), eval_and_save() (the periodic eval and checkpoints) and final_eval()."""
+    """One run: its set-up (__init__: ranks, presets, resume, data, model, optimizers) and its phases, step()
+    (one optimizer step), eval_and_save() (the periodic eval and checkpoints), loop() and final_eval()."""
 
     def __init__(self, cfg, user_keys=()):
         self.cfg = cfg
-        self.ddp = int(os.environ.get("RANK", -1)) != -1
-        self.rank, self.world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if self.ddp else (0, 1)
-        self.master = self.rank == 0
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.ddp, self.master = self.world > 1, self.rank == 0
         self.device = pick_device(cfg.device)
-        names = [b.split(":")[-1].lower() for b in cfg.backend.split(",")]  # (torch's form: gloo or cpu:gloo,cuda:nccl)
-        if cfg.backend != "auto" and not set(names) <= {"nccl", "gloo", "mpi", "ucc", "xccl"}:  # before DDP starts
-            raise UserError(f"--backend={cfg.backend} must be auto, nccl, gloo, mpi, ucc or xccl")
-        if self.ddp:
-            if self.device.startswith("cuda"):
-                self.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-                torch.cuda.set_device(self.device)
-            init_process_group(backend=cfg.backend if cfg.backend != "auto" else
-                               "nccl" if self.device.startswith("cuda") else "gloo")
-        preset = PRESETS["cuda" if self.device.startswith("cuda") else "cpu",
-                         "char" if cfg.dataset.endswith("_char") else "bpe"]
-        for k, v in preset.items():
+        if self.ddp and self.device.startswith("cuda"):
+            self.device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(self.device)
+        kind = "cuda" if self.device.startswith("cuda") else "cpu"
+        for k, v in PRESETS[kind, "char" if cfg.dataset.endswith("_char") else "bpe"].items():
             if k not in user_keys:
                 setattr(cfg, k, v)
+        cfg.out_dir = cfg.out_dir or default_out_dir(cfg)  # (of the flags given: a resumed run writes where it read)
         ckpt = self.checkpoint_to_continue(user_keys)
         validate(cfg)
-        cfg.out_dir = cfg.out_dir or default_out_dir(cfg)
-        if cfg.gradient_accumulation_steps % self.world:
-            if "gradient_accumulation_steps" in user_keys:
-                raise UserError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a "
-                                f"multiple of the {self.world} DDP processes")
-            cfg.gradient_accumulation_steps = self.world * math.ceil(cfg.gradient_accumulation_steps / self.world)
-            self.log(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}: one micro-batch per "
-                     f"process and iteration at least (set the flag to choose)")
-        self.accum = cfg.gradient_accumulation_steps // self.world
+        # micro-batches per rank; an unset --gradient_accumulation_steps is rounded up to a multiple of the ranks
+        self.accum = -(-cfg.gradient_accumulation_steps // self.world)
+        require([(self.accum * self.world == cfg.gradient_accumulation_steps or "gradient_accumulation_steps" not in
+                  user_keys, f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of "
+                  f"the {self.world} processes")])
+        cfg.gradient_accumulation_steps = self.accum * self.world
         self.ctx, cfg.dtype = autocast_context(self.device, cfg.dtype)
+        if self.ddp:
+            init_process_group(cfg.backend if cfg.backend != "auto" else "nccl" if kind == "cuda" else "gloo")
         self.load_data()
-        if ckpt is not None and tokenizer_of(ckpt["meta"]) != tokenizer_of(self.meta):
-            raise UserError(f"{cfg.out_dir}'s checkpoint was trained with another tokenizer than {cfg.data_dir}/"
-                            f"{cfg.dataset}/meta.pkl (its input.txt has changed since?); train from scratch into "
-                            "another --out_dir")
+        require([(ckpt is None or tokenizer_of(ckpt["meta"]) == tokenizer_of(self.meta),
+                  f"{cfg.out_dir}'s checkpoint was trained with another tokenizer than {cfg.data_dir}/{cfg.dataset}/"
+                  "meta.pkl (its input.txt has changed since?); train from scratch into another --out_dir")])
         self.build_model(ckpt)
-
-    def log(self, msg):
-        """Above the progress bar; flushed, so `| tee` and log files see each line as it comes."""
-        if self.master:
-            tqdm.write(msg)
-            sys.stdout.flush()
-
-    def checkpoint_to_continue(self, user_keys):
-        """The checkpoint a resumed run (last.pt) or --eval_only (ckpt.pt, the best weights) starts from, or
-        None. Every flag the user did not set is the checkpoint's, but for those of where and how this process
-        runs (RUN_KEYS), so that `--init_from=resume --out_dir=DIR` alone continues the run it was; a model or
-        method flag (KEPT_ON_RESUME) that the user set differently is an error."""
-        cfg = self.cfg
-        if cfg.init_from != "resume" and not cfg.eval_only:
-            return None
-        out_dir = cfg.out_dir = cfg.out_dir or default_out_dir(cfg)  # (kept: the checkpoint's flags would name another)
-        found = lambda name: os.path.exists(os.path.join(out_dir, name))
-        resume = cfg.init_from == "resume" and not cfg.eval_only
-        if resume and not found("last.pt") and not found("ckpt.pt"):
-            raise UserError(f"nothing to resume in {out_dir} (no last.pt, no ckpt.pt); train from scratch first")
-        ckpt = load_checkpoint(out_dir, self.device, "last.pt" if resume and found("last.pt") else "ckpt.pt")
-        saved = ckpt["config"]
-        for k in KEPT_ON_RESUME:
-            if k in user_keys and getattr(cfg, k) != saved[k]:
-                raise UserError(f"--{k}={getattr(cfg, k)} differs from the checkpoint's {saved[k]}; "
-                                "a resumed or evaluated run keeps it")
-        for k, value in saved.items():
-            if k not in user_keys and k not in RUN_KEYS and hasattr(cfg, k):
-                setattr(cfg, k, value)
-        return ckpt
-
-    def load_data(self):
-        cfg = self.cfg
-        self.meta = prepare(cfg.dataset, cfg.data_dir)
-        self.train_data = load_split(cfg.dataset, "train", cfg.data_dir)
-        self.val_data = load_split(cfg.dataset, "val", cfg.data_dir)
-        for split, data in (("val", self.val_data), ("train", self.train_data)):
-            if len(data) < cfg.block_size:
-                raise UserError(f"--block_size={cfg.block_size} is longer than the {split} split of {cfg.dataset} "
-                                f"({len(data)} tokens); lower --block_size or use more text")
-        if len(self.val_data) // cfg.block_size < cfg.batch_size:
-            raise UserError(f"the val split of {cfg.dataset} ({len(self.val_data)} tokens) holds fewer than "
-                            f"--batch_size={cfg.batch_size} windows of {cfg.block_size}; lower them or use more text")
-        try:  # the bytes of each token, for bits per byte (BPE: tiktoken's files, which prepare() may not have needed)
-            self.token_bytes = token_bytes(self.meta)
-        except UserError as e:
-            self.token_bytes = None
-            self.log(f"the final eval will give no bits per byte: {e}")
-
-    def build_model(self, ckpt):
-        """The model (new, or the checkpoint's), its optimizers (with their state when resuming), and the
-        objective the steps call: compiled and wrapped in DDP as the flags say."""
-        cfg = self.cfg
-        torch.manual_seed(cfg.seed)
-        if ckpt is None:
-            self.model = GPT(GPTConfig(cfg.block_size, self.meta["vocab_size"], cfg.n_layer, cfg.n_head, cfg.n_embd,
-                                       cfg.dropout, cfg.bias, cfg.denoiser)).to(self.device)
-            self.iter_num, self.best_val, self.best_iter = 0, float("inf"), None
-        else:
-            self.model = GPT.from_checkpoint(ckpt, self.device)
-            self.iter_num, self.best_val, self.best_iter = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["best_iter"]
-        self.optimizers = self.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                                          self.device.split(":")[0], cfg.optimizer)
-        if ckpt is not None and not cfg.eval_only:
-            if "optimizer" not in ckpt:
-                raise UserError(f"{cfg.out_dir}/last.pt, the state to resume from, is missing; train from scratch")
-            for opt, state in zip(self.optimizers, ckpt["optimizer"]):
-                # the saved state (moments) with the weight decay and betas of the flags now, which a resumed run may
-                # change: load_state_dict puts back the saved ones (the learning rate: step() sets it)
-                from_flags = ("weight_decay", "betas")
-                settings = [{k: group[k] for k in from_flags if k in group} for group in opt.param_groups]
-                opt.load_state_dict(state)
-                for group, flags in zip(opt.param_groups, settings):
-                    group.update(flags)
-        if cfg.compile:
-            self.log("compiling the model (torch.compile): the first iterations take a while")
-        self.objective = self.make_objective(compiled=cfg.compile)
-        self.saved = ckpt is not None  # have out_dir's checkpoints become this run's (it resumed from them)?
-        self.history = {"loss": [], "eval": []}  # (iter, train loss), (iter, train nelbo, val nelbo, val nll)
+        # may this run replace out_dir's checkpoints? Once it has resumed from them or saved its own, or if there are
+        # none (last.pt is written with every ckpt.pt, and before it)
+        self.saved = ckpt is not None or not os.path.exists(os.path.join(cfg.out_dir, "last.pt"))
+        require([(self.saved or cfg.max_iters, f"--max_iters=0 would replace the checkpoints in {cfg.out_dir} by an "
+                  "untrained model; give another --out_dir")])
+        self.history = {"loss": [], "eval": []}  # (iter, train loss), (iter, train nelbo, val nelbo, val IW NLL K=1)
+        self.pending = []  # [loss, grad norm] of each step not read yet, on the device
         if self.master:
             try:
                 os.makedirs(cfg.out_dir, exist_ok=True)
             except OSError as e:
                 raise UserError(f"cannot create --out_dir={cfg.out_dir}: {e.strerror}")
-            tokens = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-            self.log(f"device {self.device} ({cfg.dtype}), {self.world} process(es); tokens per iteration will be: "
-                     f"{tokens:,}")
-            self.log(f"number of parameters: {self.model.get_num_params() / 1e6:.2f}M; alpha_0={cfg.alpha_0}, "
-                     f"batch_split={cfg.batch_split}, loss_type={cfg.loss_type}")
+            if not self.saved:
+                old = load_checkpoint(cfg.out_dir, "cpu", "last.pt")
+                log(f"{cfg.out_dir} holds another run (trained to iter {old['iter_num']}, best val nelbo "
+                    f"{old['best_val_loss']:.4f}); this run replaces its checkpoints from its first eval on")
+        log(f"device {self.device} ({cfg.dtype}), {self.world} process(es), gradient_accumulation_steps="
+            f"{cfg.gradient_accumulation_steps}; tokens per iteration will be: "
+            f"{cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size:,}\nnumber of parameters: "
+            f"{self.model.get_num_params() / 1e6:.2f}M; alpha_0={cfg.alpha_0}, batch_split={cfg.batch_split}, "
+            f"loss_type={cfg.loss_type}")
 
-    def make_objective(self, compiled):
-        """The loss the steps call: over the compiled model or the model itself, in DDP when there are ranks."""
-        objective = Objective(torch.compile(self.model, dynamic=True) if compiled else self.model, self.cfg)
-        if self.ddp:
-            ids = [int(self.device.split(":")[1])] if self.device.startswith("cuda") else None
-            objective = DDP(objective, device_ids=ids)
-        self.compiled = compiled
-        return objective
+    def checkpoint_to_continue(self, user_keys):
+        """The checkpoint a resumed run or --eval_only starts from (last.pt; --eval_only of a folder without one:
+        ckpt.pt), or None. Every flag the user did not set is the checkpoint's, but for those of where and how
+        this process runs (RUN_KEYS), so that `--init_from=resume --out_dir=DIR` alone continues the run it was; a
+        model or method flag (KEPT_ON_RESUME) that the user set differently is an error."""
+        cfg = self.cfg
+        if cfg.init_from != "resume" and not cfg.eval_only:
+            return None
+        only_ckpt = cfg.eval_only and not os.path.exists(os.path.join(cfg.out_dir, "last.pt"))
+        ckpt = load_checkpoint(cfg.out_dir, self.device, "ckpt.pt" if only_ckpt else "last.pt")
+        saved = ckpt["config"]
+        require([(k not in user_keys or getattr(cfg, k) == saved[k], f"--{k}={getattr(cfg, k)} differs from the "
+                  f"checkpoint's {saved[k]}; a resumed or evaluated run keeps it") for k in KEPT_ON_RESUME])
+        for k, v in saved.items():
+            if k not in user_keys and k not in RUN_KEYS and hasattr(cfg, k):
+                setattr(cfg, k, v)
+        return ckpt
 
-    def all_ranks_agree(self, flag):
-        """True on every rank if `flag` is True on any (the same answer everywhere, so no rank is left waiting)."""
-        if not self.ddp:
-            return flag
-        t = torch.tensor(float(flag), device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item())
+    def load_data(self):
+        """Rank 0 prepares the dataset (if it must) while the other ranks wait; then they read it."""
+        cfg = self.cfg
+        if not self.master:
+            barrier()
+        self.meta = prepare(cfg.dataset, cfg.data_dir)
+        if self.master and self.ddp:
+            barrier()
+        self.train_data, self.val_data = (load_split(cfg.dataset, s, cfg.data_dir) for s in ("train", "val"))
+        require([(len(self.val_data) // cfg.block_size >= cfg.batch_size,  # (the train split is 9 times longer)
+                  f"the val split of {cfg.dataset} ({len(self.val_data)} tokens) holds fewer than --batch_size="
+                  f"{cfg.batch_size} windows of --block_size={cfg.block_size}; lower them or use more text")])
+        self.token_bytes = token_bytes(self.meta)
+
+    def build_model(self, ckpt):
+        """The model (new, or the checkpoint's), the network the steps run (compiled or not) and the optimizers
+        (resumed: their moments, with the settings of the flags, so that a resumed run may change them)."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # (the same weights on every rank)
+        self.model = GPT.from_checkpoint(ckpt, self.device) if ckpt else GPT(GPTConfig(
+            vocab_size=self.meta["vocab_size"], **{k: getattr(cfg, k) for k in MODEL_FLAGS})).to(self.device)
+        self.iter_num, self.best_val = (ckpt["iter_num"], ckpt["best_val_loss"]) if ckpt else (0, math.inf)
+        self.optimizers = self.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                                          self.device.split(":")[0], cfg.optimizer)
+        for opt, state in zip(self.optimizers, ckpt["optimizer"] if ckpt and not cfg.eval_only else ()):
+            opt.load_state_dict({**state, "param_groups": opt.state_dict()["param_groups"]})
+        self.net = torch.compile(self.model, dynamic=True) if cfg.compile else self.model
 
     def step(self, it):
-        """One optimizer step at iteration `it`: the micro-batches of this rank (the global batch is the same for
-        any number of ranks), gradient clipping, the optimizers. Returns the global batch's loss. If compiling
-        the model fails, one line says so and the step runs again on the model itself (every micro-batch
-        reseeds torch, so it is the very step an uncompiled run takes), as do all after it."""
-        cfg = self.cfg
-        for group in (g for opt in self.optimizers for g in opt.param_groups):
-            group["lr"] = get_lr(it, cfg)
+        """One optimizer step at iteration `it`: forward and backward over this rank's micro-batches g of the global
+        batch, the gradients of the whole batch (the mean over the ranks), clipping, the optimizers. The batches
+        and the diffusion times (stratified over the global batch) are drawn on the host and copied in without a
+        wait (get_batch, nelbo), and the loss and the gradient norm stay on the device, in self.pending: the host
+        never waits for the device here. If compiling fails, one line says so and the step runs again on the model
+        itself (every micro-batch reseeds torch: it is the step an uncompiled run takes), as do all after it."""
+        cfg, loss = self.cfg, 0
+        torch.manual_seed(micro_seed(cfg.seed, it, 10006))
+        G = cfg.gradient_accumulation_steps  # diffusion times stratified over the global batch; row g: micro-batch g's
+        times = stratified_times(G * diffusion_rows(cfg.batch_size, cfg.alpha_0, cfg.batch_split)).view(G, -1)
         try:
-            loss_sum = self.micro_steps(it)
-        except Exception as e:  # a compiler that fails never costs a run (every rank compiles the same graphs)
-            if not (self.compiled and isinstance(e, torch._dynamo.exc.TorchDynamoException)):
-                raise
+            for g in range(self.rank * self.accum, (self.rank + 1) * self.accum):
+                torch.manual_seed(micro_seed(cfg.seed, it, g))
+                x = get_batch(self.train_data, cfg.batch_size, cfg.block_size, self.device)
+                with self.ctx, attention_backends(self.device):
+                    micro = nelbo(self.net, x, cfg.alpha_0, cfg.batch_split, cfg.loss_type, times[g])[0] / self.accum
+                micro.backward()
+                loss = loss + micro.detach()
+        except torch._dynamo.exc.TorchDynamoException as e:  # (every rank compiles the same graphs)
             cause = getattr(e, "inner_exception", None) or e
-            self.log(f"torch.compile failed ({type(cause).__name__}: {str(cause).strip().splitlines()[0][:200]}); "
-                     "training on without it")
-            self.objective = self.make_objective(compiled=False)
-            for opt in self.optimizers:
-                opt.zero_grad(set_to_none=True)
-            loss_sum = self.micro_steps(it)
-        if self.ddp:  # the global batch's loss, not this rank's share
-            loss_t = torch.tensor(loss_sum / self.world, device=self.device)
-            torch.distributed.all_reduce(loss_t)
-            loss_sum = loss_t.item()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
-        if not (math.isfinite(loss_sum) and torch.isfinite(norm)):  # norm is all-reduced: every rank agrees
-            raise UserError(f"the loss or its gradient is not finite at iter {it} (loss {loss_sum}); "
-                            "stopped without saving; lower --learning_rate or check the data")
+            log(f"torch.compile failed ({type(cause).__name__}: " + str(cause).partition("\n")[0] +
+                "); training on without it")
+            self.net = self.model
+            self.model.zero_grad(set_to_none=True)
+            return self.step(it)
+        for p in self.model.parameters() if self.ddp else ():
+            all_reduce(p.grad)
+            p.grad /= self.world
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
         for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = get_lr(it, cfg)
             opt.step()
-            opt.zero_grad(set_to_none=True)
-        return loss_sum
+        self.model.zero_grad(set_to_none=True)
+        self.pending.append(torch.stack([loss, norm]))
 
-    def micro_steps(self, it):
-        """Forward and backward over this rank's micro-batches of iteration `it`; returns their summed loss."""
-        cfg, G = self.cfg, self.cfg.gradient_accumulation_steps
-        split = diffusion_rows(cfg.batch_size, cfg.alpha_0, cfg.batch_split)
-        u = torch.rand((), generator=torch.Generator().manual_seed(micro_seed(cfg.seed, it, 10006)))
-        loss_sum = 0.0
-        for micro in range(self.accum):
-            g = self.rank * self.accum + micro  # this micro-batch's index in the global batch
-            torch.manual_seed(micro_seed(cfg.seed, it, g))
-            x = get_batch(self.train_data, cfg.batch_size, cfg.block_size, self.device)
-            t = stratified_times(split, u, offset=g * split, total=G * split) if split else None
-            if self.ddp:
-                self.objective.require_backward_grad_sync = micro == self.accum - 1
-            with self.ctx, attention_backends(self.device):
-                loss = self.objective(x, t)[0] / self.accum
-            loss.backward()
-            loss_sum += loss.item()
-        return loss_sum
+    def read_losses(self, it):
+        """The losses of the steps up to iteration `it` not read yet, into the history, in one host read (the
+        global batch's: the mean over the ranks). A loss or gradient norm that is not finite stops every rank."""
+        if self.pending:
+            stats = torch.stack(self.pending)
+            self.pending = []
+            if self.ddp:  # (the gradient norms are the same on every rank)
+                all_reduce(stats)
+                stats /= self.world
+            for i, (loss, norm) in enumerate(stats.tolist(), it + 1 - len(stats)):
+                require([(math.isfinite(loss + norm), f"the loss or its gradient is not finite at iter {i}; stopped "
+                          "without saving; lower --learning_rate or check the data")])  # (loss, norm >= 0)
+                self.history["loss"].append((i, loss))
 
     def eval_and_save(self, it):
-        """The periodic eval on rank 0 (the same train and val windows every time); ckpt.pt when val improves
-        (or always, with always_save_checkpoint) and last.pt. A non-finite eval stops every rank unsaved."""
-        cfg, finite = self.cfg, True
-        if self.master:
-            gen = torch.Generator().manual_seed(cfg.seed)
-            batches = lambda data: (get_batch(data, cfg.batch_size, cfg.block_size, self.device, gen)
-                                    for _ in range(cfg.eval_iters))
-            tr = evaluate(self.model, batches(self.train_data), cfg, self.ctx)
-            va = evaluate(self.model, batches(self.val_data), cfg, self.ctx)
-            nll = f", val nll {va['nll_k1']:.4f} (K=1)" if "nll_k1" in va else ""
-            self.log(f"step {it}: train nelbo {tr['nelbo']:.4f}, val nelbo {va['nelbo']:.4f}{nll}")
-            self.history["eval"].append((it, tr["nelbo"], va["nelbo"], va.get("nll_k1", math.nan)))
-            finite = all(map(math.isfinite, (*tr.values(), *va.values())))
-            # the first eval of a trained model always improves; nothing is saved at iteration 0 of a run that goes
-            # on (nanoGPT's rule), so that a run from scratch that diverges leaves the out_dir as it found it
-            improved = finite and va["nelbo"] < self.best_val and not (it == 0 and cfg.max_iters > 0)
-            if improved:
-                self.best_val, self.best_iter = va["nelbo"], it
-            # a run of --max_iters=0 saves its untrained model, but never over another run's checkpoints
-            if it == 0 and cfg.max_iters == 0 and self.holds_another_run():
-                self.log(f"nothing saved: {cfg.out_dir} holds another run's checkpoints, which an untrained model "
-                         "never replaces")
-            # ckpt.pt when improved; last.pt at every eval but the one at the iteration the run started from
-            elif finite and (improved or it > self.iter_num or it >= cfg.max_iters):
-                self.save(it, best=improved or cfg.always_save_checkpoint)
-        if self.all_ranks_agree(not finite):
-            raise UserError(f"the eval loss is not finite at iter {it}; stopped without saving; "
-                            "lower --learning_rate or check the data")
+        """The periodic eval (the same train and val windows every time, on every rank alike); ckpt.pt when val
+        improves (or always, with always_save_checkpoint) and last.pt, but not at the iteration a run that goes on
+        starts from (nanoGPT's rule: a new run that diverges leaves out_dir as it was). A non-finite eval stops
+        the run, unsaved."""
+        cfg = self.cfg
+        self.read_losses(it)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        tr, va = (evaluate(self.model, (get_batch(data, cfg.batch_size, cfg.block_size, self.device, gen)
+                                        for _ in range(cfg.eval_iters)), cfg, self.ctx, self.token_bytes)
+                  for data in (self.train_data, self.val_data))
+        nll = f", val IW NLL (K=1) {va['iw_nll_k1']:.4f}" if "iw_nll_k1" in va else ""
+        log(f"step {it}: train nelbo {tr['nelbo']:.4f}, val nelbo {va['nelbo']:.4f}{nll}")
+        self.history["eval"].append((it, tr["nelbo"], va["nelbo"], va.get("iw_nll_k1", math.nan)))
+        require([(math.isfinite(sum(tr.values()) + sum(va.values())), f"the eval loss is not finite at iter {it}; "
+                  "stopped without saving; lower --learning_rate or check the data")])
+        if it > self.iter_num or it >= cfg.max_iters:
+            best = va["nelbo"] < self.best_val
+            self.best_val = min(self.best_val, va["nelbo"])
+            self.save(it, best or cfg.always_save_checkpoint)
 
     def save(self, it, best):
-        """last.pt: everything to resume from; ckpt.pt (what sample.py and --eval_only read): the weights of the
-        best val loss so far (best=True), or of every eval with always_save_checkpoint."""
-        cfg = self.cfg
-        state = {"model": self.model.state_dict(), "model_args": {k: getattr(self.model.config, k) for k in MODEL_KEYS},
-                 "iter_num": it, "best_val_loss": self.best_val, "best_iter": self.best_iter, "config": asdict(cfg),
-                 "meta": self.meta}
+        """On rank 0: last.pt, everything to resume from; with best, ckpt.pt too (what sample.py and --eval_only
+        read)."""
+        cfg, self.saved = self.cfg, True
+        if not self.master:
+            return
+        state = {"model": self.model.state_dict(), "model_args": asdict(self.model.config), "iter_num": it,
+                 "best_val_loss": self.best_val, "config": asdict(cfg), "meta": self.meta}
         if best:
             with contextlib.suppress(FileNotFoundError):  # it describes the weights replaced now
                 os.remove(os.path.join(cfg.out_dir, "eval.json"))
             save_checkpoint(state, cfg.out_dir)
-            best_so_far = ", best val so far" if self.best_iter == it else ""
-            self.log(f"saving checkpoint to {cfg.out_dir} (iter {it}{best_so_far})")
+            log(f"saving checkpoint to {cfg.out_dir} (iter {it})")
         save_checkpoint({**state, "optimizer": [opt.state_dict() for opt in self.optimizers]}, cfg.out_dir, "last.pt")
-        self.saved = True
 
-    def holds_another_run(self):
-        """Does out_dir hold checkpoints that are not this run's (yet)?"""
-        return not self.saved and any(os.path.exists(os.path.join(self.cfg.out_dir, f)) for f in ("ckpt.pt", "last.pt"))
+    def loop(self, stop):
+        """nanoGPT's loop from iter_num to max_iters: evals, steps, log lines; returns the iteration it ends at. The
+        signal handlers append to `stop`, and every rank stops at the same iteration boundary (an all-reduce of the
+        flag, under DDP only), saving last.pt unless nothing has trained or out_dir holds another run's files."""
+        cfg, it = self.cfg, self.iter_num
+        t0, it0 = time.time(), it
+        while True:
+            signals = len(stop)  # (the count now: a signal after it is the next iteration's)
+            if self.ddp:  # every rank's, so that all stop at the same iteration
+                signals = torch.tensor(signals, device=self.device)
+                all_reduce(signals)
+                signals = signals.item()
+            if signals:
+                stop.append(1)
+                self.read_losses(it)
+                if it and self.saved:
+                    self.save(it, best=False)
+                log(f"interrupted at iter {it}; " + (f"resume with --init_from=resume --out_dir={cfg.out_dir}"
+                                                      if it and self.saved else "nothing saved"))
+                break
+            # >=: a run resumed past its max_iters evaluates too (saving ckpt.pt if it never has) before its final eval
+            if it % cfg.eval_interval == 0 or it >= cfg.max_iters:
+                self.eval_and_save(it)
+                t0, it0 = time.time(), it
+            if it >= cfg.max_iters:
+                break
+            self.step(it)
+            it += 1
+            if it % cfg.log_interval == 0:
+                self.read_losses(it)
+                losses = [loss for _, loss in self.history["loss"][-cfg.log_interval:]]
+                log(f"iter {it}: loss {sum(losses) / len(losses):.4f}, time "
+                    f"{(time.time() - t0) / (it - it0) * 1000:.2f}ms, lr {get_lr(it - 1, cfg):.2e}")
+                t0, it0 = time.time(), it
+        return it
 
     def final_eval(self, it):
-        """On rank 0, after the loop: the whole val split (or eval_windows of it) with the weights sample.py reads
-        (ckpt.pt), NELBO and the IW NLL at K = 1 and eval_k; printed and written to eval.json."""
+        """After the loop: the whole val split (or eval_windows of it) with the weights sample.py reads (ckpt.pt),
+        the NELBO and the IW NLL at K = 1 and eval_k, in nats per token, bits per byte and (characters) bits per
+        character; printed and written to eval.json, with trained_iters=it: how far the run trained."""
         cfg = self.cfg
-        weights_iter = it
-        if cfg.eval_only and os.path.exists(os.path.join(cfg.out_dir, "last.pt")):
-            it = load_checkpoint(cfg.out_dir, "cpu", "last.pt")["iter_num"]  # how far it trained (ckpt.pt: the best)
-        # (every run that trains writes ckpt.pt at its first eval past iteration 0, so this is never another run's;
-        # a run of --max_iters=0 that left another run's out_dir as it was evaluates the weights it has)
-        kept = self.holds_another_run()
-        source = "the untrained model" if kept else "ckpt.pt"
-        if not cfg.eval_only and not kept:
-            best = load_checkpoint(cfg.out_dir, self.device)
-            self.model.load_state_dict(best["model"])
-            weights_iter = best["iter_num"]
-        ks = (1, cfg.eval_k) if cfg.eval_k != 1 else (1,)
-        self.log(f"final eval of {source} on the val split (--eval_windows={cfg.eval_windows or 'all'}, "
-                 f"--eval_k={cfg.eval_k})...")
+        best = load_checkpoint(cfg.out_dir, self.device)
+        self.model.load_state_dict(best["model"])
+        ks = dict.fromkeys((1, cfg.eval_k)) if has_likelihood(self.model.config) else {}
+        log(f"final eval of the weights of iter {best['iter_num']} (ckpt.pt), denoiser {cfg.denoiser}, alpha_0="
+            f"{cfg.alpha_0}, on {cfg.eval_windows or 'all'} val windows" + (":" if ks else " (no one-pass likelihood: "
+                                                                           "its NELBO is the number to report):"))
         batches = eval_batches(self.val_data, cfg.batch_size, cfg.block_size, self.device, cfg.eval_windows)
-        metrics = evaluate(self.model, batches, cfg, self.ctx, ks, self.token_bytes)
-        self.log(report(metrics, self.meta, cfg, weights_iter, source))
-        metrics.update(alpha_0=cfg.alpha_0, denoiser=cfg.denoiser, iter=weights_iter, trained_iters=it,
-                       dataset=cfg.dataset, tokenizer=self.meta["tokenizer"])
-        if not kept:  # (the eval.json there is the other run's)
-            atomic_write(os.path.join(cfg.out_dir, "eval.json"), lambda f: json.dump(metrics, f, indent=2), "w")
-        return metrics
+        m = evaluate(self.model, batches, cfg, self.ctx, self.token_bytes, ks)
+        for key in ["nelbo", *(f"iw_nll_k{k}" for k in ks)]:
+            bpc = f", {m[key] / math.log(2):.4f} bits/char" if self.meta["tokenizer"] == "char" else ""
+            log(f"  {'NELBO' if key == 'nelbo' else 'IW NLL, K=' + key[8:]:<14} {m[key]:.4f} nats/token, "
+                f"{m[key + '_bpb']:.4f} bits/byte{bpc}")
+        m.update(alpha_0=cfg.alpha_0, denoiser=cfg.denoiser, iter=best["iter_num"], trained_iters=it,
+                 dataset=cfg.dataset, tokenizer=self.meta["tokenizer"])
+        atomic_write(os.path.join(cfg.out_dir, "eval.json"), lambda f: json.dump(m, f, indent=2), "w")
+        return m
 
 
 def train(cfg, user_keys=()):
     """Train (or, with eval_only, evaluate) as the flags say. Returns the final eval metrics (the contents of
-    eval.json) plus the loss history, on the master process; None elsewhere. Ctrl-C (SIGINT) or SIGTERM stops
-    every rank at the next iteration boundary, saves last.pt (once an iteration has run, unless out_dir still holds
-    another run's checkpoints) and raises KeyboardInterrupt, after one line that says what was saved."""
+    eval.json) plus the loss history, on rank 0; None elsewhere. Ctrl-C (SIGINT) or SIGTERM stops every rank at
+    the next iteration boundary, saves last.pt (once an iteration has run, unless out_dir still holds another
+    run's checkpoints) and raises KeyboardInterrupt, after one line that says what was saved."""
     try:
         run = Trainer(cfg, user_keys)
     except KeyboardInterrupt:
-        if int(os.environ.get("RANK", 0)) == 0:
-            tqdm.write("interrupted while setting up (data, model, compiler): nothing saved")
+        log("interrupted while setting up (data, model, compiler): nothing saved")
         raise
-    stop = []  # the signal handlers append to it
+    stop = []
     handlers = {sig: signal.signal(sig, lambda *_: stop.append(1)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    quiet = not run.master or cfg.eval_only  # else shown on a terminal only (disable=None)
-    bar = tqdm(total=cfg.max_iters, initial=run.iter_num, disable=True if quiet else None, leave=False)
-    losses, dts, it = [], [], run.iter_num
     try:
-        while True:
-            if run.all_ranks_agree(bool(stop)):  # every rank stops at the same iteration if any was signalled
-                stop += [1]
-                # an untrained state replaces nothing in out_dir (eval_and_save), nor does a new run's before its
-                # first eval: its out_dir may hold another run's checkpoints, which are not lost to a Ctrl-C
-                if it == 0:
-                    run.log("interrupted at iter 0, before any training: nothing saved")
-                elif run.master and run.holds_another_run():
-                    run.log(f"interrupted at iter {it}: nothing saved, as {cfg.out_dir} holds another run's "
-                            "checkpoints, which a run replaces only from its first eval on")
-                else:
-                    if run.master:
-                        run.save(it, best=False)
-                    run.log(f"interrupted at iter {it}; resume with --init_from=resume --out_dir={cfg.out_dir}")
-                break
-            # >=: a run resumed past its max_iters evaluates too (saving ckpt.pt if it never has) before its final eval
-            if (it % cfg.eval_interval == 0 or it >= cfg.max_iters) and not cfg.eval_only:
-                run.eval_and_save(it)
-            if it >= cfg.max_iters or cfg.eval_only:
-                break
-            t0 = time.time()
-            losses.append(run.step(it))
-            dts.append(time.time() - t0)
-            it += 1
-            bar.update(1)
-            run.history["loss"].append((it, losses[-1]))
-            if it % cfg.log_interval == 0:
-                run.log(f"iter {it}: loss {sum(losses) / len(losses):.4f}, time {sum(dts) / len(dts) * 1000:.2f}ms, "
-                        f"lr {get_lr(it - 1, cfg):.2e}")
-                losses, dts = [], []
+        it = run.iter_num if cfg.eval_only else run.loop(stop)
     finally:
-        bar.close()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     if run.ddp:  # the other ranks leave; rank 0 alone runs the final eval
-        torch.distributed.barrier()
+        barrier()
         destroy_process_group()
     if stop:
         raise KeyboardInterrupt
     try:
         return {**run.final_eval(it), "history": run.history} if run.master else None
     except KeyboardInterrupt:
-        saved = not (cfg.eval_only or run.holds_another_run())
-        run.log("interrupted in the eval" + (f"; the checkpoints are saved, and --eval_only=True --out_dir="
-                                             f"{cfg.out_dir} evaluates them again" if saved else ""))
+        log(f"interrupted in the eval; the checkpoints are saved, and --eval_only=True --out_dir={cfg.out_dir} "
+            "evaluates them again")
         raise
 
 
@@ -578,10 +468,10 @@ def main(argv=None):
         train(cfg, user_keys)
     except KeyboardInterrupt:  # train() has said what it saved, in one line
         sys.exit(130)
-    if "RANK" in os.environ:  # a torchrun rank: DDP keeps the process group, and with it gloo's worker threads,
-        sys.stdout.flush()  # alive past destroy_process_group; a worker that frees the tensors of the last
-        sys.stderr.flush()  # collective while Python shuts down aborts the process (now and then). So a rank
-        os._exit(0)  # whose work is done and written leaves without Python's shutdown.
+    if "RANK" in os.environ:  # a torchrun rank: the process group, and with it gloo's worker threads, outlives
+        sys.stdout.flush()  # destroy_process_group; a worker that frees the tensors of the last collective while
+        sys.stderr.flush()  # Python shuts down aborts the process (now and then). So a rank whose work is done and
+        os._exit(0)  # written leaves without Python's shutdown.
 
 
 if __name__ == "__main__":

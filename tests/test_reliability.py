@@ -77,14 +77,14 @@ def torchrun(*args):
 def test_ddp_two_processes_match_one_process_and_resume_exactly(data_dir, tmp_path):
     """torchrun with 2 CPU ranks, typed as on a GPU (no --backend: it follows the device, gloo here), 2
     micro-batches each, equals one process with 4: same data, same noise, stratified t over the global batch,
-    averaged gradients. Stopped at iteration 2 and resumed to 4, it ends in the straight DDP run's state, bit for
-    bit."""
+    averaged gradients. Rank 0 alone prepares the data (the first run finds none), the others wait for it.
+    Stopped at iteration 2 and resumed to 4, it ends in the straight DDP run's state, bit for bit."""
     common = [*TINY_TRAIN, f"--data_dir={data_dir}", "--eval_interval=2", "--gradient_accumulation_steps=4",
               "--alpha_0=0.5", "--lr_decay_iters=4"]
-    single = cli("train.py", *common, f"--out_dir={tmp_path / 'single'}", "--max_iters=4")
-    assert single.returncode == 0, single.stderr
     ddp = torchrun(*common, f"--out_dir={tmp_path / 'ddp'}", "--max_iters=4")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = cli("train.py", *common, f"--out_dir={tmp_path / 'single'}", "--max_iters=4")
+    assert single.returncode == 0, single.stderr
     saves = single.stdout.count("saving checkpoint")
     assert saves >= 1 and ddp.stdout.count("saving checkpoint") + ddp.stderr.count("saving checkpoint") == saves, \
         "rank 0 alone saves"
@@ -141,14 +141,16 @@ def test_ctrl_c_saves_and_stops_cleanly(data_dir, tmp_path):
 
 
 def test_a_new_run_stopped_before_its_first_eval_keeps_another_runs_files(data_dir, tmp_path, monkeypatch):
-    """A new run into a folder that holds another run's checkpoints, stopped (Ctrl-C) after 4 iterations and
-    before its first eval past iteration 0, saves nothing: ckpt.pt, last.pt and eval.json stay byte for byte.
-    Stopped after that eval, it has replaced both checkpoints, and eval.json, which described the weights
-    replaced, is gone; resumed, its final eval reports its own weights."""
+    """A new run into a folder that holds another run's checkpoints says so in one line at its start (the
+    iteration and val loss they hold); stopped (Ctrl-C) after 4 iterations and before its first eval past
+    iteration 0, it saves nothing: ckpt.pt, last.pt and eval.json stay byte for byte. Stopped after that eval, it
+    has replaced both checkpoints, and eval.json, which described the weights replaced, is gone; resumed, its
+    final eval reports its own weights."""
     import train
     out = tmp_path / "o"
     common = [*TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}"]
-    assert cli("train.py", *common, "--max_iters=2", "--eval_interval=2", "--seed=5").returncode == 0
+    first = cli("train.py", *common, "--max_iters=2", "--eval_interval=2", "--seed=5")
+    assert first.returncode == 0, first.stderr
     files = lambda: [(out / name).read_bytes() for name in ("ckpt.pt", "last.pt", "eval.json")]
     other = files()
     step = train.Trainer.step
@@ -159,7 +161,10 @@ def test_a_new_run_stopped_before_its_first_eval_keeps_another_runs_files(data_d
         return step(self, it)
     monkeypatch.setattr(train.Trainer, "step", interrupted)
     r = cli("train.py", *common, "--max_iters=1000", "--eval_interval=1000")
-    assert r.returncode == 130 and "interrupted at iter 4: nothing saved" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 130 and "interrupted at iter 4; nothing saved" in r.stdout, r.stdout + r.stderr
+    val = re.search(r"step 2: .*val nelbo ([0-9.]+)", first.stdout)[1]
+    assert r.stdout.startswith(f"{out} holds another run (trained to iter 2, best val nelbo {val}); this run "
+                               "replaces its checkpoints from its first eval on\n"), r.stdout
     assert files() == other, "the other run's files are left alone"
     r = cli("train.py", *common, "--max_iters=1000", "--eval_interval=2")
     assert r.returncode == 130 and "interrupted at iter 4; resume with" in r.stdout, r.stdout + r.stderr
@@ -221,9 +226,8 @@ def test_non_finite_loss_stops_without_saving(data_dir, tmp_path):
 
 def test_an_untrained_model_never_replaces_a_runs_files(data_dir, tmp_path, monkeypatch):
     """--max_iters=0 evaluates the untrained model: into an empty out_dir it saves it (a random model to time
-    sampling with); into one with another run's checkpoints it saves nothing, and its final eval is of the weights
-    it has, not of the other run's ckpt.pt, whose eval.json stays too; stopped (Ctrl-C) before it begins, it saves
-    nothing either."""
+    sampling with); into one with another run's checkpoints it stops in one line before anything, and the files
+    stay; a run stopped (Ctrl-C) before it begins saves nothing either."""
     import train
     out = tmp_path / "o"
     common = [*TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--eval_interval=2"]
@@ -231,20 +235,20 @@ def test_an_untrained_model_never_replaces_a_runs_files(data_dir, tmp_path, monk
     files = lambda: [(out / name).read_bytes() for name in ("ckpt.pt", "last.pt", "eval.json")]
     trained = files()
     r = cli("train.py", *common, "--max_iters=0")
-    assert r.returncode == 0 and "nothing saved" in r.stdout and files() == trained, r.stdout + r.stderr
+    assert r.returncode == 1 and f"--max_iters=0 would replace the checkpoints in {out} by an untrained model" in \
+        r.stderr and r.stderr.count("\n") == 1 and files() == trained, r.stdout + r.stderr
     fresh = cli("train.py", *common, "--max_iters=0", f"--out_dir={tmp_path / 'new'}")
-    final = lambda out: out.split("final eval of the weights")[1]
-    assert "of iter 0 (the untrained model)" in final(r.stdout) and "of iter 0 (ckpt.pt)" in final(fresh.stdout)
-    assert final(r.stdout).split(":", 1)[1] == final(fresh.stdout).split(":", 1)[1], "the same untrained model"
+    assert fresh.returncode == 0 and "final eval of the weights of iter 0 (ckpt.pt)" in fresh.stdout, fresh.stdout
     assert (tmp_path / "new" / "ckpt.pt").exists()
+    loop = train.Trainer.loop
 
-    class Interrupted(train.tqdm):  # the progress bar is made once the signal handlers are in place: a Ctrl-C there
-        def __init__(self, *args, **kwargs):  # stops the run at iteration 0
-            signal.raise_signal(signal.SIGINT)
-            super().__init__(*args, **kwargs)
-    monkeypatch.setattr(train, "tqdm", Interrupted)
-    r = cli("train.py", *common, "--max_iters=0")
-    assert r.returncode == 130 and "nothing saved" in r.stdout and files() == trained, r.stdout + r.stderr
+    def interrupted(self, stop):  # Ctrl-C once the signal handlers are in place, before iteration 0
+        signal.raise_signal(signal.SIGINT)
+        return loop(self, stop)
+    monkeypatch.setattr(train.Trainer, "loop", interrupted)
+    r = cli("train.py", *common, "--max_iters=1000")
+    assert r.returncode == 130 and "interrupted at iter 0; nothing saved" in r.stdout and files() == trained, \
+        r.stdout + r.stderr
 
 
 def test_no_network_says_where_to_put_the_file(tmp_path, monkeypatch):
@@ -268,7 +272,7 @@ def test_no_network_says_where_to_put_the_file(tmp_path, monkeypatch):
 
 def test_empty_or_tiny_input(tmp_path):
     for text, message in (("", "holds 0 characters"), ("x" * 50, "holds 50 characters"),
-                          ("abcdefgh" * 40, "--block_size=64 is longer than the val split")):
+                          ("abcdefgh" * 40, "holds fewer than --batch_size=12 windows of --block_size=64")):
         (tmp_path / "data" / "e").mkdir(parents=True, exist_ok=True)
         (tmp_path / "data" / "e" / "input.txt").write_text(text)
         r = cli("train.py", "--dataset=e_char", f"--data_dir={tmp_path / 'data'}", "--device=cpu",
@@ -288,7 +292,7 @@ def test_bad_checkpoints_are_reported_and_left_alone(data_dir, tmp_path):
             torch.save(payload, path)
         before = path.read_bytes()
         for script, args in (("sample.py", ["--device=cpu"]),
-                             ("train.py", [*TINY_TRAIN, f"--data_dir={data_dir}", "--init_from=resume"])):
+                             ("train.py", [*TINY_TRAIN, f"--data_dir={data_dir}", "--eval_only=True"])):
             r = cli(script, f"--out_dir={out}", *args)
             expected = "is not a readable checkpoint" if name == "truncated" else "is not an Eso-LM checkpoint"
             assert r.returncode == 1 and expected in r.stderr and r.stderr.count("\n") == 1, (name, script, r.stderr)
