@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch.distributed import all_reduce, barrier, destroy_process_group, init_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, require, run_cli
 from data import (atomic_write, eval_batches, get_batch, load_checkpoint, load_split, prepare, save_checkpoint,
@@ -178,6 +179,18 @@ def evaluate(model, batches, cfg, ctx, token_bytes, ks=(1,)):
             "bytes_per_token": bytes_per_token}
 
 
+class Objective(torch.nn.Module):
+    """The training loss as one module, so that DDP sees one forward per micro-step (the hybrid runs the network
+    twice: on the diffusion rows, then on the sequential rows)."""
+
+    def __init__(self, net, cfg):
+        super().__init__()
+        self.net, self.cfg = net, cfg
+
+    def forward(self, x, t):
+        return nelbo(self.net, x, self.cfg.alpha_0, self.cfg.batch_split, self.cfg.loss_type, t)[0]
+
+
 def log(msg):
     """On rank 0; flushed, so `| tee` and log files see each line as it comes."""
     if int(os.environ.get("RANK", 0)) == 0:
@@ -283,11 +296,16 @@ class Trainer:
                                                           self.device.split(":")[0], cfg.optimizer)
         for opt, state in zip(self.optimizers, ckpt["optimizer"] if ckpt and not cfg.eval_only else ()):
             opt.load_state_dict({**state, "param_groups": opt.state_dict()["param_groups"]})
-        self.net = torch.compile(self.model, dynamic=True) if cfg.compile else self.model
+        self.objective = self.wrap(torch.compile(self.model, dynamic=True) if cfg.compile else self.model)
+
+    def wrap(self, net):
+        """The loss the steps run, over `net` (the model, or the model compiled), in DDP when there are ranks."""
+        objective = Objective(net, self.cfg)
+        return DDP(objective, [self.device] if self.device.startswith("cuda") else None) if self.ddp else objective
 
     def step(self, it):
         """One optimizer step at iteration `it`: forward and backward over this rank's micro-batches g of the global
-        batch, the gradients of the whole batch (the mean over the ranks), clipping, the optimizers. The batches
+        batch, the gradients of the whole batch (DDP: the mean over the ranks), clipping, the optimizers. The batches
         and the diffusion times (stratified over the global batch) are drawn on the host and copied in without a
         wait (get_batch, nelbo), and the loss and the gradient norm stay on the device, in self.pending: the host
         never waits for the device here. If compiling fails, one line says so and the step runs again on the model
@@ -300,20 +318,19 @@ class Trainer:
             for g in range(self.rank * self.accum, (self.rank + 1) * self.accum):
                 torch.manual_seed(micro_seed(cfg.seed, it, g))
                 x = get_batch(self.train_data, cfg.batch_size, cfg.block_size, self.device)
+                if self.ddp:  # gradients are averaged over the ranks at the last micro-batch's backward only
+                    self.objective.require_backward_grad_sync = g == (self.rank + 1) * self.accum - 1
                 with self.ctx, attention_backends(self.device):
-                    micro = nelbo(self.net, x, cfg.alpha_0, cfg.batch_split, cfg.loss_type, times[g])[0] / self.accum
+                    micro = self.objective(x, times[g]) / self.accum
                 micro.backward()
                 loss = loss + micro.detach()
         except torch._dynamo.exc.TorchDynamoException as e:  # (every rank compiles the same graphs)
             cause = getattr(e, "inner_exception", None) or e
             log(f"torch.compile failed ({type(cause).__name__}: " + str(cause).partition("\n")[0] +
                 "); training on without it")
-            self.net = self.model
+            self.objective = self.wrap(self.model)
             self.model.zero_grad(set_to_none=True)
             return self.step(it)
-        for p in self.model.parameters() if self.ddp else ():
-            all_reduce(p.grad)
-            p.grad /= self.world
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
         for opt in self.optimizers:
             for group in opt.param_groups:
