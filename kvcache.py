@@ -20,24 +20,23 @@ import torch
 
 class KVCache:
 
-    def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, device="cpu", dtype=torch.float32,
-                 static=False):
-        self.k, self.v = ([torch.zeros(batch_size, n_head, max_len, head_dim, device=device, dtype=dtype)
-                           for _ in range(n_layer)] for _ in "kv")
+    def __init__(self, n_layer, shape, device, dtype, static):
+        """n_layer K and n_layer V buffers of `shape` (B, nh, max_len, hd)."""
+        self.k, self.v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)] for _ in "kv")
         if static:  # a graph replay writes these buffers in place: their addresses must never change
             for buffer in self.k + self.v:
                 torch._dynamo.mark_static_address(buffer)
-        self.max_len, self.dtype = max_len, dtype
+        self.dtype = dtype
         self.reset()
 
     @classmethod
-    def for_model(cls, config, batch_size, max_len=None, device="cpu", dtype=torch.float32, static=False):
-        return cls(config.n_layer, batch_size, config.n_head, max_len or config.block_size,
-                   config.n_embd // config.n_head, device, dtype, static)
+    def for_model(cls, config, batch_size, max_len, device="cpu", dtype=torch.float32, static=False):
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        return cls(config.n_layer, shape, device, dtype, static)
 
     def reset(self):
         """Empty the cache for a new run (the buffers stay where they are)."""
-        self.committed, self.slots, self.keys = 0, None, 0
+        self.committed, self.slots = 0, None
 
     def feed(self, n, keys):
         """The next pass is fed n tokens: it writes their K/V at slots [committed, committed + n) (a tensor of
