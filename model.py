@@ -51,7 +51,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = dropout(config)
         self.n_head, self.dropout = config.n_head, config.dropout
 
-    def forward(self, x, rope, attn_mask, cache=None, layer=0, out=slice(None)):
+    def forward(self, x, rope, attn_mask, cache, layer, out):
         B, n, C = x.size()  # n: the tokens fed
         hd = C // self.n_head
         # (3, B, nh, n, hd); contiguous first: SDPA's fused kernels need unit stride along hd, and a sampling
@@ -59,8 +59,7 @@ class CausalSelfAttention(nn.Module):
         qkv = self.c_attn(x).contiguous().view(B, n, 3, self.n_head, hd).permute(2, 0, 3, 1, 4)
         # QK-norm (q and k of unit length, attention scaled by √hd: attention over RMS-normalised q and k), then
         # RoPE, so that the cache holds rotated keys; in fp32 whatever autocast ran c_attn in
-        qk = qkv[:2].float()
-        qk = rotary(qk / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min(1e-12), *rope)
+        qk = rotary(F.normalize(qkv[:2].float(), dim=-1), *rope)
         q, k, v = qk[0, :, :, out], qk[1], qkv[2]  # every fed token gives K/V; only `out` rows ask
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, keys, hd): the cache's slots [0, keys), these written in
@@ -93,7 +92,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, attn_mask, cache=None, layer=0, out=slice(None)):
+    def forward(self, x, rope, attn_mask, cache, layer, out):
         x = x[:, out] + self.attn(self.ln_1(x), rope, attn_mask, cache, layer, out)
         return x + self.mlp(self.ln_2(x))
 
@@ -116,9 +115,9 @@ class GPTConfig:
 
 def shape_checks(c):
     """(ok, one-line message) pairs for the network's sizes, of a GPTConfig or of a script's flags (same names)."""
-    return [(min(c.block_size, c.n_layer, c.n_head, c.n_embd) >= 1, "--block_size, --n_layer, --n_head and "
-             "--n_embd must be positive"),
-            (c.n_embd % c.n_head == 0 and c.n_embd // c.n_head % 2 == 0,
+    return [(min(c.block_size, c.n_layer, c.n_head, c.n_embd) >= 1,
+             "--block_size, --n_layer, --n_head and --n_embd must be positive"),
+            (c.n_head >= 1 and c.n_embd % (2 * c.n_head) == 0,  # (n_head >= 1 first: % divides by it)
              f"--n_embd={c.n_embd} must be --n_head={c.n_head} times an even head size (RoPE)")]
 
 
@@ -139,11 +138,12 @@ class GPT(nn.Module):
         angles = torch.outer(torch.arange(config.block_size).float(), 10000 ** (-torch.arange(0, hd, 2).float() / hd))
         self.register_buffer("rope_cos", angles.cos().repeat(1, 2), persistent=False)  # (block_size, hd)
         self.register_buffer("rope_sin", torch.cat([-angles.sin(), angles.sin()], 1), persistent=False)
-        for name, p in self.named_parameters():  # the norms keep their gains of one
-            if p.dim() == 2:  # residual projections start at zero, so that every block starts as the identity
-                nn.init.zeros_(p) if name.endswith("c_proj.weight") else nn.init.normal_(p, 0.0, 0.02)
-            elif name.endswith("bias"):
+        # residual projections start at zero, so that every block starts as the identity; norms keep gains of one
+        for name, p in self.named_parameters():
+            if name.endswith(("c_proj.weight", "bias")):
                 nn.init.zeros_(p)
+            elif p.dim() == 2:
+                nn.init.normal_(p, 0.0, 0.02)
 
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -163,35 +163,33 @@ class GPT(nn.Module):
         if attn_mask is not None:  # additive, built once for every layer, in the dtype autocast hands SDPA
             dev = idx.device.type
             dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
-            attn_mask = torch.zeros(attn_mask.shape, dtype=dtype, device=idx.device).masked_fill_(~attn_mask, -math.inf)
+            attn_mask = torch.where(attn_mask, 0.0, -math.inf).to(dtype)
         x = self.transformer.drop(self.transformer.wte(idx))
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, rope, attn_mask, cache, layer, out if layer == len(self.transformer.h) - 1 else slice(None))
+            x = block(x, rope, attn_mask, cache, layer, out if layer == self.config.n_layer - 1 else slice(None))
         x = self.transformer.ln_f(x)
-        if targets is None:
-            return self.head(x)
-        rows, ids = targets
-        return F.cross_entropy(self.head(x.flatten(0, 1)[rows]), ids, reduction="none")
-
-    def head(self, x):
+        if targets is not None:
+            rows, ids = targets
+            x = x.flatten(0, 1)[rows]
         logits = self.lm_head(x).float()  # softmax and CE in fp32, whatever autocast ran the network in
         logits[..., self.config.mask_id] = -1e6  # zero masking; -1e6, not -inf, stays NaN-free in bf16
-        return logits
+        return logits if targets is None else F.cross_entropy(logits, ids, reduction="none")
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="muon"):
         """muon: torch.optim.Muon on the blocks' matrices (modded-nanogpt, nanochat), with Moonshot's RMS matching
         so that it takes AdamW's learning rate and weight decay, then AdamW on the rest (the embedding, tied to the
         head, and the gains). adamw: AdamW on everything, decay on the matrices (nanoGPT). Returns a list."""
-        muon = [p for n, p in self.named_parameters() if p.dim() == 2 and n.startswith("transformer.h.")]
-        muon = muon if optimizer == "muon" else []
-        rest = [p for p in self.parameters() if all(p is not q for q in muon)]
-        adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-                                   {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
+        muon, decay, no_decay = [], [], []
+        for name, p in self.named_parameters():
+            if optimizer == "muon" and p.dim() == 2 and name.startswith("transformer.h."):
+                muon.append(p)
+            else:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        adamw = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
                                   lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
-        if not muon:
-            return [adamw]
         return [torch.optim.Muon(muon, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"),
-                adamw]
+                adamw] if muon else [adamw]
 
     @classmethod
     def from_checkpoint(cls, ckpt, device="cpu"):
@@ -202,10 +200,8 @@ class GPT(nn.Module):
 
 
 def unwrap(model):
-    """The GPT inside DDP (.module) and torch.compile (._orig_mod) wrappers."""
-    while isinstance(getattr(model, "module", None), nn.Module) or hasattr(model, "_orig_mod"):
-        model = getattr(model, "_orig_mod", None) or model.module
-    return model
+    """The GPT inside a torch.compile wrapper (which hands on reads of the GPT's attributes: model.config works)."""
+    return getattr(model, "_orig_mod", model)
 
 
 def cast_matrices(model, dtype):
@@ -217,7 +213,6 @@ def cast_matrices(model, dtype):
     for module in model.modules():
         if isinstance(module, nn.Linear):
             module.to(dtype)
-    return model
 
 
 # -----------------------------------------------------------------------------
@@ -284,7 +279,7 @@ def permute(x, order):
 
 
 def invert(order):
-    return torch.empty_like(order).scatter_(1, order, torch.arange(order.size(1), device=order.device).expand_as(order))
+    return order.argsort(dim=1)  # the inverse permutation: invert(order)[b, p] is the slot of position p
 
 
 def unpermute(x_sorted, order):
@@ -294,7 +289,7 @@ def unpermute(x_sorted, order):
 def diffusion_order(is_mask, noise=None):
     """Diffusion phase: clean tokens first in a random order, then the masks in a random order."""
     noise = torch.rand(is_mask.shape) if noise is None else noise
-    return (is_mask.float() + 0.9 * noise).argsort(dim=1)  # keys: clean in [0, .9), masks in [1, 1.9)
+    return (is_mask + 0.9 * noise).argsort(dim=1)  # keys: clean in [0, .9), masks in [1, 1.9)
 
 
 def sequential_order(is_mask, noise=None):
@@ -317,7 +312,7 @@ def likelihood_order(B, L, alpha_0, n_given=0, generator=None):
 DENOISERS = ("B", "A", "mdlm")
 
 
-def attention_mask(denoiser, q, k, n_clean=0):
+def attention_mask(denoiser, q, k, n_clean):
     """May the token at sorted slot q attend to the one at slot k? q (..., n, 1), k (..., keys): slots in the
     denoising order; n_clean (broadcastable): how many clean tokens lead it. The three denoisers differ here
     and nowhere else in the network:
@@ -349,8 +344,7 @@ def sequential_mask(denoiser, n_clean, m, L):
     slot = n_clean[:, None, None] + torch.arange(m, device=dev)[:, None]  # (B, m, 1)
     j = torch.arange(L, device=dev)
     z_rows = torch.cat([torch.eye(m, dtype=torch.bool, device=dev).expand(B, m, m), j < slot], dim=2)
-    x_x = attention_mask(denoiser, j[:, None], j, n_clean[:, None, None]).expand(B, L, L)
-    x_rows = torch.cat([torch.zeros(B, L, m, dtype=torch.bool, device=dev), x_x], dim=2)
+    x_rows = F.pad(attention_mask(denoiser, j[:, None], j, n_clean[:, None, None]), (m, 0)).expand(B, L, m + L)
     return torch.cat([z_rows, x_rows], dim=1)[:, None]
 
 
@@ -362,11 +356,10 @@ def sequential_mask(denoiser, n_clean, m, L):
 EPS_T = 1e-3
 
 
-def stratified_times(n, u=None, offset=0, total=None):
-    """Low-discrepancy t (Suppl. C.1): t_i = (u + i) / total for rows i = offset .. offset+n-1 of a global batch of
-    `total` rows sharing one u, mapped into [EPS_T, 1]. DDP ranks and micro-steps pass their slice. On the host."""
-    u = torch.rand(()) if u is None else torch.as_tensor(u)
-    t = (u + torch.arange(offset, offset + n)) / (total or n)
+def stratified_times(n):
+    """Low-discrepancy t (Suppl. C.1): t_i = (u + i) / n for rows i < n sharing one u ~ U[0, 1), mapped into
+    [EPS_T, 1]. On the host; train.py draws them for the global batch and hands each micro-step its slice."""
+    t = (torch.rand(()) + torch.arange(n)) / n
     return EPS_T + (1 - EPS_T) * t
 
 
@@ -374,7 +367,7 @@ def diffusion_loss(model, x, alpha_0, t=None, low_var=False):
     """MDM term of eq. 7, per token: w(t) · [-log p(x_l | z_t)] summed over the masked positions of z_t and divided
     by all tokens of x, with α_t = α0 (1 - t) and w = α0 / (1 - α_t); low_var sets w = 1 (training only)."""
     n, L = x.shape
-    config = unwrap(model).config
+    config = model.config
     t = stratified_times(n) if t is None else t
     alpha_t = alpha_0 * (1 - t)  # the linear schedule; the sampler's diffusion_counts (sample.py) assumes it too
     is_mask = torch.rand(n, L) < (1 - alpha_t)[:, None]  # z_t ~ q_t
@@ -394,8 +387,7 @@ def sequential_nll(model, x, is_mask, order):
     `order` puts z0's clean tokens first (both on the host). Returns (B, m), m the most masks of any row: [b, r] is
     the NLL of row b's r-th mask in σ order, 0 past its last mask."""
     B, L = x.shape
-    config = unwrap(model).config
-    order = order.cpu()
+    config = model.config
     n_clean = L - is_mask.sum(1)
     m = L - int(n_clean.min())
     slot = n_clean[:, None] + torch.arange(m)  # (B, m): the sorted slot of each z row, >= L past a row's masks
@@ -405,9 +397,9 @@ def sequential_nll(model, x, is_mask, order):
     n_clean, slot, pos, rows, order = (to_device(v, x.device) for v in (n_clean, slot, pos, rows, order))
     xs = permute(x, order)
     idx = torch.cat([torch.full_like(slot, config.mask_id), xs], dim=1)
-    mask = sequential_mask(config.denoiser, n_clean, m, L)
-    nll = model(idx, pos, mask, out=slice(0, m), targets=(rows, xs.gather(1, slot).flatten()[rows]))
-    return torch.zeros(B * m, device=x.device).index_put((rows,), nll).view(B, m)
+    nll = model(idx, pos, sequential_mask(config.denoiser, n_clean, m, L), out=slice(0, m),
+                targets=(rows, xs.gather(1, slot).flatten()[rows]))
+    return nll.new_zeros(B * m).index_put((rows,), nll).view(B, m)
 
 
 def sequential_loss(model, x, alpha_0):
@@ -426,9 +418,8 @@ def nelbo(model, x, alpha_0, batch_split=0.5, loss_type="elbo", t=None):
     """Hybrid NELBO, nats per token (eq. 7). Rows [:split] get the MDM term, rows [split:] the AR term, each half
     normalised by its own token count and then added (averaging over both halves' tokens would halve each term).
     t: the diffusion rows' times (default: stratified over them). Returns (loss, dict of the terms)."""
-    config = unwrap(model).config
     split = diffusion_rows(len(x), alpha_0, batch_split)
-    assert config.denoiser != "mdlm" or alpha_0 == 1, "MDLM is a pure diffusion model: alpha_0 must be 1"
+    assert model.config.denoiser != "mdlm" or alpha_0 == 1, "MDLM is a pure diffusion model: alpha_0 must be 1"
     assert loss_type in ("elbo", "low_var") and (alpha_0 in (0, 1) or 0 < split < len(x)), "an empty half"
     terms = {}
     if split:
@@ -447,17 +438,15 @@ def has_likelihood(config):
 def token_nll(model, x, order, n_given=0):
     """-log p(x_σ(l) | x_σ(<l)) for the slots l >= n_given of σ, (B, L - n_given) in σ order, from one forward pass
     (Fig. 10): the sequential pass with z0 masked at those slots, so slot l sees exactly x_σ(<l) and its own mask.
-    The first n_given slots of σ are a given context: conditioned on, not scored."""
-    if not has_likelihood(unwrap(model).config):
-        raise ValueError(f"denoiser {unwrap(model).config.denoiser} has no one-pass likelihood; report its NELBO")
-    order = order.cpu()
-    is_mask = torch.zeros(order.shape, dtype=torch.bool).scatter(1, order[:, n_given:], True)
-    return sequential_nll(model, x, is_mask, order)
+    The first n_given slots of σ are a given context: conditioned on, not scored. order: on the host."""
+    if not has_likelihood(model.config):
+        raise ValueError(f"denoiser {model.config.denoiser} has no one-pass likelihood; report its NELBO")
+    return sequential_nll(model, x, invert(order) >= n_given, order)  # z0: the positions σ puts after the context
 
 
 def log_likelihood(model, x, order):
-    """log p(x | σ) = Σ_l log p(x_σ(l) | x_σ(<l)) for each row, in one forward pass; order (B, L) a permutation
-    of the positions per row."""
+    """log p(x | σ) = Σ_l log p(x_σ(l) | x_σ(<l)) for each row, in one forward pass; order (B, L), on the host, a
+    permutation of the positions per row."""
     return -token_nll(model, x, order).sum(dim=1)
 
 

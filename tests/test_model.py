@@ -259,10 +259,10 @@ def test_likelihood_order():
 
 
 def test_stratified_times():
-    t = stratified_times(8, u=0.5)
+    """One time in each eighth of [EPS_T, 1]."""
+    torch.manual_seed(0)
+    t = stratified_times(8)
     assert torch.all((t >= 1e-3) & (t <= 1)) and torch.equal(((t - 1e-3) / (1 - 1e-3) * 8).floor(), torch.arange(8.))
-    halves = torch.cat([stratified_times(4, u=0.3, offset=0, total=8), stratified_times(4, u=0.3, offset=4, total=8)])
-    assert torch.allclose(halves, stratified_times(8, u=0.3)), "slices of a global batch must tile its strata"
 
 
 def conditionals_one_at_a_time(model, x, order):

@@ -260,6 +260,7 @@ def test_cache_is_preallocated_and_never_commits_masks():
 @pytest.mark.parametrize("flags, message", [
     (["--n_embd=30", "--n_head=4"], "--n_embd=30 must be --n_head=4 times an even head size (RoPE)"),
     (["--what=train", "--block_size=0"], "--block_size, --n_layer, --n_head and --n_embd must be positive"),
+    (["--n_head=0"], "--block_size, --n_layer, --n_head and --n_embd must be positive"),  # (not a division by 0)
     (["--vocab_size=0"], "--rounds, --iters, --small_steps, --sample_batch, --num_samples, --prepare_mb, --vocab_size "
      "and --batch_size must be positive, --mdlm_steps >= 0"),
     (["--mdlm_steps=-1"], "--rounds, --iters, --small_steps, --sample_batch, --num_samples, --prepare_mb, "
