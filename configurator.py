@@ -123,7 +123,7 @@ def autocast_context(device, dtype):
 def attention_backends(device):
     """The attention kernels every pass uses on CUDA: flash (no mask), memory-efficient (an additive mask) or plain
     math. Left to choose, PyTorch may pick one whose set-up for each new shape costs tens of ms."""
-    if not str(device).startswith("cuda"):
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    if str(device).startswith("cuda"):
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    return contextlib.nullcontext()
 

@@ -218,11 +218,11 @@ class Trainer:
         cfg.out_dir = cfg.out_dir or default_out_dir(cfg)  # (of the flags given: a resumed run writes where it read)
         ckpt = self.checkpoint_to_continue(user_keys)
         validate(cfg)
-        # micro-batches per rank; an unset --gradient_accumulation_steps is rounded up to a multiple of the ranks
-        self.accum = -(-cfg.gradient_accumulation_steps // WORLD_SIZE)
-        if self.accum * WORLD_SIZE != cfg.gradient_accumulation_steps and "gradient_accumulation_steps" in user_keys:
+        if "gradient_accumulation_steps" in user_keys and cfg.gradient_accumulation_steps % WORLD_SIZE:
             raise UserError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of "
                             f"the {WORLD_SIZE} processes")
+        # micro-batches per rank; an unset --gradient_accumulation_steps is rounded up to a multiple of the ranks
+        self.accum = -(-cfg.gradient_accumulation_steps // WORLD_SIZE)
         cfg.gradient_accumulation_steps = self.accum * WORLD_SIZE
         self.ctx, cfg.dtype = autocast_context(self.device, cfg.dtype)
         if DISTRIBUTED:
@@ -267,8 +267,10 @@ class Trainer:
         only_ckpt = cfg.eval_only and not Path(cfg.out_dir, "last.pt").exists()
         ckpt = load_checkpoint(cfg.out_dir, self.device, "ckpt.pt" if only_ckpt else "last.pt")
         saved = ckpt["config"]
-        require([(k not in user_keys or getattr(cfg, k) == saved[k], f"--{k}={getattr(cfg, k)} differs from the "
-                  f"checkpoint's {saved[k]}; a resumed or evaluated run keeps it") for k in KEPT_ON_RESUME])
+        for k in KEPT_ON_RESUME:
+            if k in user_keys and getattr(cfg, k) != saved[k]:
+                raise UserError(f"--{k}={getattr(cfg, k)} differs from the checkpoint's {saved[k]}; a resumed or "
+                                "evaluated run keeps it")
         for k, v in saved.items():
             if k not in user_keys and k not in RUN_KEYS:
                 setattr(cfg, k, v)
@@ -305,8 +307,8 @@ class Trainer:
         self.objective = self.wrap(torch.compile(self.model, dynamic=True) if cfg.compile else self.model)
 
     def wrap(self, net):
-        """The loss the steps run, over `net` (the model, or the model compiled), in DDP when there are ranks (on the
-        model's device: DDP copies no input, the diffusion times go in pinned, in nelbo)."""
+        """The loss the steps run, over `net` (the model, or the model compiled), in DDP when there are ranks. No
+        device_ids: DDP then moves no input, and the diffusion times stay on the host, where nelbo draws the masks."""
         objective = Objective(net, self.cfg)
         return DDP(objective) if DISTRIBUTED else objective
 
@@ -318,6 +320,7 @@ class Trainer:
         never waits for the device here. If compiling fails, one line says so and the step runs again on the model
         itself (every micro-batch reseeds torch: it is the step an uncompiled run takes), as do all after it."""
         cfg, loss = self.cfg, 0
+        self.model.zero_grad(set_to_none=True)  # (and those of micro-steps a failed compile left)
         torch.manual_seed(micro_seed(cfg.seed, it, 10006))
         G = cfg.gradient_accumulation_steps  # diffusion times stratified over the global batch; row g: micro-batch g's
         times = stratified_times(G * diffusion_rows(cfg.batch_size, cfg.alpha_0, cfg.batch_split)).view(G, -1)
@@ -336,14 +339,12 @@ class Trainer:
             e = getattr(e, "inner_exception", None) or e
             log(f"torch.compile failed ({type(e).__name__}: " + str(e).partition("\n")[0] + "); training on without it")
             self.objective = self.wrap(self.model)
-            self.model.zero_grad(set_to_none=True)
             return self.step(it)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = get_lr(it, cfg)
             opt.step()
-        self.model.zero_grad(set_to_none=True)
         self.pending.append(torch.stack([loss, norm]))
 
     def read_losses(self, it):
@@ -444,8 +445,8 @@ class Trainer:
         log(f"final eval of the weights of iter {best['iter_num']} (ckpt.pt), denoiser {cfg.denoiser}, alpha_0="
             f"{cfg.alpha_0}, on {cfg.eval_windows or 'all'} val windows"
             f"{'' if ks else ' (no one-pass likelihood: its NELBO is the number to report)'}:")
-        m = evaluate(self.model, eval_batches(self.val_data, cfg.batch_size, cfg.block_size, self.device, cfg.eval_windows),
-                     cfg, self.ctx, self.token_bytes, ks)
+        batches = eval_batches(self.val_data, cfg.batch_size, cfg.block_size, self.device, cfg.eval_windows)
+        m = evaluate(self.model, batches, cfg, self.ctx, self.token_bytes, ks)
         for key in ["nelbo", *(f"iw_nll_k{k}" for k in ks)]:
             bpc = f", {m[key] / math.log(2):.4f} bits/char" if self.meta["tokenizer"] == "char" else ""
             log(f"  {'NELBO' if key == 'nelbo' else 'IW NLL, K=' + key[8:]:<14} {m[key]:.4f} nats/token, "
