@@ -10,11 +10,11 @@ exit 1, with no traceback.
 import contextlib
 import difflib
 import inspect
-import math
 import re
 import sys
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class UserError(ValueError):
@@ -48,7 +48,7 @@ def parse_args(config, argv=None):
         if not eq:  # --key value, where the value may start with --, as a prompt may, unless it names a flag or
             text = next(args, None)  # nearly does (--out_dir --devcie=cpu is a missing value and a typo)
             if text is None or text.startswith("--") and difflib.get_close_matches(
-                    text[2:].partition("=")[0], [*fields, *NANOGPT_FLAGS], 1, 0.8):
+                    text[2:].partition("=")[0], fields, 1, 0.8):
                 raise UserError(f"--{key} needs a value, e.g. --{key}=...{f', before {text}' if text else ''}")
         given[key] = text, f"flag --{key}"
     for key, (text, what) in given.items():
@@ -59,10 +59,8 @@ def parse_args(config, argv=None):
             raise UserError(f"unknown {what}; {hint}the flags are: {', '.join(fields)}")
         try:
             value = {"true": True, "false": False}[text.lower()] if typ is bool else typ(text)
-            if typ is float and not math.isfinite(value):
-                raise ValueError
         except (KeyError, ValueError):
-            raise UserError(f"--{key} expects {'a finite ' if typ is float else ''}{typ.__name__}, got {text!r}")
+            raise UserError(f"--{key} expects {typ.__name__}, got {text!r}")
         setattr(config, key, value)
     return set(given)
 
@@ -125,8 +123,7 @@ def autocast_context(device, dtype):
 def attention_backends(device):
     """The attention kernels every pass uses on CUDA: flash (no mask), memory-efficient (an additive mask) or plain
     math. Left to choose, PyTorch may pick one whose set-up for each new shape costs tens of ms."""
-    if not str(device).startswith("cuda"):
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    if str(device).startswith("cuda"):
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    return contextlib.nullcontext()
 

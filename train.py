@@ -18,7 +18,6 @@ pure function of its flags: resuming continues the same data and noise, and N ra
 batch as one process with N times the gradient accumulation. A step never waits for the device: its loss and
 gradient norm stay there until a log line or an eval reads them (read_losses).
 """
-import contextlib
 import json
 import math
 import os
@@ -27,6 +26,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch.distributed import all_reduce, barrier, destroy_process_group, init_process_group
@@ -109,28 +109,32 @@ KEPT_ON_RESUME = (*MODEL_FLAGS, "alpha_0", "batch_split", "dataset", "optimizer"
 RUN_KEYS = ("init_from", "eval_only", "out_dir", "device", "dtype", "compile", "backend")
 CHOICES = dict(init_from=("scratch", "resume"), denoiser=DENOISERS, loss_type=("elbo", "low_var"),
                optimizer=("muon", "adamw"), backend=("auto", "nccl", "gloo", "mpi", "ucc", "xccl"))
+# this process's place in a torchrun run (one process: rank 0 of 1); rank 0 logs, saves and runs the final eval
+RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+DISTRIBUTED, MASTER = WORLD_SIZE > 1, RANK == 0
 
 
 def validate(cfg):
     """Each flag checked once, before any work: the first that is wrong ends the run in one line naming it."""
-    flag = lambda k: f"--{k}={getattr(cfg, k)}"
-    require([*((getattr(cfg, k) in v, f"{flag(k)} must be one of {', '.join(v)}") for k, v in CHOICES.items()),
-             *((getattr(cfg, k) > 0, f"{flag(k)} must be positive") for k in (  # (n_head: shape_checks divides by it)
+    flags = vars(cfg)
+    require([*((flags[k] in v, f"--{k}={flags[k]} must be one of {', '.join(v)}") for k, v in CHOICES.items()),
+             *((flags[k] > 0, f"--{k}={flags[k]} must be positive") for k in (  # (n_head: shape_checks divides by it)
                  "n_head", "batch_size", "gradient_accumulation_steps", "learning_rate", "eval_interval", "eval_iters",
                  "log_interval", "eval_k")),
-             *((getattr(cfg, k) >= 0, f"{flag(k)} must be >= 0") for k in (
+             *((flags[k] >= 0, f"--{k}={flags[k]} must be >= 0") for k in (
                  "max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "grad_clip", "weight_decay")),
-             *((0 <= getattr(cfg, k) < 1, f"{flag(k)} must be in [0, 1)") for k in ("dropout", "beta1", "beta2")),
-             (0 <= cfg.alpha_0 <= 1, f"{flag('alpha_0')} must be in [0, 1]"),
-             (os.path.basename(cfg.dataset) == cfg.dataset, f"{flag('dataset')} must be the name of a folder in "
+             *((0 <= flags[k] < 1, f"--{k}={flags[k]} must be in [0, 1)") for k in ("dropout", "beta1", "beta2")),
+             (0 <= cfg.alpha_0 <= 1, f"--alpha_0={cfg.alpha_0} must be in [0, 1]"),
+             (os.path.basename(cfg.dataset) == cfg.dataset, f"--dataset={cfg.dataset} must be the name of a folder in "
               "--data_dir (data/<name>/input.txt); give a path with --data_dir"),
-             (cfg.eval_windows == 0 or cfg.eval_windows >= cfg.batch_size,
-              f"{flag('eval_windows')} must be 0 (all) or at least {flag('batch_size')}"),
+             (not 0 < cfg.eval_windows < cfg.batch_size,
+              f"--eval_windows={cfg.eval_windows} must be 0 (all) or at least --batch_size={cfg.batch_size}"),
              (cfg.denoiser != "mdlm" or cfg.alpha_0 == 1,
               f"--denoiser=mdlm is a pure diffusion model: it needs --alpha_0=1, not {cfg.alpha_0}"),
              (cfg.alpha_0 in (0, 1) or
               0 < diffusion_rows(cfg.batch_size, cfg.alpha_0, cfg.batch_split) < cfg.batch_size,
-              f"{flag('batch_size')} with {flag('batch_split')} leaves one half of the hybrid loss empty")])
+              f"--batch_size={cfg.batch_size} with --batch_split={cfg.batch_split} leaves one half of the hybrid loss "
+              "empty")])
     require(shape_checks(cfg))
 
 
@@ -173,8 +177,8 @@ def evaluate(model, batches, cfg, ctx, token_bytes, ks=(1,)):
                 sums[f"iw_nll_k{k}"] += iw_nll(model, x, cfg.alpha_0, 1 if cfg.alpha_0 == 0 else k).mean().item()
         sums["bytes_per_token"] += token_bytes[x.cpu()].double().mean().item()
     model.train()
-    bytes_per_token = sums.pop("bytes_per_token") / n
     metrics = {k: v / n for k, v in sums.items()}
+    bytes_per_token = metrics.pop("bytes_per_token")
     return {**metrics, **{f"{k}_bpb": v / bytes_per_token / math.log(2) for k, v in metrics.items()},
             "bytes_per_token": bytes_per_token}
 
@@ -193,7 +197,7 @@ class Objective(torch.nn.Module):
 
 def log(msg):
     """On rank 0; flushed, so `| tee` and log files see each line as it comes."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    if MASTER:
         print(msg, flush=True)
 
 
@@ -203,41 +207,41 @@ class Trainer:
 
     def __init__(self, cfg, user_keys=()):
         self.cfg = cfg
-        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        self.ddp, self.master = self.world > 1, self.rank == 0
         self.device = pick_device(cfg.device)
-        if self.ddp and self.device.startswith("cuda"):
+        kind = "cuda" if self.device.startswith("cuda") else "cpu"
+        if DISTRIBUTED and kind == "cuda":
             self.device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(self.device)
-        kind = "cuda" if self.device.startswith("cuda") else "cpu"
         for k, v in PRESETS[kind, "char" if cfg.dataset.endswith("_char") else "bpe"].items():
             if k not in user_keys:
                 setattr(cfg, k, v)
         cfg.out_dir = cfg.out_dir or default_out_dir(cfg)  # (of the flags given: a resumed run writes where it read)
         ckpt = self.checkpoint_to_continue(user_keys)
         validate(cfg)
+        if "gradient_accumulation_steps" in user_keys and cfg.gradient_accumulation_steps % WORLD_SIZE:
+            raise UserError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of "
+                            f"the {WORLD_SIZE} processes")
         # micro-batches per rank; an unset --gradient_accumulation_steps is rounded up to a multiple of the ranks
-        self.accum = -(-cfg.gradient_accumulation_steps // self.world)
-        require([(self.accum * self.world == cfg.gradient_accumulation_steps or "gradient_accumulation_steps" not in
-                  user_keys, f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of "
-                  f"the {self.world} processes")])
-        cfg.gradient_accumulation_steps = self.accum * self.world
+        self.accum = -(-cfg.gradient_accumulation_steps // WORLD_SIZE)
+        cfg.gradient_accumulation_steps = self.accum * WORLD_SIZE
         self.ctx, cfg.dtype = autocast_context(self.device, cfg.dtype)
-        if self.ddp:
+        if DISTRIBUTED:
             init_process_group(cfg.backend if cfg.backend != "auto" else "nccl" if kind == "cuda" else "gloo")
         self.load_data()
-        require([(ckpt is None or tokenizer_of(ckpt["meta"]) == tokenizer_of(self.meta),
-                  f"{cfg.out_dir}'s checkpoint was trained with another tokenizer than {cfg.data_dir}/{cfg.dataset}/"
-                  "meta.pkl (its input.txt has changed since?); train from scratch into another --out_dir")])
+        if ckpt and tokenizer_of(ckpt["meta"]) != tokenizer_of(self.meta):
+            raise UserError(f"{cfg.out_dir}'s checkpoint was trained with another tokenizer than {cfg.data_dir}/"
+                            f"{cfg.dataset}/meta.pkl (its input.txt has changed since?); train from scratch into "
+                            "another --out_dir")
         self.build_model(ckpt)
         # may this run replace out_dir's checkpoints? Once it has resumed from them or saved its own, or if there are
         # none (last.pt is written with every ckpt.pt, and before it)
-        self.saved = ckpt is not None or not os.path.exists(os.path.join(cfg.out_dir, "last.pt"))
-        require([(self.saved or cfg.max_iters, f"--max_iters=0 would replace the checkpoints in {cfg.out_dir} by an "
-                  "untrained model; give another --out_dir")])
-        self.history = {"loss": [], "eval": []}  # (iter, train loss), (iter, train nelbo, val nelbo, val IW NLL K=1)
+        self.saved = ckpt is not None or not Path(cfg.out_dir, "last.pt").exists()
+        if not self.saved and cfg.max_iters == 0:
+            raise UserError(f"--max_iters=0 would replace the checkpoints in {cfg.out_dir} by an untrained model; "
+                            "give another --out_dir")
+        self.history = {"loss": [], "eval": []}  # (iter, train loss), (iter, train nelbo, val nelbo)
         self.pending = []  # [loss, grad norm] of each step not read yet, on the device
-        if self.master:
+        if MASTER:
             try:
                 os.makedirs(cfg.out_dir, exist_ok=True)
             except OSError as e:
@@ -246,7 +250,7 @@ class Trainer:
                 old = load_checkpoint(cfg.out_dir, "cpu", "last.pt")
                 log(f"{cfg.out_dir} holds another run (trained to iter {old['iter_num']}, best val nelbo "
                     f"{old['best_val_loss']:.4f}); this run replaces its checkpoints from its first eval on")
-        log(f"device {self.device} ({cfg.dtype}), {self.world} process(es), gradient_accumulation_steps="
+        log(f"device {self.device} ({cfg.dtype}), {WORLD_SIZE} process(es), gradient_accumulation_steps="
             f"{cfg.gradient_accumulation_steps}; tokens per iteration will be: "
             f"{cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size:,}\nnumber of parameters: "
             f"{self.model.get_num_params() / 1e6:.2f}M; alpha_0={cfg.alpha_0}, batch_split={cfg.batch_split}, "
@@ -259,29 +263,33 @@ class Trainer:
         model or method flag (KEPT_ON_RESUME) that the user set differently is an error."""
         cfg = self.cfg
         if cfg.init_from != "resume" and not cfg.eval_only:
-            return None
-        only_ckpt = cfg.eval_only and not os.path.exists(os.path.join(cfg.out_dir, "last.pt"))
+            return
+        only_ckpt = cfg.eval_only and not Path(cfg.out_dir, "last.pt").exists()
         ckpt = load_checkpoint(cfg.out_dir, self.device, "ckpt.pt" if only_ckpt else "last.pt")
         saved = ckpt["config"]
-        require([(k not in user_keys or getattr(cfg, k) == saved[k], f"--{k}={getattr(cfg, k)} differs from the "
-                  f"checkpoint's {saved[k]}; a resumed or evaluated run keeps it") for k in KEPT_ON_RESUME])
+        for k in KEPT_ON_RESUME:
+            if k in user_keys and getattr(cfg, k) != saved[k]:
+                raise UserError(f"--{k}={getattr(cfg, k)} differs from the checkpoint's {saved[k]}; a resumed or "
+                                "evaluated run keeps it")
         for k, v in saved.items():
-            if k not in user_keys and k not in RUN_KEYS and hasattr(cfg, k):
+            if k not in user_keys and k not in RUN_KEYS:
                 setattr(cfg, k, v)
         return ckpt
 
     def load_data(self):
         """Rank 0 prepares the dataset (if it must) while the other ranks wait; then they read it."""
         cfg = self.cfg
-        if not self.master:
+        if not MASTER:
             barrier()
         self.meta = prepare(cfg.dataset, cfg.data_dir)
-        if self.master and self.ddp:
+        if MASTER and DISTRIBUTED:
             barrier()
-        self.train_data, self.val_data = (load_split(cfg.dataset, s, cfg.data_dir) for s in ("train", "val"))
-        require([(len(self.val_data) // cfg.block_size >= cfg.batch_size,  # (the train split is 9 times longer)
-                  f"the val split of {cfg.dataset} ({len(self.val_data)} tokens) holds fewer than --batch_size="
-                  f"{cfg.batch_size} windows of --block_size={cfg.block_size}; lower them or use more text")])
+        self.train_data = load_split(cfg.dataset, "train", cfg.data_dir)
+        self.val_data = load_split(cfg.dataset, "val", cfg.data_dir)
+        if len(self.val_data) // cfg.block_size < cfg.batch_size:  # (the train split is 9 times longer)
+            raise UserError(f"the val split of {cfg.dataset} ({len(self.val_data)} tokens) holds fewer than "
+                            f"--batch_size={cfg.batch_size} windows of --block_size={cfg.block_size}; lower them or "
+                            "use more text")
         self.token_bytes = token_bytes(self.meta)
 
     def build_model(self, ckpt):
@@ -299,9 +307,10 @@ class Trainer:
         self.objective = self.wrap(torch.compile(self.model, dynamic=True) if cfg.compile else self.model)
 
     def wrap(self, net):
-        """The loss the steps run, over `net` (the model, or the model compiled), in DDP when there are ranks."""
+        """The loss the steps run, over `net` (the model, or the model compiled), in DDP when there are ranks. No
+        device_ids: DDP then moves no input, and the diffusion times stay on the host, where nelbo draws the masks."""
         objective = Objective(net, self.cfg)
-        return DDP(objective, [self.device] if self.device.startswith("cuda") else None) if self.ddp else objective
+        return DDP(objective) if DISTRIBUTED else objective
 
     def step(self, it):
         """One optimizer step at iteration `it`: forward and backward over this rank's micro-batches g of the global
@@ -311,32 +320,31 @@ class Trainer:
         never waits for the device here. If compiling fails, one line says so and the step runs again on the model
         itself (every micro-batch reseeds torch: it is the step an uncompiled run takes), as do all after it."""
         cfg, loss = self.cfg, 0
+        self.model.zero_grad(set_to_none=True)  # (and those of micro-steps a failed compile left)
         torch.manual_seed(micro_seed(cfg.seed, it, 10006))
         G = cfg.gradient_accumulation_steps  # diffusion times stratified over the global batch; row g: micro-batch g's
         times = stratified_times(G * diffusion_rows(cfg.batch_size, cfg.alpha_0, cfg.batch_split)).view(G, -1)
         try:
-            for g in range(self.rank * self.accum, (self.rank + 1) * self.accum):
+            for micro_step in range(self.accum):
+                g = RANK * self.accum + micro_step  # the micro-batch's index in the global batch
                 torch.manual_seed(micro_seed(cfg.seed, it, g))
                 x = get_batch(self.train_data, cfg.batch_size, cfg.block_size, self.device)
-                if self.ddp:  # gradients are averaged over the ranks at the last micro-batch's backward only
-                    self.objective.require_backward_grad_sync = g == (self.rank + 1) * self.accum - 1
+                if DISTRIBUTED:  # gradients are averaged over the ranks at the last micro-batch's backward only
+                    self.objective.require_backward_grad_sync = micro_step == self.accum - 1
                 with self.ctx, attention_backends(self.device):
                     micro = self.objective(x, times[g]) / self.accum
                 micro.backward()
                 loss = loss + micro.detach()
         except torch._dynamo.exc.TorchDynamoException as e:  # (every rank compiles the same graphs)
-            cause = getattr(e, "inner_exception", None) or e
-            log(f"torch.compile failed ({type(cause).__name__}: " + str(cause).partition("\n")[0] +
-                "); training on without it")
+            e = getattr(e, "inner_exception", None) or e
+            log(f"torch.compile failed ({type(e).__name__}: " + str(e).partition("\n")[0] + "); training on without it")
             self.objective = self.wrap(self.model)
-            self.model.zero_grad(set_to_none=True)
             return self.step(it)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = get_lr(it, cfg)
             opt.step()
-        self.model.zero_grad(set_to_none=True)
         self.pending.append(torch.stack([loss, norm]))
 
     def read_losses(self, it):
@@ -345,12 +353,13 @@ class Trainer:
         if self.pending:
             stats = torch.stack(self.pending)
             self.pending = []
-            if self.ddp:  # (the gradient norms are the same on every rank)
+            if DISTRIBUTED:  # (the gradient norms are the same on every rank)
                 all_reduce(stats)
-                stats /= self.world
+                stats /= WORLD_SIZE
             for i, (loss, norm) in enumerate(stats.tolist(), it + 1 - len(stats)):
-                require([(math.isfinite(loss + norm), f"the loss or its gradient is not finite at iter {i}; stopped "
-                          "without saving; lower --learning_rate or check the data")])  # (loss, norm >= 0)
+                if not math.isfinite(loss + norm):  # (loss, norm >= 0)
+                    raise UserError(f"the loss or its gradient is not finite at iter {i}; stopped without saving; "
+                                    "lower --learning_rate or check the data")
                 self.history["loss"].append((i, loss))
 
     def eval_and_save(self, it):
@@ -366,9 +375,10 @@ class Trainer:
                   for data in (self.train_data, self.val_data))
         nll = f", val IW NLL (K=1) {va['iw_nll_k1']:.4f}" if "iw_nll_k1" in va else ""
         log(f"step {it}: train nelbo {tr['nelbo']:.4f}, val nelbo {va['nelbo']:.4f}{nll}")
-        self.history["eval"].append((it, tr["nelbo"], va["nelbo"], va.get("iw_nll_k1", math.nan)))
-        require([(math.isfinite(sum(tr.values()) + sum(va.values())), f"the eval loss is not finite at iter {it}; "
-                  "stopped without saving; lower --learning_rate or check the data")])
+        self.history["eval"].append((it, tr["nelbo"], va["nelbo"]))
+        if not math.isfinite(va["nelbo"]):  # (weights that are not finite: every number of the eval is nan)
+            raise UserError(f"the eval loss is not finite at iter {it}; stopped without saving; lower --learning_rate "
+                            "or check the data")
         if it > self.iter_num or it >= cfg.max_iters:
             best = va["nelbo"] < self.best_val
             self.best_val = min(self.best_val, va["nelbo"])
@@ -378,13 +388,12 @@ class Trainer:
         """On rank 0: last.pt, everything to resume from; with best, ckpt.pt too (what sample.py and --eval_only
         read)."""
         cfg, self.saved = self.cfg, True
-        if not self.master:
+        if not MASTER:
             return
         state = {"model": self.model.state_dict(), "model_args": asdict(self.model.config), "iter_num": it,
                  "best_val_loss": self.best_val, "config": asdict(cfg), "meta": self.meta}
         if best:
-            with contextlib.suppress(FileNotFoundError):  # it describes the weights replaced now
-                os.remove(os.path.join(cfg.out_dir, "eval.json"))
+            Path(cfg.out_dir, "eval.json").unlink(missing_ok=True)  # it describes the weights replaced now
             save_checkpoint(state, cfg.out_dir)
             log(f"saving checkpoint to {cfg.out_dir} (iter {it})")
         save_checkpoint({**state, "optimizer": [opt.state_dict() for opt in self.optimizers]}, cfg.out_dir, "last.pt")
@@ -397,17 +406,17 @@ class Trainer:
         t0, it0 = time.time(), it
         while True:
             signals = len(stop)  # (the count now: a signal after it is the next iteration's)
-            if self.ddp:  # every rank's, so that all stop at the same iteration
+            if DISTRIBUTED:  # every rank's, so that all stop at the same iteration (`if signals` reads it)
                 signals = torch.tensor(signals, device=self.device)
                 all_reduce(signals)
-                signals = signals.item()
             if signals:
                 stop.append(1)
                 self.read_losses(it)
                 if it and self.saved:
                     self.save(it, best=False)
-                log(f"interrupted at iter {it}; " + (f"resume with --init_from=resume --out_dir={cfg.out_dir}"
-                                                      if it and self.saved else "nothing saved"))
+                    log(f"interrupted at iter {it}; resume with --init_from=resume --out_dir={cfg.out_dir}")
+                else:
+                    log(f"interrupted at iter {it}; nothing saved")
                 break
             # >=: a run resumed past its max_iters evaluates too (saving ckpt.pt if it never has) before its final eval
             if it % cfg.eval_interval == 0 or it >= cfg.max_iters:
@@ -434,8 +443,8 @@ class Trainer:
         self.model.load_state_dict(best["model"])
         ks = dict.fromkeys((1, cfg.eval_k)) if has_likelihood(self.model.config) else {}
         log(f"final eval of the weights of iter {best['iter_num']} (ckpt.pt), denoiser {cfg.denoiser}, alpha_0="
-            f"{cfg.alpha_0}, on {cfg.eval_windows or 'all'} val windows" + (":" if ks else " (no one-pass likelihood: "
-                                                                           "its NELBO is the number to report):"))
+            f"{cfg.alpha_0}, on {cfg.eval_windows or 'all'} val windows"
+            f"{'' if ks else ' (no one-pass likelihood: its NELBO is the number to report)'}:")
         batches = eval_batches(self.val_data, cfg.batch_size, cfg.block_size, self.device, cfg.eval_windows)
         m = evaluate(self.model, batches, cfg, self.ctx, self.token_bytes, ks)
         for key in ["nelbo", *(f"iw_nll_k{k}" for k in ks)]:
@@ -444,7 +453,7 @@ class Trainer:
                 f"{m[key + '_bpb']:.4f} bits/byte{bpc}")
         m.update(alpha_0=cfg.alpha_0, denoiser=cfg.denoiser, iter=best["iter_num"], trained_iters=it,
                  dataset=cfg.dataset, tokenizer=self.meta["tokenizer"])
-        atomic_write(os.path.join(cfg.out_dir, "eval.json"), lambda f: json.dump(m, f, indent=2), "w")
+        atomic_write(Path(cfg.out_dir, "eval.json"), lambda f: json.dump(m, f, indent=2), "w")
         return m
 
 
@@ -465,13 +474,13 @@ def train(cfg, user_keys=()):
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    if run.ddp:  # the other ranks leave; rank 0 alone runs the final eval
+    if DISTRIBUTED:  # the other ranks leave; rank 0 alone runs the final eval
         barrier()
         destroy_process_group()
     if stop:
         raise KeyboardInterrupt
     try:
-        return {**run.final_eval(it), "history": run.history} if run.master else None
+        return {**run.final_eval(it), "history": run.history} if MASTER else None
     except KeyboardInterrupt:
         log(f"interrupted in the eval; the checkpoints are saved, and --eval_only=True --out_dir={cfg.out_dir} "
             "evaluates them again")
@@ -485,10 +494,11 @@ def main(argv=None):
         train(cfg, user_keys)
     except KeyboardInterrupt:  # train() has said what it saved, in one line
         sys.exit(130)
-    if "RANK" in os.environ:  # a torchrun rank: the process group, and with it gloo's worker threads, outlives
-        sys.stdout.flush()  # destroy_process_group; a worker that frees the tensors of the last collective while
-        sys.stderr.flush()  # Python shuts down aborts the process (now and then). So a rank whose work is done and
-        os._exit(0)  # written leaves without Python's shutdown.
+    # A torchrun rank: the process group, and with it gloo's worker threads, outlives destroy_process_group; a
+    # worker that frees the tensors of the last collective while Python shuts down aborts the process (now and then).
+    # So a rank whose work is done and written (log flushes every line) leaves without Python's shutdown.
+    if DISTRIBUTED:
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -282,21 +282,16 @@ def test_both_flag_forms(data_dir, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--eval_only", "--max_iters", "5"], "--eval_only needs a value, e.g. --eval_only=..., before --max_iters"),
     (["--eval_only"], "--eval_only needs a value"),
-    (["--learning_rate=nan"], "--learning_rate expects a finite float, got 'nan'"),
-    (["--alpha_0", "-inf"], "--alpha_0 expects a finite float, got '-inf'"),
-    (["--learning_rate=1e999"], "--learning_rate expects a finite float, got '1e999'"),
-    (["--learning_rate=1" + "0" * 400], "expects a finite float"),
-    (["--learning_rate=[1]"], "--learning_rate expects a finite float, got '[1]'"),
+    (["--learning_rate=[1]"], "--learning_rate expects float, got '[1]'"),
     (["CONFIG"], "unknown key wandb_log in config file CONFIG; the flags are"),
 ])
 def test_bad_flags_name_the_problem(tmp_path, argv, message):
-    """A flag with no value before the next flag, a float that is not finite, a config file's unknown key."""
+    """A flag with no value before the next flag, a value not of the flag's type, a config file's unknown key."""
     config = tmp_path / "config.py"
     config.write_text("batch_size = 4\nwandb_log = False\n")  # (nanoGPT's config files log to wandb)
     assert "dataset" in parse_args(TrainConfig(), ["--dataset", "--odd-name"]), "a value may start with --"
-    for typo in ("--devcie=cpu", "--max_new_tokens=3"):  # unless it names a flag, or nearly does
-        with pytest.raises(UserError, match=re.escape(f"--out_dir needs a value, e.g. --out_dir=..., before {typo}")):
-            parse_args(TrainConfig(), ["--out_dir", typo])
+    with pytest.raises(UserError, match=re.escape("--out_dir needs a value, e.g. --out_dir=..., before --devcie=cpu")):
+        parse_args(TrainConfig(), ["--out_dir", "--devcie=cpu"])  # unless it names a flag, or nearly does
     argv = [str(config) if a == "CONFIG" else a for a in argv]
     with pytest.raises(UserError) as e:
         parse_args(TrainConfig(), argv)
