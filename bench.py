@@ -7,11 +7,13 @@ The modes (--what), and about how long each takes with its defaults on a 2-core 
   sample    Eso-LM (B) cached vs MDLM vs AR decoding, L = 256 and 1024, NFE ≈ L and T = 32 (TODO min)
   train     one training iteration of the recipe: diffusion (α0=1), hybrid (α0=0.5), AR (TODO min)
   frontier  the speed-quality frontier of trained checkpoints: --out_dirs=out-a,out-b --scorer=out-ar (TODO min)
-  prepare   data.prepare on a generated ~200 MB text: MB/s and peak memory (TODO min)
   profile   where a cached sampling step's time goes, at the last of --lengths, and the step with its few-row
             products in the other layout (TODO min); --compile=True adds the compiled static-shape step (TODO min)
   gpu       the GPU report (--device=cuda): sample.py's workload, a training iteration, Table 11 at 6 x 384 and
             12 x 768 (it stops when --budget_s, 6 min, would be passed)
+
+Data preparation has no mode: it is timed from the shell, in a fresh process, on a generated ~200 MB
+data/big/input.txt: `/usr/bin/time -v python -c "import data; data.prepare('big')"` (wall clock, peak memory).
 
 The rows of a table take turns in interleaved rounds (`interleaved`), so that drift on a shared machine hits them
 alike: a row is the median of its rounds, a ratio the median of the rounds' ratios, with their range.
@@ -35,7 +37,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from configurator import attention_backends, autocast_context, parse_args, pick_device, require, run_cli
-from data import atomic_write, get_batch, load_checkpoint, load_split, prepare, tokenizer_of
+from data import atomic_write, get_batch, load_checkpoint, load_split, tokenizer_of
 from model import (GPT, GPTConfig, Linear, cast_matrices, few_rows_transposed, iw_nll, nelbo, sampling_products,
                    shape_checks)
 from sample import generate, new_cache, plan
@@ -43,7 +45,7 @@ from sample import generate, new_cache, plan
 
 @dataclass
 class BenchConfig:
-    what: str = "sample"  # sample, train, frontier, prepare, profile or gpu (--help says what each times)
+    what: str = "sample"  # sample, train, frontier, profile or gpu (--help says what each times)
     lengths: str = "256,1024"  # sequence lengths for --what=sample (profile: the last one)
     small_steps: int = 32  # the "small T" column
     sample_batch: int = 1  # --what=sample: sequences sampled at once (the paper's latency protocol: 1)
@@ -62,7 +64,6 @@ class BenchConfig:
     steps_list: str = "8,16,32,64,L"  # --what=frontier
     num_samples: int = 64  # --what=frontier
     schedules: str = "random,strided"  # --what=frontier: the sampler's position schedules
-    prepare_mb: int = 200  # --what=prepare: size of the generated text
     device: str = "cpu"  # cuda for the GPU report
     seed: int = 1337
     json_out: str = ""  # also write the rows as JSON here, after every row
@@ -91,10 +92,11 @@ def interleaved(fns, rounds, device):
     return times, outs
 
 
-def ratio(a, b):
-    """'median x [min-max]' of the per-round ratios a / b, and the median."""
+def ratio(a, b, key):
+    """The per-round ratios a / b: {key: their median, key_min, key_max}, and 'median x [min-max]'."""
     r = sorted(x / y for x, y in zip(a, b))
-    return f"{statistics.median(r):.2f}x [{r[0]:.2f}-{r[-1]:.2f}]", statistics.median(r), r[0], r[-1]
+    m = statistics.median(r)
+    return {key: m, f"{key}_min": r[0], f"{key}_max": r[-1]}, f"{m:.2f}x [{r[0]:.2f}-{r[-1]:.2f}]"
 
 
 def compiled(model, training=False):
@@ -173,15 +175,15 @@ def sample_group(cfg, device, model, mdlm, template, steps, label):
         rows.append(dict(L=L, batch=B, n_layer=cfg.n_layer, n_embd=cfg.n_embd, schedule=label, sampler=name, nfe=n,
                          seconds=dt, seconds_rounds=dts, ms_per_step=dt / n * 1000, tokens_per_s=B * L / dt,
                          extrapolated=bool(note)))
-    speedup = ratio(times[MDLM], times[CACHED])
-    rows[0].update(zip(("speedup", "speedup_min", "speedup_max"), speedup[1:]))
-    ar = f", cached / AR {ratio(times[CACHED], times[AR])[0]}" if AR in times else ""
-    print(f"{'':>5} -> {label}: Eso-LM (B) cached over MDLM {speedup[0]}{ar}")
+    speedup, text = ratio(times[MDLM], times[CACHED], "speedup")
+    rows[0].update(speedup)
+    ar = f", cached / AR {ratio(times[CACHED], times[AR], '')[1]}" if AR in times else ""
+    print(f"{'':>5} -> {label}: Eso-LM (B) cached over MDLM {text}{ar}")
     return rows
 
 
 # -----------------------------------------------------------------------------
-# training, the frontier, data preparation
+# training, the frontier
 
 def bench_train(cfg, device):
     """One training iteration (forward, backward, Muon) at α0 = 1, 0.5, 0: --rounds interleaved rounds of --iters
@@ -190,7 +192,7 @@ def bench_train(cfg, device):
     model = GPT(GPTConfig(cfg.block_size, cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd)).to(device)
     opts = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.split(":")[0])
     net, (ctx, dtype) = compiled(model, True) if cfg.compile else model, autocast_context(device, "auto")
-    x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size), device=device)
+    x = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size), device=device)
     print(f"one training iteration, batch {cfg.batch_size} x {cfg.block_size}, {cfg.n_layer} x {cfg.n_embd}, "
           f"{device} {dtype}{', compiled' if cfg.compile else ''}; median of {cfg.rounds} rounds of {cfg.iters}")
 
@@ -205,9 +207,10 @@ def bench_train(cfg, device):
     interleaved(fns, 1, device)
     times, rows = interleaved(fns, cfg.rounds, device)[0], []
     for alpha_0, ts in times.items():
-        ms, r = statistics.median(ts) / cfg.iters * 1000, ratio(ts, times[1.0])
-        print(f"  α0={alpha_0}: {ms:8.1f} ms, {r[0]} the diffusion (α0=1) iteration")
-        rows.append(dict(alpha_0=alpha_0, ms=ms, ratio=r[1], ratio_min=r[2], ratio_max=r[3]))
+        ms = statistics.median(ts) / cfg.iters * 1000
+        r, text = ratio(ts, times[1.0], "ratio")
+        print(f"  α0={alpha_0}: {ms:8.1f} ms, {text} the diffusion (α0=1) iteration")
+        rows.append(dict(alpha_0=alpha_0, ms=ms, **r))
     yield rows
 
 
@@ -246,31 +249,6 @@ def bench_frontier(cfg, device):
                 yield [row]
 
 
-def bench_prepare(cfg, device):
-    """data.prepare on a generated text of ~prepare_mb MB (Tiny Shakespeare's lines, shuffled), in a fresh
-    process: MB/s and its peak memory."""
-    import random
-    import subprocess
-    import tempfile
-    prepare("shakespeare")  # the lines to shuffle (downloaded if missing)
-    lines = open(os.path.join("data", "shakespeare", "input.txt"), encoding="utf-8").readlines()
-    rng = random.Random(cfg.seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        os.makedirs(os.path.join(tmp, "big"))
-        with open(os.path.join(tmp, "big", "input.txt"), "w", encoding="utf-8") as f:
-            while f.tell() < cfg.prepare_mb * 1e6:
-                f.write("".join(rng.choices(lines, k=10000)))
-            mb = f.tell() / 1e6
-        src = (f"import resource, time, data; t0 = time.perf_counter(); data.prepare('big', {tmp!r}); "
-               "print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-        out = subprocess.run([sys.executable, "-c", src], stdout=subprocess.PIPE, text=True, check=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split()
-    dt, peak = float(out[0]), int(out[1]) / 1024  # ru_maxrss: KB on Linux
-    print(f"data.prepare of a {mb:.0f} MB text (Tiny Shakespeare's lines, shuffled), {os.cpu_count()} cores: "
-          f"{dt:.1f} s, {mb / dt:.1f} MB/s, peak memory {peak:.0f} MB")
-    yield [dict(mb=mb, seconds=dt, mb_per_s=mb / dt, peak_mb=peak)]
-
-
 # -----------------------------------------------------------------------------
 # where a cached sampling step's time goes
 
@@ -297,15 +275,16 @@ def profiled(run):
     return len(prof.events()) / nfe, kernels(prof.events()) / nfe, prof, nfe
 
 
-def products_of(model, run):
+def products_of(run):
     """run() (-> NFE) once; then (a function that makes its weight products again, alone: the same Linear modules,
     inputs and layout, the floor of its steps (-> NFE); the products per step)."""
     seen = []
-    hooks = [m.register_forward_hook(lambda m, x, y: seen.append((m, x[0]))) for m in model.modules()
-             if isinstance(m, Linear)]
-    nfe = run()
-    for hook in hooks:
-        hook.remove()
+
+    def record(module, args, out):
+        if isinstance(module, Linear):
+            seen.append((module, args[0]))
+    with torch.nn.modules.module.register_module_forward_hook(record):  # (removed at the end of the block)
+        nfe = run()
 
     def products():
         with torch.inference_mode(), sampling_products():  # in the layout the sampler uses
@@ -325,12 +304,13 @@ def bench_profile(cfg, device):
     sample.py --compile=True, eager and compiled (on the CPU, its op calls and kernels counted as the eager step's)."""
     L = int(cfg.lengths.split(",")[-1])
     model, template = fixed_model(cfg, device, L)
-    eager = replace(cfg, compile=False)
-    runs = {"step": sampler(model, template, 1, 10 ** 6, 1.0, eager, device),
-            "AR step": sampler(model, template, 1, 10 ** 6, 0.0, eager, device)}
+
+    def step(net, alpha_0, static):  # a timed run at NFE ≈ L, in eager shapes or sample.py --compile's static ones
+        return sampler(net, template, 1, 10 ** 6, alpha_0, replace(cfg, compile=static), device)
+    runs = {"step": step(model, 1.0, False), "AR step": step(model, 0.0, False)}
     layout, other = ("(W xT)T", "F.linear")[::1 if few_rows_transposed() else -1]
     runs[f"step, {other}"] = mock.patch("model.few_rows_transposed", lambda: layout == "F.linear")(runs["step"])
-    runs["products alone"], products = products_of(model, runs["step"])  # (and a warm-up)
+    runs["products alone"], products = products_of(runs["step"])  # (and a warm-up)
     calls, launched, prof, nfe = profiled(runs["step"])
     groups = {}
     for e in prof.key_averages():
@@ -344,9 +324,9 @@ def bench_profile(cfg, device):
           f"a kernel (the rest make views or allocate), {products:.0f} weight products, 2 to 8 rows as {layout} "
           f"(ESO_LM_FEW_ROWS overrides it); profiled, " + ", ".join(f"{k} {v:.3f} ms" for k, v in groups.items()))
     if cfg.compile:  # the GPU path's step (static shapes, as sample.py --compile=True), eager and compiled
-        runs["static step, eager"] = sampler(model, template, 1, 10 ** 6, 1.0, cfg, device)
+        runs["static step, eager"] = step(model, 1.0, True)
         with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):  # C++ kernels seen by the profiler
-            runs["static step, compiled"] = sampler(compiled(model), template, 1, 10 ** 6, 1.0, cfg, device)
+            runs["static step, compiled"] = step(compiled(model), 1.0, True)
         if device == "cpu":  # (on a GPU the profiler would see one CUDA graph replay per step)
             calls, launched, prof, n = profiled(runs["static step, compiled"])
             row.update(compiled_op_calls_per_step=calls, compiled_kernels_per_step=launched)
@@ -359,9 +339,9 @@ def bench_profile(cfg, device):
     for name, base in (("step", "products alone"), ("step", "AR step"), (f"step, {other}", "step"),
                        ("static step, compiled", "step"), ("static step, eager", "step")):
         if name in ms:
-            r = ratio(ms[name], ms[base])
-            print(f"  {name} / {base}: {r[0]}")
-            row[f"{name} / {base}"] = r[1]
+            r, text = ratio(ms[name], ms[base], f"{name} / {base}")
+            print(f"  {name} / {base}: {text}")
+            row.update(r)
     row.update({f"{k} ms rounds": v for k, v in ms.items()})
     yield [row]
 
@@ -376,9 +356,11 @@ def sample_py(cfg, device):
     model, template = fixed_model(cfg, device, int(cfg.lengths))
     run = sampler(compiled(model) if cfg.compile else model, template, cfg.sample_batch, cfg.small_steps, 0.5, cfg,
                   device, top_p=0.9)
-    times, nfe = interleaved({"sample.py": run}, 1, device)
-    print(f"NFE {nfe['sample.py']}: {times['sample.py'][0]:.3f} s")
-    yield [dict(nfe=nfe["sample.py"], seconds=times["sample.py"][0])]
+    t0 = clock(device)
+    nfe = run()
+    row = dict(nfe=nfe, seconds=clock(device) - t0)
+    print(f"NFE {nfe}: {row['seconds']:.3f} s")
+    yield [row]
 
 
 SIZE, BIG = dict(n_layer=6, n_head=6, n_embd=384), dict(n_layer=12, n_head=12, n_embd=768)  # the char model, GPT-2's
@@ -419,7 +401,8 @@ def bench_gpu(cfg, device):
                       f"{ran['graph_breaks']} graph breaks, {ran['cudagraph_skips']} CUDA-graph skips")
                 done += len(rows)
                 yield [dict(r, table=table, **flags, timed=True, **ran) for r in rows]
-                spent, last, t1 = time.perf_counter() - t0, time.perf_counter() - t1, time.perf_counter()
+                now = time.perf_counter()
+                spent, last, t1 = now - t0, now - t1, now
                 if spent + last > cfg.budget_s:
                     stop = why = f"{spent:.0f} s spent of the {cfg.budget_s} s budget"
                     break
@@ -434,8 +417,7 @@ def bench_gpu(cfg, device):
 
 # -----------------------------------------------------------------------------
 
-BENCHES = dict(sample=bench_sample, train=bench_train, frontier=bench_frontier, prepare=bench_prepare,
-               profile=bench_profile, gpu=bench_gpu)
+BENCHES = dict(sample=bench_sample, train=bench_train, frontier=bench_frontier, profile=bench_profile, gpu=bench_gpu)
 
 
 def validate(cfg):
@@ -444,10 +426,9 @@ def validate(cfg):
     require([(cfg.what in BENCHES, f"--what={cfg.what} must be one of {', '.join(BENCHES)}"),
              (ints(cfg.lengths) and ints(cfg.steps_list, ("L",)), "--lengths and --steps_list must be positive "
               "integers separated by commas (--steps_list: or L)"),
-             (min(cfg.rounds, cfg.iters, cfg.small_steps, cfg.sample_batch, cfg.num_samples, cfg.prepare_mb,
-                  cfg.vocab_size, cfg.batch_size, cfg.mdlm_steps + 1) > 0, "--rounds, --iters, --small_steps, "
-              "--sample_batch, --num_samples, --prepare_mb, --vocab_size and --batch_size must be positive, "
-              "--mdlm_steps >= 0"),
+             (min(cfg.rounds, cfg.iters, cfg.small_steps, cfg.sample_batch, cfg.num_samples, cfg.vocab_size,
+                  cfg.batch_size, cfg.mdlm_steps + 1) > 0, "--rounds, --iters, --small_steps, --sample_batch, "
+              "--num_samples, --vocab_size and --batch_size must be positive, --mdlm_steps >= 0"),
              *shape_checks(cfg),
              (cfg.what != "frontier" or cfg.out_dirs and cfg.scorer, "--what=frontier needs --out_dirs=dir1,dir2 and "
               "--scorer=<the α0=0 checkpoint dir>"),

@@ -261,14 +261,14 @@ def test_cache_is_preallocated_and_never_commits_masks():
     (["--n_embd=30", "--n_head=4"], "--n_embd=30 must be --n_head=4 times an even head size (RoPE)"),
     (["--what=train", "--block_size=0"], "--block_size, --n_layer, --n_head and --n_embd must be positive"),
     (["--n_head=0"], "--block_size, --n_layer, --n_head and --n_embd must be positive"),  # (not a division by 0)
-    (["--vocab_size=0"], "--rounds, --iters, --small_steps, --sample_batch, --num_samples, --prepare_mb, --vocab_size "
-     "and --batch_size must be positive, --mdlm_steps >= 0"),
-    (["--mdlm_steps=-1"], "--rounds, --iters, --small_steps, --sample_batch, --num_samples, --prepare_mb, "
-     "--vocab_size and --batch_size must be positive, --mdlm_steps >= 0"),
+    (["--vocab_size=0"], "--rounds, --iters, --small_steps, --sample_batch, --num_samples, --vocab_size and "
+     "--batch_size must be positive, --mdlm_steps >= 0"),
+    (["--mdlm_steps=-1"], "--rounds, --iters, --small_steps, --sample_batch, --num_samples, --vocab_size and "
+     "--batch_size must be positive, --mdlm_steps >= 0"),
     (["--lengths=16,x"], "--lengths and --steps_list must be positive integers separated by commas (--steps_list: "
                           "or L)"),
     (["--what=frontier"], "--what=frontier needs --out_dirs=dir1,dir2 and --scorer=<the α0=0 checkpoint dir>"),
-    (["--what=gpus"], "--what=gpus must be one of sample, train, frontier, prepare, profile, gpu"),
+    (["--what=gpus"], "--what=gpus must be one of sample, train, frontier, profile, gpu"),
 ])
 def test_bench_refuses_an_impossible_model_in_one_line(flags, message):
     r = conftest.cli("bench.py", "--lengths=16", "--rounds=1", *flags)
