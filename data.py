@@ -73,8 +73,7 @@ def prepare(dataset, data_dir="data"):
     return the meta dict. Not safe to run twice at once on one folder: under DDP, rank 0 prepares while the
     others wait at a barrier."""
     out, name = os.path.join(data_dir, dataset), dataset.removesuffix("_char")
-    files = [os.path.join(out, f) for f in ("train.bin", "val.bin", "meta.pkl")]
-    *bins, meta_path = files
+    bins, meta_path = [os.path.join(out, f"{split}.bin") for split in ("train", "val")], os.path.join(out, "meta.pkl")
     src = os.path.join(out, "input.txt")
     if not os.path.exists(src):
         src = os.path.join(data_dir, name, "input.txt")
@@ -102,17 +101,16 @@ def prepare(dataset, data_dir="data"):
                                 f"save {SHAKESPEARE_URL} as {src} by hand (mkdir -p {os.path.dirname(src)} first)")
             os.makedirs(os.path.dirname(src), exist_ok=True)
             atomic_write(src, lambda f: f.write(text))
-        staged = [f"{path}.{os.getpid()}.tmp" for path in files]
+        staged = [f"{path}.{os.getpid()}.tmp" for path in bins]
         os.makedirs(out, exist_ok=True)
         with removed_on_error(*staged, out):  # (out: only if that leaves it empty)
             # (stamped before it is read: a text edited while it is prepared is prepared again next time)
-            meta = {"source": _stamp(src), **_encode(src, dataset.endswith("_char"), staged[:2])}
-            with open(staged[2], "wb") as f:
-                pickle.dump(meta, f)
-            for tmp, path in zip(staged, files):  # meta.pkl last: the bins beside it are complete
+            meta = {"source": _stamp(src), **_encode(src, dataset.endswith("_char"), staged)}
+            for tmp, path in zip(staged, bins):
                 with open(tmp, "rb+") as f:
                     os.fsync(f.fileno())  # on disk before it is renamed into place
                 os.replace(tmp, path)
+            atomic_write(meta_path, lambda f: pickle.dump(meta, f))  # last: the bins beside it are complete
         return meta
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
@@ -134,22 +132,22 @@ def _encode(src, char_level, paths):
         stoi = {c: i for i, c in enumerate(sorted(chars))}
         encode = (lambda piece: [stoi[c] for c in piece]) if char_level else gpt2_encoding().encode_ordinary
         f.seek(0)
-        counts, split = np.zeros(1 << 16, np.int64), int(n * 0.9)
+        used, split = np.zeros(1 << 16, bool), int(n * 0.9)  # (used: the GPT-2 ids that occur)
         for path, size in zip(paths, (split, n - split)):
             with open(path, "wb") as out:
                 for ids in encoded(text_pieces(f, size), encode):
                     ids = np.asarray(ids, np.uint16)
                     ids.tofile(out)
-                    counts += np.bincount(ids, minlength=1 << 16)
+                    used[ids] = True
     if char_level:
         return {"vocab_size": len(stoi), "tokenizer": "char", "stoi": stoi, "itos": dict(enumerate(stoi))}
-    lut = (np.cumsum(counts > 0) - 1).astype(np.uint16)  # GPT-2 id -> its rank among those that occur
+    lut = (np.cumsum(used) - 1).astype(np.uint16)  # GPT-2 id -> its rank among those that occur
     for path in paths:
         ids = np.memmap(path, np.uint16, "r+")
         for i in range(0, len(ids), PIECE):
             ids[i: i + PIECE] = lut[ids[i: i + PIECE]]
-    used = np.flatnonzero(counts).tolist()
-    return {"vocab_size": len(used), "tokenizer": "gpt2", "gpt2_ids": used}
+    gpt2_ids = np.flatnonzero(used).tolist()
+    return {"vocab_size": len(gpt2_ids), "tokenizer": "gpt2", "gpt2_ids": gpt2_ids}
 
 
 def text_pieces(f, n):
@@ -221,10 +219,9 @@ def eval_batches(data, batch_size, block_size, device="cpu", max_windows=0):
     evenly over the split. The same windows every time, so numbers compare across runs and α0."""
     n = len(data) // block_size
     keep = torch.arange(n) if not max_windows or max_windows >= n else torch.linspace(0, n - 1, max_windows).long()
-    keep = keep[: len(keep) // batch_size * batch_size]
     windows = torch.from_numpy(data[: n * block_size].astype(np.int64)).view(n, block_size)[keep]
-    for i in range(0, len(keep), batch_size):
-        yield to_device(windows[i: i + batch_size], device)
+    for x in windows.split(batch_size)[: len(keep) // batch_size]:  # full batches only
+        yield to_device(x, device)
 
 
 def tokenizer_of(meta):
@@ -239,7 +236,7 @@ class Tokenizer:
 
     def __init__(self, meta):
         kind, self.itos = tokenizer_of(meta)  # id -> character, or GPT-2 id
-        self.vocab_size, self.is_char = meta["vocab_size"], kind == "char"
+        self.is_char = kind == "char"
         self.stoi = {t: i for i, t in enumerate(self.itos)}
         if not self.is_char:
             self.enc = gpt2_encoding()
@@ -282,7 +279,7 @@ def load_checkpoint(out_dir, device="cpu", name="ckpt.pt"):
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated or "
                         "foreign: delete it and train again")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not an Eso-LM checkpoint of this version of the repo; train again")
     return ckpt
 
