@@ -89,11 +89,10 @@ def sample_tokens(logits, temperature=1.0, top_p=0.9, generator=None):
     """Nucleus sampling by float64 Gumbel-max (lower precision skews the draws towards the top tokens), on the
     generator's device (MPS has no float64). The mask token's column (the last) is dropped: it is never drawn.
     temperature=0 is greedy."""
-    device = logits.device
-    logits = logits[..., :-1].to(generator.device if generator else device, torch.float64)
+    logits, device = logits[..., :-1], logits.device
     if temperature == 0:
-        return logits.argmax(-1).to(device)
-    logits = logits / temperature
+        return logits.argmax(-1)
+    logits = logits.to(generator.device if generator else device, torch.float64) / temperature
     if top_p < 1:  # keep the smallest set of tokens whose probability reaches top_p (at least the top one)
         probs, idx = logits.softmax(-1).sort(-1, descending=True)
         drop = (probs.cumsum(-1) - probs) >= top_p
@@ -208,7 +207,7 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
     gen_noise = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)  # MPS: no fp64
     draw = lambda logits: sample_tokens(logits, temperature, top_p, gen_noise)
     cache = (cache or new_cache(model, num_samples, W, device, ctx, static)) if kv_cache else None
-    x, nfe = template.expand(num_samples, -1).clone(), 0
+    x, nfe = template.repeat(num_samples, 1), 0
     # a prompt longer than the block: the first window holds its last W - chunk tokens (all but the masks, if fewer)
     given = L - int(is_gen.sum())  # the prompt's length, when L > W (a prompt followed by masks)
     skip = min(given - (W - chunk), L - W) if W < given < L else 0
@@ -389,8 +388,9 @@ def make_template(tok, mask_id, length, block_size, start="", infill=""):
     (of any length) followed by masks up to `length` (default: the block size; more is sampled window by window);
     --infill gives a text with '_' gaps, the whole sequence unless `length` asks for more, within one block."""
     ids = tok.encode(start)
-    for i, piece in enumerate(infill.split(GAP)):
-        ids += ([mask_id] if i else []) + tok.encode(piece)
+    for piece in infill.split(GAP):
+        ids += tok.encode(piece) + [mask_id]
+    ids.pop()  # (no gap after the last piece)
     length = length or (len(ids) if infill else block_size)
     what = "infill text" if infill else "prompt"
     require([(not (start and infill), "give --start or --infill, not both (a prompt is an infill text with no gaps)"),
@@ -455,7 +455,7 @@ def score_main(cfg, device, ctx, model, tok, loaded):
     token and bits per UTF-8 byte, and (B) each token's surprise, printed and, with --score_svg, drawn."""
     text, config = read_text(cfg.score), model.config
     ids = torch.tensor(tok.encode(text), device=device)
-    exact, L, n_bytes = has_likelihood(config), len(ids), len(text.encode("utf-8"))
+    exact, L, n_bytes = has_likelihood(config), len(ids), len(text.encode())
     require([(L >= 1, "--score needs a text of at least one token"),
              (exact or not cfg.score_svg, "--score_svg needs per-token likelihoods, which only denoiser B has"),
              (exact or L <= config.block_size, f"denoiser {config.denoiser} scores up to {config.block_size} tokens "
