@@ -413,8 +413,9 @@ def compiled(model, run):
             run(net)
     except Exception as e:  # a compiler or a graph capture that fails never costs a run
         e = getattr(e, "inner_exception", None) or e
-        print(f"torch.compile failed ({type(e).__name__}: {' '.join(str(e).split())[:200]}); sampling without it",
-              file=sys.stderr)
+        # its first line (partition: a message may be empty)
+        print(f"torch.compile failed ({type(e).__name__}: {str(e).strip().partition(chr(10))[0][:200]}); sampling "
+              "without it", file=sys.stderr)
         return model
     print(f"warm-up (compilation and graph capture): {time.time() - t0:.2f} s", file=sys.stderr)
     return net
