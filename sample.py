@@ -233,7 +233,7 @@ def score(model, ids, alpha_0, K=16, chunk=0, seed=1337, ctx=contextlib.nullcont
     config = unwrap(model).config
     chunk, K = chunk or config.block_size // 2, 1 if alpha_0 == 0 else K
     gen = torch.Generator().manual_seed(seed)  # the orderings: the same on every device
-    W, total, surprise = min(len(ids), config.block_size), 0.0, torch.zeros(len(ids), device=ids.device)
+    W, total, surprise = min(len(ids), config.block_size), 0.0, []  # surprise: each window's own tokens
     for start, new in windows(len(ids), config.block_size, chunk):
         n_given = new - start
         order = likelihood_order(K, W, alpha_0, n_given, gen)
@@ -241,8 +241,8 @@ def score(model, ids, alpha_0, K=16, chunk=0, seed=1337, ctx=contextlib.nullcont
             nll = token_nll(model, ids[start:start + W].expand(K, -1), order, n_given).float()  # (K, W - n_given)
         total += (torch.logsumexp(-nll.sum(1), 0) - math.log(K)).item()
         per_position = nll.new_zeros(K, W).scatter(1, order[:, n_given:].to(nll.device), nll)
-        surprise[new:start + W] = per_position.mean(0)[n_given:]
-    return total, surprise
+        surprise.append(per_position.mean(0)[n_given:])
+    return total, torch.cat(surprise)
 
 
 # -----------------------------------------------------------------------------
