@@ -25,6 +25,8 @@ import sys
 import textwrap
 import time
 from dataclasses import dataclass
+from html import escape
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -50,7 +52,7 @@ def diffusion_counts(n, T, alpha_0, generator=None):
     takes only 2^24 values, which would leave some of T steps likelier than others."""
     u = torch.rand(n, generator=generator, dtype=torch.float64)
     step = (u[u < alpha_0] / alpha_0 * T).long().clamp(max=T - 1)
-    return torch.unique_consecutive(step.sort().values, return_counts=True)[1].tolist()
+    return torch.unique(step, return_counts=True)[1].tolist()
 
 
 def plan(is_gen, num_samples, T, alpha_0, generator=None, schedule="random"):
@@ -64,7 +66,7 @@ def plan(is_gen, num_samples, T, alpha_0, generator=None, schedule="random"):
     shared by the batch, the first α0 T' of them (rounded up or down at random, so that every token is made by
     diffusion with probability α0) are diffusion steps, and the rest goes left to right."""
     assert schedule in ("random", "strided")
-    given, gen = torch.nonzero(~is_gen)[:, 0], torch.nonzero(is_gen)[:, 0]
+    given, gen = torch.where(~is_gen)[0], torch.where(is_gen)[0]
     n = len(gen)
     if schedule == "strided":
         groups = min(T, n)
@@ -78,7 +80,7 @@ def plan(is_gen, num_samples, T, alpha_0, generator=None, schedule="random"):
     else:
         counts = diffusion_counts(n, T, alpha_0, generator)
         gen = gen[torch.rand(num_samples, n, generator=generator).argsort(dim=1)]
-        gen = torch.cat([gen[:, :sum(counts)], gen[:, sum(counts):].sort(dim=1).values], dim=1)
+        gen[:, sum(counts):] = gen[:, sum(counts):].sort(dim=1).values  # the sequential part: left to right
     n_seq = n - sum(counts)
     return torch.cat([given.expand(num_samples, -1), gen], dim=1), counts + [1] * n_seq, n_seq
 
@@ -87,11 +89,10 @@ def sample_tokens(logits, temperature=1.0, top_p=0.9, generator=None):
     """Nucleus sampling by float64 Gumbel-max (lower precision skews the draws towards the top tokens), on the
     generator's device (MPS has no float64). The mask token's column (the last) is dropped: it is never drawn.
     temperature=0 is greedy."""
-    device = logits.device
-    logits = logits[..., :-1].to(generator.device if generator else device, torch.float64)
+    logits, device = logits[..., :-1], logits.device
     if temperature == 0:
-        return logits.argmax(-1).to(device)
-    logits = logits / temperature
+        return logits.argmax(-1)
+    logits = logits.to(generator.device if generator else device, torch.float64) / temperature
     if top_p < 1:  # keep the smallest set of tokens whose probability reaches top_p (at least the top one)
         probs, idx = logits.softmax(-1).sort(-1, descending=True)
         drop = (probs.cumsum(-1) - probs) >= top_p
@@ -131,36 +132,39 @@ def denoise(model, x, order, counts, n_seq, draw, cache=None, static=False, ctx=
     After each step callback(step, phase, first, done, end, last, keys, x, order, mask, logits, cache) sees it:
     slots [first, last) were fed, [first, done) clean and [done, end) the masks revealed now; attention read slots
     [0, keys) (of the cache, when cache is not None) through mask (fed rows x keys, None: all); x is in σ order."""
-    B, L = x.shape
+    L = x.size(1)
     denoiser = unwrap(model).config.denoiser
     done = L - sum(counts)  # slots [0, done) are clean: the given tokens
-    seq_start = L - n_seq  # A: the clean prefix that is frozen from the sequential phase on
+    seq_start = L - n_seq  # the sequential phase: from here on one token a step, left to right
     if cache is not None:
         cache.reset()
     slots = torch.arange(L, device=x.device)
     with torch.inference_mode(), attention_backends(x.device), sampling_products():
         x = permute(x, order).clone()  # in σ order for the whole run
         for step, k in enumerate(tqdm(counts, disable=not progress, leave=False, desc="steps")):
-            end = done + k
-            cached = cache is not None and (denoiser == "B" or done >= seq_start)  # A: cached once sequential
-            first = cache.committed if cached else 0  # feed what the cache lacks; uncached: every clean token
+            end, sequential = done + k, done >= seq_start
+            cached = cache is not None and (denoiser == "B" or sequential)  # A: cached once sequential
+            # feed slots [first, last): the clean tokens the cache lacks, then the masks to reveal now
+            first = cache.committed if cached else 0  # no cache: every clean token, from slot 0
             last = L if denoiser == "mdlm" else end  # MDLM: the masks to come as well
-            if static:
+            if static:  # padded to a power of two with the slots after it
                 last = min(L, first + max(2, 1 << (last - first - 1).bit_length()))
             keys = L if static and cached else last  # attention reads slots [0, keys)
             if cached:
                 cache.feed(last - first, keys)
+            # attend: causal over the sorted slots (A: its clean tokens also see each other; MDLM: None, all see all)
             mask = attention_mask(denoiser, slots[first:last, None], slots[:keys], min(done, seq_start))
             out = slice(done - first, end - first)  # the masks to reveal: the rows that get logits
             with ctx:
                 logits = model(x[:, first:last], order[:, first:last], mask, cache if cached else None,
-                               out=slice(None) if static else out)
+                               out=slice(None) if static else out)  # static: every row, one shape per chunk size
             logits = logits[:, out] if static else logits
+            # sample the masks' tokens; commit the clean tokens just fed, never a mask
             x[:, done:end] = draw(logits)
             if cached:
-                cache.commit(done - first)  # the clean tokens just fed, never the masks
+                cache.commit(done - first)
             if callback:  # (logits cloned: under CUDA graphs the next replay overwrites them)
-                callback(step=step, phase="sequential" if step >= len(counts) - n_seq else "diffusion", first=first,
+                callback(step=step, phase="sequential" if sequential else "diffusion", first=first,
                          done=done, end=end, last=last, keys=keys, x=x, order=order, mask=mask,
                          logits=logits.clone(), cache=cache if cached else None)
             done = end
@@ -168,11 +172,11 @@ def denoise(model, x, order, counts, n_seq, draw, cache=None, static=False, ctx=
     return x.clone()  # a normal tensor again, usable with autograd
 
 
-def windows(L, block_size, chunk):
+def windows(L, block_size, chunk, start=0):
     """The windows a text of L tokens is sampled and scored in: (start, new) for the window [start, start + W),
     W = min(L, block_size); its tokens from `new` on are its own, those before them the text so far, its prompt.
-    The first window is [0, W); each further one moves on by `chunk` tokens (fewer at the end)."""
-    start, new = 0, 0
+    The first window is [start, start + W); each further one moves on by `chunk` tokens (fewer at the end)."""
+    new = start
     while True:
         yield start, new
         if start + block_size >= L:
@@ -203,12 +207,11 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
     gen_noise = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)  # MPS: no fp64
     draw = lambda logits: sample_tokens(logits, temperature, top_p, gen_noise)
     cache = (cache or new_cache(model, num_samples, W, device, ctx, static)) if kv_cache else None
-    x, nfe = template.expand(num_samples, -1).clone(), 0
-    given = int((~is_gen).int().cummin(0).values.sum())  # the prompt's length
+    x, nfe = template.repeat(num_samples, 1), 0
     # a prompt longer than the block: the first window holds its last W - chunk tokens (all but the masks, if fewer)
+    given = L - int(is_gen.sum())  # the prompt's length, when L > W (a prompt followed by masks)
     skip = min(given - (W - chunk), L - W) if W < given < L else 0
-    for start, _ in windows(L - skip, config.block_size, chunk):
-        start += skip
+    for start, _ in windows(L, config.block_size, chunk, skip):
         window = x[:, start:start + W]  # a view: denoise's tokens land in x
         order, counts, n_seq = plan(window[0].cpu() == config.mask_id, num_samples, steps, alpha_0, gen_cpu,
                                     schedule)
@@ -230,16 +233,16 @@ def score(model, ids, alpha_0, K=16, chunk=0, seed=1337, ctx=contextlib.nullcont
     config = unwrap(model).config
     chunk, K = chunk or config.block_size // 2, 1 if alpha_0 == 0 else K
     gen = torch.Generator().manual_seed(seed)  # the orderings: the same on every device
-    W, total, surprise = min(len(ids), config.block_size), 0.0, torch.zeros(len(ids), device=ids.device)
+    W, total, surprise = min(len(ids), config.block_size), 0.0, []  # surprise: each window's own tokens
     for start, new in windows(len(ids), config.block_size, chunk):
         n_given = new - start
         order = likelihood_order(K, W, alpha_0, n_given, gen)
         with ctx:
             nll = token_nll(model, ids[start:start + W].expand(K, -1), order, n_given).float()  # (K, W - n_given)
         total += (torch.logsumexp(-nll.sum(1), 0) - math.log(K)).item()
-        per_position = torch.zeros(K, W, device=ids.device).scatter(1, order[:, n_given:].to(ids.device), nll)
-        surprise[new:start + W] = per_position.mean(0)[n_given:]
-    return total, surprise
+        per_position = nll.new_zeros(K, W).scatter(1, order[:, n_given:].to(nll.device), nll)
+        surprise.append(per_position.mean(0)[n_given:])
+    return total, torch.cat(surprise)
 
 
 # -----------------------------------------------------------------------------
@@ -247,19 +250,18 @@ def score(model, ids, alpha_0, K=16, chunk=0, seed=1337, ctx=contextlib.nullcont
 
 def svg(title, rows):
     """A white SVG of monospace text rows (each a list of (text, colour, background or None)) under a bold title."""
-    esc = lambda t: t.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     char = 8.4  # the width of one character at font-size 14
-    body = [f'<text x="8" y="18" font-weight="bold">{esc(title)}</text>']
+    body, width = [f'<text x="8" y="18" font-weight="bold">{escape(title)}</text>'], len(title) * char
     for i, row in enumerate(rows):
         x, y = 8.0, 40 + 18 * i
         for text, fill, background in row:
             if background:
                 body.append(f'<rect x="{x:.1f}" y="{y - 13}" width="{len(text) * char:.1f}" height="17" '
                             f'fill="{background}"/>')
-            body.append(f'<text x="{x:.1f}" y="{y}" fill="{fill}">{esc(text)}</text>')
+            body.append(f'<text x="{x:.1f}" y="{y}" fill="{fill}">{escape(text)}</text>')
             x += len(text) * char
-    width = max([len(title)] + [sum(len(t) for t, _, _ in row) for row in rows]) * char + 24
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{48 + 18 * len(rows)}" '
+        width = max(width, x - 8)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 24:.0f}" height="{48 + 18 * len(rows)}" '
             f'font-family="DejaVu Sans Mono, Menlo, Consolas, monospace" font-size="14" xml:space="preserve">'
             f'<rect width="100%" height="100%" fill="white"/>{"".join(body)}</svg>\n')
 
@@ -274,12 +276,13 @@ class Trajectory:
         self.tok, self.passes = tok, []
 
     def __call__(self, x, order, mask, logits, cache, **s):
-        text, frame, done, end = x[0].tolist(), [None] * x.size(1), s["done"], s["end"]
-        for slot, p in enumerate(order[0].tolist()):
+        done, end, sigma = s["done"], s["end"], order[0].tolist()
+        frame = [None] * len(sigma)  # (text, state) of each position of the window, in its original order
+        for slot, (p, t) in enumerate(zip(sigma, x[0].tolist())):
             state = "mask" if slot >= end else "new" if slot >= done else "old"
-            frame[p] = (GAP if state == "mask" else self.tok.decode([text[slot]]).replace("\n", "⏎"), state)
+            frame[p] = (GAP if state == "mask" else self.tok.decode([t]).replace("\n", "⏎"), state)
         probs = logits[0].float().softmax(-1).gather(1, x[0, done:end, None])[:, 0]
-        self.passes.append(dict(s, frame=frame, order=order[0].tolist(), p=probs.tolist(),
+        self.passes.append(dict(s, frame=frame, order=sigma, p=probs.tolist(),
                                 mask=None if mask is None else ["".join(map(str, r)) for r in mask.int().tolist()],
                                 committed=cache and cache.committed))
 
@@ -290,20 +293,20 @@ class Trajectory:
         first = [p for p in self.passes if p["offset"] == self.passes[0]["offset"]]
         rows = [[(f"{i + 1:>3} {p['phase'][0]} ", "#888888", None)] + [(t, colors[s], None) for t, s in p["frame"]]
                 for i, p in enumerate(first)]
-        return svg(title, rows)
+        return svg(f"{title}: a row per forward pass (d diffusion, s sequential), grey = mask, red = revealed by "
+                   "that pass", rows)
 
     def html(self, title):
         """A page that steps through every pass: trajectory.html, its placeholder replaced by this record ('<'
         escaped, so that no token's text can end the script)."""
         run = json.dumps(dict(title=title, passes=self.passes), separators=(",", ":")).replace("<", "\\u003c")
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "trajectory.html"), encoding="utf-8") as f:
-            return f.read().replace("RUN_JSON", run)
+        return Path(__file__).with_name("trajectory.html").read_text(encoding="utf-8").replace("RUN_JSON", run)
 
 
 def surprise_svg(pieces, surprise, title, scale):
     """The scored text, each token on a background from white (0 nats) to red (`scale` nats or more), line breaks
     kept, and a row of shades as the legend."""
-    shade = lambda s: "#ff{0:02x}{0:02x}".format(round(255 * (1 - min(max(s / scale, 0), 1))))
+    shade = lambda s: "#ff{0:02x}{0:02x}".format(round(255 * (1 - min(s / scale, 1))))
     rows = [[]]
     for piece, s in zip(pieces, surprise.tolist()):
         for i, line in enumerate(piece.split("\n")):
@@ -355,11 +358,13 @@ def validate(cfg):
              (not cfg.score or not (cfg.start or cfg.infill or cfg.trajectory), "--score scores a text on its own: "
               "leave out --start, --infill and --trajectory"),
              (cfg.score or not cfg.score_svg, "--score_svg draws a scored text: give --score too")] +
-            [(not path or os.path.isdir(os.path.dirname(os.path.abspath(path))) and not os.path.isdir(path),
+            [(not path or os.path.isdir(os.path.dirname(path) or ".") and not os.path.isdir(path),
               f"--{flag}={path} must name a file in a folder that exists")  # now, not after the sampling
              for flag, path in (("trajectory", cfg.trajectory), ("score_svg", cfg.score_svg))] +
             [(not cfg.trajectory or cfg.trajectory.endswith((".html", ".svg")),
-              f"--trajectory={cfg.trajectory} must end in .html (a page) or .svg (a picture)")])
+              f"--trajectory={cfg.trajectory} must end in .html (a page) or .svg (a picture)"),
+             (cfg.out_dir or glob.glob("out*/ckpt.pt"), "no checkpoint found (out*/ckpt.pt here); train one with "
+              "python train.py, or pass --out_dir")])
     few_rows_transposed()  # ESO_LM_FEW_ROWS
 
 
@@ -368,15 +373,13 @@ def read_text(arg):
     if not arg.startswith("FILE:"):
         return arg
     try:
-        with open(arg[5:], encoding="utf-8") as f:
-            return f.read()
+        return Path(arg[5:]).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {arg[5:]} as UTF-8 text ({type(e).__name__})")
 
 
 def write_text(path, text, what):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    Path(path).write_text(text, encoding="utf-8")
     print(f"wrote {what} to {path}", file=sys.stderr)
 
 
@@ -385,8 +388,9 @@ def make_template(tok, mask_id, length, block_size, start="", infill=""):
     (of any length) followed by masks up to `length` (default: the block size; more is sampled window by window);
     --infill gives a text with '_' gaps, the whole sequence unless `length` asks for more, within one block."""
     ids = tok.encode(start)
-    for i, piece in enumerate(infill.split(GAP) if infill else []):
-        ids += ([mask_id] if i else []) + tok.encode(piece)
+    for piece in infill.split(GAP):
+        ids += tok.encode(piece) + [mask_id]
+    ids.pop()  # (no gap after the last piece)
     length = length or (len(ids) if infill else block_size)
     what = "infill text" if infill else "prompt"
     require([(not (start and infill), "give --start or --infill, not both (a prompt is an infill text with no gaps)"),
@@ -395,29 +399,7 @@ def make_template(tok, mask_id, length, block_size, start="", infill=""):
              (len(ids) <= length, f"the {what} is {len(ids)} tokens, longer than --length={length}"),
              (mask_id in ids or len(ids) < length, f"nothing to generate: the {what} has no gaps and fills "
               f"--length={length}")])
-    return torch.tensor(ids + [mask_id] * (length - len(ids)), dtype=torch.long)
-
-
-def load(cfg):
-    """The device, autocast context, model and tokenizer the flags ask for, and a line naming the checkpoint."""
-    device = pick_device(cfg.device)
-    ctx, dtype = autocast_context(device, cfg.dtype)
-    found = sorted(glob.glob("out*/ckpt.pt"), key=os.path.getmtime)
-    if not (cfg.out_dir or found):
-        raise UserError("no checkpoint found (out*/ckpt.pt here); train one with python train.py, or pass --out_dir")
-    out_dir = cfg.out_dir or os.path.dirname(found[-1])
-    ckpt = load_checkpoint(out_dir, device)
-    model = GPT.from_checkpoint(ckpt, device).eval()
-    if dtype == "bfloat16":
-        cast_matrices(model, torch.bfloat16)
-    trained, config = ckpt["config"]["alpha_0"], model.config
-    cfg.alpha_0 = trained if cfg.alpha_0 == -1 else cfg.alpha_0
-    require([(config.denoiser != "mdlm" or cfg.alpha_0 == 1, f"--alpha_0={cfg.alpha_0}: MDLM is a pure diffusion "
-              "model; use --alpha_0=1"),
-             (cfg.chunk < config.block_size, f"--chunk={cfg.chunk} must be below block_size={config.block_size}: "
-              "each window keeps some text")])
-    loaded = f"loaded {out_dir}/ckpt.pt (iter {ckpt['iter_num']}, denoiser {config.denoiser}, alpha_0={trained})"
-    return device, ctx, model, Tokenizer(ckpt["meta"]), loaded  # (loaded: printed once the request is known sound)
+    return torch.tensor(ids + [mask_id] * (length - len(ids)))
 
 
 def compiled(model, run):
@@ -431,8 +413,9 @@ def compiled(model, run):
             run(net)
     except Exception as e:  # a compiler or a graph capture that fails never costs a run
         e = getattr(e, "inner_exception", None) or e
-        print(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); sampling without it",
-              file=sys.stderr)
+        # its first line (partition: a message may be empty)
+        print(f"torch.compile failed ({type(e).__name__}: {str(e).strip().partition(chr(10))[0][:200]}); sampling "
+              "without it", file=sys.stderr)
         return model
     print(f"warm-up (compilation and graph capture): {time.time() - t0:.2f} s", file=sys.stderr)
     return net
@@ -463,19 +446,17 @@ def sample_main(cfg, device, ctx, model, tok, loaded):
     n_gen = int((template == config.mask_id).sum()) * cfg.num_samples
     print(f"NFE {nfe}, {n_gen} tokens generated, {dt:.2f} s, {n_gen / dt:.1f} tokens/s")
     if trajectory:
-        what = f"alpha_0={cfg.alpha_0}, T={cfg.steps}"
-        picture = (trajectory.html(f"Eso-LM ({config.denoiser}), {what}") if cfg.trajectory.endswith(".html") else
-                   trajectory.svg(f"Eso-LM, {what}: a row per forward pass (d diffusion, s sequential), grey = mask, "
-                                  "red = revealed by that pass"))
-        write_text(cfg.trajectory, picture, "the trajectory of sample 1")
+        title = f"Eso-LM ({config.denoiser}), alpha_0={cfg.alpha_0}, T={cfg.steps}"
+        write_text(cfg.trajectory, (trajectory.html if cfg.trajectory.endswith(".html") else trajectory.svg)(title),
+                   "the trajectory of sample 1")
 
 
 def score_main(cfg, device, ctx, model, tok, loaded):
     """--score: the text's log-likelihood (Eso-LM (B)) or minus its NELBO (A, MDLM: a bound), in nats, nats per
     token and bits per UTF-8 byte, and (B) each token's surprise, printed and, with --score_svg, drawn."""
     text, config = read_text(cfg.score), model.config
-    ids = torch.tensor(tok.encode(text), dtype=torch.long, device=device)
-    exact, L, n_bytes = has_likelihood(config), len(ids), len(text.encode("utf-8"))
+    ids = torch.tensor(tok.encode(text), device=device)
+    exact, L, n_bytes = has_likelihood(config), len(ids), len(text.encode())
     require([(L >= 1, "--score needs a text of at least one token"),
              (exact or not cfg.score_svg, "--score_svg needs per-token likelihoods, which only denoiser B has"),
              (exact or L <= config.block_size, f"denoiser {config.denoiser} scores up to {config.block_size} tokens "
@@ -490,12 +471,12 @@ def score_main(cfg, device, ctx, model, tok, loaded):
     else:
         torch.manual_seed(cfg.seed)
         with torch.no_grad(), ctx:  # 2K draws of the bound's noise (split between its two terms for 0 < α0 < 1)
-            logp, surprise = -nelbo(model, ids.expand(2 * cfg.score_k, -1), cfg.alpha_0)[0].item() * L, None
+            logp = -nelbo(model, ids.expand(2 * cfg.score_k, -1), cfg.alpha_0)[0].item() * L
         what = f"minus the NELBO (eq. 7) over {2 * cfg.score_k} draws: in expectation a lower bound"
     print(f"{L} tokens, {n_bytes} UTF-8 bytes, alpha_0={cfg.alpha_0}: {what}, {time.time() - t0:.2f} s")
     print(f"  {logp:.3f} nats: {-logp / L:.4f} nats/token, {-logp / math.log(2) / n_bytes:.4f} bits/byte, "
           f"perplexity {math.exp(-logp / L):.3f}")
-    if surprise is not None:
+    if exact:
         pieces = [tok.decode([t]) for t in ids.tolist()]
         cells = [f"{p.replace(chr(10), '⏎').replace(' ', '␣')}:{s:.2f}" for p, s in zip(pieces, surprise.tolist())]
         print("  surprise of each token, -log p in nats (mean over the orderings; ␣ a space, ⏎ a line break):")
@@ -509,9 +490,23 @@ def main(argv=None):
     cfg = SampleConfig()
     user_keys = parse_args(cfg, argv)
     validate(cfg)
-    device, ctx, model, tok, loaded = load(cfg)
+    device = pick_device(cfg.device)
+    ctx, dtype = autocast_context(device, cfg.dtype)
+    out_dir = cfg.out_dir or os.path.dirname(max(glob.glob("out*/ckpt.pt"), key=os.path.getmtime))  # the newest
+    ckpt = load_checkpoint(out_dir, device)
+    model = GPT.from_checkpoint(ckpt, device).eval()
+    if dtype == "bfloat16":
+        cast_matrices(model, torch.bfloat16)
+    trained, config = ckpt["config"]["alpha_0"], model.config
+    cfg.alpha_0 = trained if cfg.alpha_0 == -1 else cfg.alpha_0
     cfg.compile = cfg.compile if "compile" in user_keys else device.startswith("cuda")
-    (score_main if cfg.score else sample_main)(cfg, device, ctx, model, tok, loaded)
+    require([(config.denoiser != "mdlm" or cfg.alpha_0 == 1, f"--alpha_0={cfg.alpha_0}: MDLM is a pure diffusion "
+              "model; use --alpha_0=1"),
+             (cfg.chunk < config.block_size, f"--chunk={cfg.chunk} must be below block_size={config.block_size}: "
+              "each window keeps some text")])
+    # printed by sample_main and score_main once they have checked the text they are given
+    loaded = f"loaded {out_dir}/ckpt.pt (iter {ckpt['iter_num']}, denoiser {config.denoiser}, alpha_0={trained})"
+    (score_main if cfg.score else sample_main)(cfg, device, ctx, model, Tokenizer(ckpt["meta"]), loaded)
 
 
 if __name__ == "__main__":
