@@ -36,11 +36,10 @@ from unittest import mock
 import torch
 from torch._dynamo.utils import counters
 
-from configurator import attention_backends, autocast_context, parse_args, pick_device, require, run_cli
+from configurator import attention_backends, autocast_context, failure, parse_args, pick_device, require, run_cli
 from data import atomic_write, get_batch, load_checkpoint, load_split, tokenizer_of
-from model import (GPT, GPTConfig, Linear, cast_matrices, few_rows_transposed, iw_nll, nelbo, sampling_products,
-                   shape_checks)
-from sample import generate, new_cache, plan
+from model import GPT, GPTConfig, cast_matrices, few_rows_transposed, iw_nll, nelbo, shape_checks
+from sample import generate, plan, runner
 
 
 @dataclass
@@ -116,16 +115,10 @@ def fixed_model(cfg, device, L, denoiser="B"):
 
 
 def sampler(net, template, batch, steps, alpha_0, cfg, device, top_p=1.0):
-    """A cached generate() run -> its NFE (MDLM never caches). With --compile, sample.py --compile's path: static
-    shapes, one cache for every run (CUDA graphs keep its address), and two runs here, so that every step shape
-    is compiled, warmed up and recorded before a timed run."""
-    ctx = autocast_context(device, "auto")[0]
-    cache = new_cache(net, batch, len(template), device, ctx, static=True) if cfg.compile else None
-    run = lambda: generate(net, template, batch, steps, alpha_0, top_p=top_p, seed=cfg.seed, ctx=ctx,
-                           static=cfg.compile, cache=cache)[1]
-    for _ in range(2 if cfg.compile else 0):
-        run()
-    return run
+    """A generate() run -> its NFE; with --compile, sample.py --compile's static path (sample.runner), warmed up."""
+    run = runner(net, template, batch, autocast_context(device, "auto")[0], cfg.compile, steps=steps, alpha_0=alpha_0,
+                 top_p=top_p, seed=cfg.seed)
+    return lambda: run()[1]
 
 
 # -----------------------------------------------------------------------------
@@ -252,56 +245,21 @@ def bench_frontier(cfg, device):
 # -----------------------------------------------------------------------------
 # where a cached sampling step's time goes
 
-# ops that make a view, allocate, or pass their input through: no kernel runs (on a GPU, none is launched)
-NO_KERNEL = frozenset(f"aten::{op}" for op in (
-    "view as_strided transpose t permute slice select expand expand_as unsqueeze squeeze alias reshape _unsafe_view "
-    "flatten narrow resolve_conj resolve_neg empty empty_like empty_strided resize_ as_strided_ lift_fresh detach "
-    "contiguous to dropout result_type").split())
-
-
-def kernels(events):
-    """How many of the profiled events ran a kernel: an aten op outside NO_KERNEL, or one of Inductor's fused C++
-    kernels, that calls none itself (aten::layer_norm calls native_layer_norm, which is counted once)."""
-    runs = lambda e: e.name.startswith("aten::") and e.name not in NO_KERNEL or "cpp_fused" in e.name
-    calls_one = lambda e: any(runs(c) or calls_one(c) for c in e.cpu_children)  # (at any depth)
-    return sum(runs(e) and not calls_one(e) for e in events)
-
-
 def profiled(run):
-    """run() (-> NFE) under torch.profiler: (op calls per step, nested ones counted; kernels per step; the
-    profile; NFE)."""
+    """run() (-> NFE) under torch.profiler: (op calls per step, nested ones counted; the profile; NFE)."""
     with torch.profiler.profile() as prof:
         nfe = run()
-    return len(prof.events()) / nfe, kernels(prof.events()) / nfe, prof, nfe
-
-
-def products_of(run):
-    """run() (-> NFE) once; then (a function that makes its weight products again, alone: the same Linear modules,
-    inputs and layout, the floor of its steps (-> NFE); the products per step)."""
-    seen = []
-
-    def record(module, args, out):
-        if isinstance(module, Linear):
-            seen.append((module, args[0]))
-    with torch.nn.modules.module.register_module_forward_hook(record):  # (removed at the end of the block)
-        nfe = run()
-
-    def products():
-        with torch.inference_mode(), sampling_products():  # in the layout the sampler uses
-            for m, x in seen:
-                m(x)
-        return nfe
-    return products, len(seen) / nfe
+    return len(prof.events()) / nfe, prof, nfe
 
 
 def bench_profile(cfg, device):
     """Where the time of a cached sampling step goes (Eso-LM (B), batch 1, NFE ≈ L, L the last of --lengths):
-    under torch.profiler, the op calls per step, how many of them run a kernel, and ms per step by op (CPU-side:
-    on a GPU that is launch overhead); then, unprofiled, in --rounds interleaved rounds: the step, its weight
-    products alone (the step's floor), AR decoding through the same cache, and the step with its few-row products
-    in the other layout (model.Linear: the two round differently, and which is faster depends on the machine; the
-    sampler's is a property of the machine, never a timing); with --compile=True also the static-shape step of
-    sample.py --compile=True, eager and compiled (on the CPU, its op calls and kernels counted as the eager step's)."""
+    under torch.profiler, the op calls per step (nested ones counted: on a GPU each is launch overhead), the weight
+    products per step (each matrix once: no logits computed and thrown away) and ms per step by kind of op; then,
+    unprofiled, in --rounds interleaved rounds: the step, AR decoding through the same cache, and the step with its
+    few-row products in the other layout (model.Linear: the two round differently, and which is faster depends on
+    the machine; the sampler's is a property of the machine, never a timing); with --compile=True also the
+    static-shape step of sample.py --compile=True, eager and compiled (on the CPU, its op calls counted too)."""
     L = int(cfg.lengths.split(",")[-1])
     model, template = fixed_model(cfg, device, L)
 
@@ -310,34 +268,32 @@ def bench_profile(cfg, device):
     runs = {"step": step(model, 1.0, False), "AR step": step(model, 0.0, False)}
     layout, other = ("(W xT)T", "F.linear")[::1 if few_rows_transposed() else -1]
     runs[f"step, {other}"] = mock.patch("model.few_rows_transposed", lambda: layout == "F.linear")(runs["step"])
-    runs["products alone"], products = products_of(runs["step"])  # (and a warm-up)
-    calls, launched, prof, nfe = profiled(runs["step"])
-    groups = {}
+    runs["step"]()  # warm-up
+    calls, prof, nfe = profiled(runs["step"])
+    groups, products = {}, 0
     for e in prof.key_averages():
-        group = ("matrix products" if e.key in ("aten::mm", "aten::addmm", "aten::bmm") else
+        group = ("matrix products" if e.key in ("aten::mm", "aten::addmm") else
                  "attention" if "scaled_dot_product" in e.key else "everything else")
         groups[group] = groups.get(group, 0) + e.self_cpu_time_total / 1000 / nfe  # ms per step
-    row = dict(L=L, nfe=nfe, op_calls_per_step=calls, kernels_per_step=launched, products_per_step=products,
-               layout=layout, **{f"{k} ms": v for k, v in groups.items()})
+        products += e.count / nfe if group == "matrix products" else 0
+    row = dict(L=L, nfe=nfe, op_calls_per_step=calls, products_per_step=products, layout=layout,
+               **{f"{k} ms": v for k, v in groups.items()})
     print(f"one cached sampling step, L={L}, NFE={nfe}, {cfg.n_layer} x {cfg.n_embd}, {device}, "
-          f"{torch.get_num_threads()} threads: {calls:.0f} op calls (nested ones counted), {launched:.0f} of which run "
-          f"a kernel (the rest make views or allocate), {products:.0f} weight products, 2 to 8 rows as {layout} "
-          f"(ESO_LM_FEW_ROWS overrides it); profiled, " + ", ".join(f"{k} {v:.3f} ms" for k, v in groups.items()))
+          f"{torch.get_num_threads()} threads: {calls:.0f} op calls (nested ones counted), {products:.0f} weight "
+          f"products, 2 to 8 rows as {layout} (ESO_LM_FEW_ROWS overrides it); profiled, " +
+          ", ".join(f"{k} {v:.3f} ms" for k, v in groups.items()))
     if cfg.compile:  # the GPU path's step (static shapes, as sample.py --compile=True), eager and compiled
         runs["static step, eager"] = step(model, 1.0, True)
-        with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):  # C++ kernels seen by the profiler
-            runs["static step, compiled"] = step(compiled(model), 1.0, True)
+        runs["static step, compiled"] = step(compiled(model), 1.0, True)
         if device == "cpu":  # (on a GPU the profiler would see one CUDA graph replay per step)
-            calls, launched, prof, n = profiled(runs["static step, compiled"])
-            row.update(compiled_op_calls_per_step=calls, compiled_kernels_per_step=launched)
-            print(f"the compiled static step: {calls:.0f} op calls, {launched:.0f} of which run a kernel "
-                  f"({sum('cpp_fused' in e.name for e in prof.events()) / n:.0f} of Inductor's fused C++ kernels)")
+            row["compiled_op_calls_per_step"] = profiled(runs["static step, compiled"])[0]
+            print(f"the compiled static step: {row['compiled_op_calls_per_step']:.0f} op calls")
     times, nfes = interleaved(runs, cfg.rounds, device)
     ms = {k: [t / nfes[k] * 1000 for t in ts] for k, ts in times.items()}
     print(f"unprofiled, ms per step, median of {cfg.rounds} rounds: " + ", ".join(
         f"{k} {statistics.median(v):.2f} [{min(v):.2f}-{max(v):.2f}]" for k, v in ms.items()))
-    for name, base in (("step", "products alone"), ("step", "AR step"), (f"step, {other}", "step"),
-                       ("static step, compiled", "step"), ("static step, eager", "step")):
+    for name, base in (("step", "AR step"), (f"step, {other}", "step"), ("static step, compiled", "step"),
+                       ("static step, eager", "step")):
         if name in ms:
             r, text = ratio(ms[name], ms[base], f"{name} / {base}")
             print(f"  {name} / {base}: {text}")
@@ -407,10 +363,9 @@ def bench_gpu(cfg, device):
                     stop = why = f"{spent:.0f} s spent of the {cfg.budget_s} s budget"
                     break
         except Exception as e:  # the rows done are kept
-            e = getattr(e, "inner_exception", None) or e
-            why = f"{type(e).__name__}: {str(e).strip()[:2000]}"
+            why = failure(e)
         if why:
-            print(f"not timed after {done} rows: {why.splitlines()[0]}")
+            print(f"not timed after {done} rows: {why}")
             yield [dict(table=table, **flags, timed=False, rows_timed=done, reason=why)]
     print(f"\nthe whole report took {time.perf_counter() - t0:.0f} s")
 

@@ -5,7 +5,7 @@ Datasets in nanoGPT's layout, built on first use:
     data/<name>/train.bin   uint16 tokens, first 90% of the text
     data/<name>/val.bin     uint16 tokens, last 10%
     data/<name>/meta.pkl    {'vocab_size', 'stoi', 'itos'} for characters (nanoGPT's meta.pkl), {'vocab_size',
-                            'gpt2_ids'} for BPE; both with 'tokenizer' and 'source' (input.txt's size, time, SHA-256)
+                            'gpt2_ids'} for BPE; both with 'tokenizer' and 'sha256' (input.txt's)
 
 `--dataset=<name>` tokenises data/<name>/input.txt with GPT-2 BPE (tiktoken), as nanoGPT's `shakespeare`;
 `--dataset=<name>_char` tokenises the same text by characters (reading data/<name>_char/input.txt instead
@@ -105,7 +105,7 @@ def prepare(dataset, data_dir="data"):
         os.makedirs(out, exist_ok=True)
         with removed_on_error(*staged, out):  # (out: only if that leaves it empty)
             # (stamped before it is read: a text edited while it is prepared is prepared again next time)
-            meta = {"source": _stamp(src), **_encode(src, dataset.endswith("_char"), staged)}
+            meta = {"sha256": _sha256(src), **_encode(src, dataset.endswith("_char"), staged)}
             for tmp, path in zip(staged, bins):
                 with open(tmp, "rb+") as f:
                     os.fsync(f.fileno())  # on disk before it is renamed into place
@@ -175,24 +175,19 @@ def encoded(pieces, encode):
             yield from pool.map(encode, batch)
 
 
-def _stamp(path):
-    """What the bins were made from: the text's size, modification time and SHA-256."""
-    st, sha = os.stat(path), hashlib.sha256()
+def _sha256(path):
+    """The text's SHA-256: what the bins were made from."""
+    sha = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 24):
             sha.update(block)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha.hexdigest()}
+    return sha.hexdigest()
 
 
 def _changed(src, meta):
-    """Has input.txt changed since its bins were written? Its size and time say it has not, without reading it; if
-    they differ (a copy, a checkout), its hash decides. Bins without their text, or without a stamp (nanoGPT's),
-    are taken as they are."""
-    old = meta.get("source")
-    if old is None or not os.path.exists(src):
-        return False
-    st = os.stat(src)
-    changed = (old["size"], old["mtime_ns"]) != (st.st_size, st.st_mtime_ns) and _stamp(src)["sha256"] != old["sha256"]
+    """Has input.txt changed since its bins were written (its hash says)? Bins without their text, or without a
+    hash (nanoGPT's), are taken as they are."""
+    changed = "sha256" in meta and os.path.exists(src) and _sha256(src) != meta["sha256"]
     if changed:
         print(f"{src} has changed since it was prepared: preparing it again")
     return changed
@@ -270,7 +265,7 @@ def load_checkpoint(out_dir, device="cpu", name="ckpt.pt"):
     wrong with it. GPT.from_checkpoint builds the network it holds."""
     path = os.path.join(out_dir, name)
     if not os.path.exists(path):
-        if name == "ckpt.pt" and os.path.exists(os.path.join(out_dir, "last.pt")):
+        if os.path.exists(os.path.join(out_dir, "last.pt")):
             raise UserError(f"no checkpoint at {path}: the run there stopped before its first eval; resume it "
                             f"(python train.py --init_from=resume --out_dir={out_dir})")
         raise UserError(f"no checkpoint at {path}; train one first (python train.py --out_dir={out_dir})")

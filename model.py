@@ -199,11 +199,6 @@ class GPT(nn.Module):
         return model.to(device)
 
 
-def unwrap(model):
-    """The GPT inside a torch.compile wrapper (which hands on reads of the GPT's attributes: model.config works)."""
-    return getattr(model, "_orig_mod", model)
-
-
 def cast_matrices(model, dtype):
     """Cast every matrix product's weight to autocast's dtype once, for sampling, rather than at every step (a
     CUDA graph replays the casts too). autocast rounds fp32 weights to `dtype` the same way, and runs the

@@ -29,13 +29,13 @@ from html import escape
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, require, run_cli
+from configurator import (UserError, attention_backends, autocast_context, failure, parse_args, pick_device, require,
+                          run_cli)
 from data import Tokenizer, load_checkpoint
 from kvcache import KVCache
 from model import (GPT, attention_mask, cast_matrices, few_rows_transposed, has_likelihood, likelihood_order, nelbo,
-                   permute, sampling_products, token_nll, unpermute, unwrap)
+                   permute, sampling_products, token_nll, unpermute)
 
 GAP = "_"  # in --infill text, each '_' is one token to generate
 
@@ -107,13 +107,13 @@ def sample_tokens(logits, temperature=1.0, top_p=0.9, generator=None):
 def new_cache(model, batch_size, L, device, ctx=contextlib.nullcontext(), static=False):
     """A KVCache for `model`, in the dtype attention reads K/V in (autocast's, else fp32); None for MDLM, which
     never caches. A caller that samples more than once with static shapes hands the same one to every run."""
-    config = unwrap(model).config
+    config = model.config
     dtype = ctx.fast_dtype if isinstance(ctx, torch.autocast) and ctx._enabled else torch.float32
     return None if config.denoiser == "mdlm" else KVCache.for_model(config, batch_size, L, device, dtype, static)
 
 
 def denoise(model, x, order, counts, n_seq, draw, cache=None, static=False, ctx=contextlib.nullcontext(),
-            callback=None, progress=False):
+            callback=None):
     """Fill the masks of x (B, L), original order, in the order `order` and step sizes `counts` of plan(); the last
     n_seq steps are the sequential phase; draw(logits) samples tokens. Each step is Eso-LM (B)'s cached step (Fig. 2):
       feed    the tokens the cache lacks (those revealed at the step before, now clean) and the masks to reveal
@@ -133,7 +133,7 @@ def denoise(model, x, order, counts, n_seq, draw, cache=None, static=False, ctx=
     slots [first, last) were fed, [first, done) clean and [done, end) the masks revealed now; attention read slots
     [0, keys) (of the cache, when cache is not None) through mask (fed rows x keys, None: all); x is in σ order."""
     L = x.size(1)
-    denoiser = unwrap(model).config.denoiser
+    denoiser = model.config.denoiser
     done = L - sum(counts)  # slots [0, done) are clean: the given tokens
     seq_start = L - n_seq  # the sequential phase: from here on one token a step, left to right
     if cache is not None:
@@ -141,7 +141,7 @@ def denoise(model, x, order, counts, n_seq, draw, cache=None, static=False, ctx=
     slots = torch.arange(L, device=x.device)
     with torch.inference_mode(), attention_backends(x.device), sampling_products():
         x = permute(x, order).clone()  # in σ order for the whole run
-        for step, k in enumerate(tqdm(counts, disable=not progress, leave=False, desc="steps")):
+        for step, k in enumerate(counts):
             end, sequential = done + k, done >= seq_start
             cached = cache is not None and (denoiser == "B" or sequential)  # A: cached once sequential
             # feed slots [first, last): the clean tokens the cache lacks, then the masks to reveal now
@@ -185,8 +185,8 @@ def windows(L, block_size, chunk, start=0):
 
 
 def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=1.0, top_p=0.9, kv_cache=True,
-             seed=1337, callback=None, ctx=contextlib.nullcontext(), progress=False, schedule="random", static=False,
-             cache=None, chunk=0):
+             seed=1337, callback=None, ctx=contextlib.nullcontext(), schedule="random", static=False, cache=None,
+             chunk=0):
     """Sample num_samples sequences that agree with `template` (L,): its mask tokens are generated, every other
     token is kept. Returns (tokens (B, L), NFE). Up to the block size, one run of the sampler fills it; a longer
     template (a prompt followed by masks) is filled window by window (windows()): the first block, then each
@@ -195,7 +195,7 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
     callback(offset=..., **step) sees each step of each window, offset being the window's start in the text. The
     samples of one call share the schedule's step sizes: for statistics over samples, use several seeds.
     cache: a KVCache to reuse (static shapes: graphs captured in one call replay in the next)."""
-    config = unwrap(model).config
+    config = model.config
     assert config.denoiser != "mdlm" or alpha_0 == 1, "MDLM is a pure diffusion model: sample it with alpha_0=1"
     chunk = chunk or config.block_size // 2
     L, W, device = len(template), min(len(template), config.block_size), template.device
@@ -216,10 +216,21 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
         order, counts, n_seq = plan(window[0].cpu() == config.mask_id, num_samples, steps, alpha_0, gen_cpu,
                                     schedule)
         step_callback = callback and (lambda **s: callback(offset=start, **s))
-        window[:] = denoise(model, window, order.to(device), counts, n_seq, draw, cache, static, ctx, step_callback,
-                            progress)
+        window[:] = denoise(model, window, order.to(device), counts, n_seq, draw, cache, static, ctx, step_callback)
         nfe += len(counts)
     return x, nfe
+
+
+def runner(net, template, num_samples, ctx=contextlib.nullcontext(), static=False, **kw):
+    """generate(net, template, num_samples, **kw) as a function of its callback. With static shapes (CUDA graphs:
+    net compiled in reduce-overhead mode), one cache serves every run, so that a replayed graph finds it where it
+    was captured, and two runs here compile, warm up and record every step shape before a run that counts."""
+    cache = new_cache(net, num_samples, min(len(template), net.config.block_size), template.device, ctx, static)
+    run = lambda callback=None: generate(net, template, num_samples, callback=callback, ctx=ctx, static=static,
+                                         cache=cache if static else None, **kw)
+    for _ in range(2 if static else 0):
+        run()
+    return run
 
 
 @torch.no_grad()
@@ -230,7 +241,7 @@ def score(model, ids, alpha_0, K=16, chunk=0, seed=1337, ctx=contextlib.nullcont
     than the block is scored in generate()'s windows: each window's own tokens conditioned on the text before them
     in the window. Returns (log-likelihood in nats, surprise (L,)): each token's -log p, averaged over the K
     orderings (for each ordering they sum to its -log p(x | σ))."""
-    config = unwrap(model).config
+    config = model.config
     chunk, K = chunk or config.block_size // 2, 1 if alpha_0 == 0 else K
     gen = torch.Generator().manual_seed(seed)  # the orderings: the same on every device
     W, total, surprise = min(len(ids), config.block_size), 0.0, []  # surprise: each window's own tokens
@@ -402,43 +413,28 @@ def make_template(tok, mask_id, length, block_size, start="", infill=""):
     return torch.tensor(ids + [mask_id] * (length - len(ids)))
 
 
-def compiled(model, run):
-    """torch.compile the model (CUDA graphs over static shapes on a GPU) and run the schedule twice, so that every
-    step shape is compiled, warmed up and recorded before the timed run. If compiling fails, one line says so and
-    the model itself samples."""
-    print("compiling the model (torch.compile, CUDA graphs on a GPU): two warm-up runs", file=sys.stderr)
-    net, t0 = torch.compile(model, mode="reduce-overhead"), time.time()
-    try:
-        for _ in range(2):
-            run(net)
-    except Exception as e:  # a compiler or a graph capture that fails never costs a run
-        e = getattr(e, "inner_exception", None) or e
-        # its first line (partition: a message may be empty)
-        print(f"torch.compile failed ({type(e).__name__}: {str(e).strip().partition(chr(10))[0][:200]}); sampling "
-              "without it", file=sys.stderr)
-        return model
-    print(f"warm-up (compilation and graph capture): {time.time() - t0:.2f} s", file=sys.stderr)
-    return net
-
-
 def sample_main(cfg, device, ctx, model, tok, loaded):
     config = model.config
     template = make_template(tok, config.mask_id, cfg.length, config.block_size, read_text(cfg.start),
                              read_text(cfg.infill)).to(device)
-    W = min(len(template), config.block_size)
-    windows_note = f", windows of {W} tokens moving by {cfg.chunk or W // 2}" if len(template) > W else ""
     print(f"{loaded}; sampling with alpha_0={cfg.alpha_0}, T={cfg.steps}, schedule={cfg.schedule}, "
-          f"kv_cache={cfg.kv_cache and config.denoiser != 'mdlm'}{windows_note}", file=sys.stderr)
-    cache = new_cache(model, cfg.num_samples, W, device, ctx, static=cfg.compile)
-    run = lambda net, callback=None: generate(
-        net, template, cfg.num_samples, cfg.steps, cfg.alpha_0, cfg.temperature, cfg.top_p, cfg.kv_cache, cfg.seed,
-        callback, ctx, sys.stderr.isatty(), cfg.schedule, static=net is not model, cache=cache, chunk=cfg.chunk)
-    net = compiled(model, run) if cfg.compile else model
+          f"kv_cache={cfg.kv_cache and config.denoiser != 'mdlm'}", file=sys.stderr)
+    kw = dict(steps=cfg.steps, alpha_0=cfg.alpha_0, temperature=cfg.temperature, top_p=cfg.top_p,
+              kv_cache=cfg.kv_cache, seed=cfg.seed, schedule=cfg.schedule, chunk=cfg.chunk)
+    run, t0 = None, time.time()
+    if cfg.compile:  # torch.compile, CUDA graphs on a GPU; a compiler or a graph capture that fails never costs a run
+        print("compiling the model (torch.compile, CUDA graphs on a GPU): two warm-up runs", file=sys.stderr)
+        try:
+            run = runner(torch.compile(model, mode="reduce-overhead"), template, cfg.num_samples, ctx, True, **kw)
+            print(f"warm-up (compilation and graph capture): {time.time() - t0:.2f} s", file=sys.stderr)
+        except Exception as e:
+            print(f"torch.compile failed ({failure(e)}); sampling without it", file=sys.stderr)
+    run = run or runner(model, template, cfg.num_samples, ctx, **kw)
     trajectory = Trajectory(tok) if cfg.trajectory else None
     sync = lambda: torch.cuda.synchronize(device) if device.startswith("cuda") else None
     sync()
     t0 = time.time()
-    x, nfe = run(net, trajectory)
+    x, nfe = run(trajectory)
     sync()
     dt = time.time() - t0
     for row in x.tolist():

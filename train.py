@@ -32,7 +32,8 @@ import torch
 from torch.distributed import all_reduce, barrier, destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, require, run_cli
+from configurator import (UserError, attention_backends, autocast_context, failure, parse_args, pick_device, require,
+                          run_cli)
 from data import (atomic_write, eval_batches, get_batch, load_checkpoint, load_split, prepare, save_checkpoint,
                   token_bytes, tokenizer_of)
 from model import (DENOISERS, GPT, GPTConfig, diffusion_rows, has_likelihood, iw_nll, nelbo, shape_checks,
@@ -257,8 +258,8 @@ class Trainer:
             f"loss_type={cfg.loss_type}")
 
     def checkpoint_to_continue(self, user_keys):
-        """The checkpoint a resumed run or --eval_only starts from (last.pt; --eval_only of a folder without one:
-        ckpt.pt), or None. Every flag the user did not set is the checkpoint's, but for those of where and how
+        """The checkpoint a resumed run or --eval_only starts from (last.pt; --eval_only of a folder without one, as
+        a ckpt.pt shared alone: ckpt.pt), or None. Every flag the user did not set is the checkpoint's, but for those of where and how
         this process runs (RUN_KEYS), so that `--init_from=resume --out_dir=DIR` alone continues the run it was; a
         model or method flag (KEPT_ON_RESUME) that the user set differently is an error."""
         cfg = self.cfg
@@ -336,8 +337,7 @@ class Trainer:
                 micro.backward()
                 loss = loss + micro.detach()
         except torch._dynamo.exc.TorchDynamoException as e:  # (every rank compiles the same graphs)
-            e = getattr(e, "inner_exception", None) or e
-            log(f"torch.compile failed ({type(e).__name__}: " + str(e).partition("\n")[0] + "); training on without it")
+            log(f"torch.compile failed ({failure(e)}); training on without it")
             self.objective = self.wrap(self.model)
             return self.step(it)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
@@ -436,8 +436,8 @@ class Trainer:
 
     def final_eval(self, it):
         """After the loop: the whole val split (or eval_windows of it) with the weights sample.py reads (ckpt.pt),
-        the NELBO and the IW NLL at K = 1 and eval_k, in nats per token, bits per byte and (characters) bits per
-        character; printed and written to eval.json, with trained_iters=it: how far the run trained."""
+        the NELBO and the IW NLL at K = 1 and eval_k, in nats per token and bits per byte; printed and written to
+        eval.json, with trained_iters=it: how far the run trained."""
         cfg = self.cfg
         best = load_checkpoint(cfg.out_dir, self.device)
         self.model.load_state_dict(best["model"])
@@ -448,9 +448,8 @@ class Trainer:
         batches = eval_batches(self.val_data, cfg.batch_size, cfg.block_size, self.device, cfg.eval_windows)
         m = evaluate(self.model, batches, cfg, self.ctx, self.token_bytes, ks)
         for key in ["nelbo", *(f"iw_nll_k{k}" for k in ks)]:
-            bpc = f", {m[key] / math.log(2):.4f} bits/char" if self.meta["tokenizer"] == "char" else ""
             log(f"  {'NELBO' if key == 'nelbo' else 'IW NLL, K=' + key[8:]:<14} {m[key]:.4f} nats/token, "
-                f"{m[key + '_bpb']:.4f} bits/byte{bpc}")
+                f"{m[key + '_bpb']:.4f} bits/byte")
         m.update(alpha_0=cfg.alpha_0, denoiser=cfg.denoiser, iter=best["iter_num"], trained_iters=it,
                  dataset=cfg.dataset, tokenizer=self.meta["tokenizer"])
         atomic_write(Path(cfg.out_dir, "eval.json"), lambda f: json.dump(m, f, indent=2), "w")

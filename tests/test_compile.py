@@ -12,6 +12,7 @@ from conftest import TINY_TRAIN, cli, tiny_model
 from torch._dynamo.utils import counters
 
 import bench
+import sample
 from sample import SampleConfig, generate, new_cache
 
 REAL_COMPILE = torch.compile
@@ -81,7 +82,7 @@ def test_gpu_report_says_what_ran_compiled(tmp_path, monkeypatch):
     sample.py's part samples as sample.py does; a spent budget lists every part as stopped."""
     monkeypatch.setattr(torch, "compile", with_backend("eager"))
     calls = []
-    monkeypatch.setattr(bench, "generate", lambda *a, **kw: calls.append((a, kw)) or generate(*a, **kw))
+    monkeypatch.setattr(sample, "generate", lambda *a, **kw: calls.append((a, kw)) or generate(*a, **kw))
     code, out, rows = gpu_report(tmp_path)
     assert code == 0 and "not timed" not in out, out
     tables = [r["table"] for r in rows]
@@ -89,10 +90,11 @@ def test_gpu_report_says_what_ran_compiled(tmp_path, monkeypatch):
     assert all(r["timed"] and r["compiled"] and r["graphs"] >= 1 and r["graph_breaks"] == 0 for r in rows), rows
     assert all(r["nfe"] == r["L"] for r in rows if r.get("sampler", "").startswith("AR"))
     assert out.count("-> compiled: ") == 6 and "(8 steps timed)" in out, out
-    (_, template, num_samples, steps, alpha_0), kw = calls[0]  # sample.py's defaults (alpha_0: the checkpoint's)
+    (_, template, num_samples), kw = calls[0]  # sample.py's defaults (alpha_0: the checkpoint's)
     d, flags = SampleConfig(), bench.GPU_PARTS[0][2]
     assert (flags["sample_batch"], flags["small_steps"], flags["lengths"]) == (d.num_samples, d.steps, "256")
-    assert (num_samples, steps, alpha_0, kw["top_p"], kw["seed"], kw["static"]) == (4, 4, 0.5, d.top_p, d.seed, True)
+    assert (num_samples, kw["steps"], kw["alpha_0"], kw["top_p"], kw["seed"], kw["static"]) == (4, 4, 0.5, d.top_p,
+                                                                                            d.seed, True)
     assert d.temperature == 1 and d.kv_cache and not {"temperature", "kv_cache"} & set(kw), kw
     assert template.tolist() == [65] * 16, "the char checkpoint's vocabulary (--vocab_size): 65 tokens and the mask"
     code, out, rows = gpu_report(tmp_path, "--budget_s=0")  # the first rows run, then the parts say they stopped
@@ -163,8 +165,7 @@ def test_gpu_report_never_calls_a_failed_compile_compiled(tmp_path, monkeypatch,
     if suppress_errors:
         assert len(rows) == 4 and all(r["timed"] and r["graphs"] == 0 for r in rows), rows
     else:
-        assert [(r["timed"], r["reason"]) for r in rows] == [(False, "RuntimeError: the compiler failed\nwith a long "
-                                                                     "story")] * 2, rows
+        assert [(r["timed"], r["reason"]) for r in rows] == [(False, "RuntimeError: the compiler failed")] * 2, rows
         assert out.count("not timed after 0 rows: RuntimeError: the compiler failed") == 2, out
 
 
@@ -214,20 +215,11 @@ def test_inductor_compiles_the_static_sampler_with_in_place_cache_writes():
         "a compiled step copies a layer's cache"
 
 
-def test_profile_counts_the_kernels_a_compiled_step_runs():
-    """bench.py --what=profile --compile=True on a tiny model: kernels() counts the ops that run a kernel (a view or
-    an allocation is none; a wrapper that calls one is counted once), and the compiled static step, in which
-    Inductor fuses the elementwise ops, runs fewer of them than the eager step, with the same matrix products."""
-    x = torch.randn(4, 6)
-    with torch.profiler.profile() as prof:
-        x.t().contiguous()  # a copy: 1
-        torch.nn.functional.layer_norm(x, (6,))  # layer_norm -> native_layer_norm: 1
-        x.view(24)[2:].unsqueeze(0)  # views: 0
-        x.to(torch.float32)  # already fp32: 0
-        x @ x.t()  # mm: 1
-    assert bench.kernels(prof.events()) == 3, [e.name for e in prof.events()]
+def test_profile_counts_what_a_compiled_step_saves():
+    """bench.py --what=profile --compile=True on a tiny model: a cached step runs each weight matrix once (4 per
+    layer and the output layer), and the compiled static step, in which Inductor fuses the elementwise ops, makes
+    fewer op calls than the eager step."""
     torch._dynamo.reset()
     cfg = bench.BenchConfig(what="profile", lengths="16", n_layer=1, n_head=2, n_embd=16, rounds=1, compile=True)
     ((row,),) = bench.bench_profile(cfg, "cpu")
-    assert row["products_per_step"] == 5 and row["op_calls_per_step"] > row["compiled_op_calls_per_step"]
-    assert row["kernels_per_step"] > row["compiled_kernels_per_step"] > 5, row
+    assert row["products_per_step"] == 5 and row["op_calls_per_step"] > row["compiled_op_calls_per_step"] > 5, row

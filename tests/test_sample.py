@@ -303,7 +303,7 @@ def test_bench_tables(tmp_path):
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(out.read_text())
     assert row["nfe"] == 32 and row["products_per_step"] == 4 * 1 + 1, "each step: every weight matrix once"
-    assert row["matrix products ms"] > 0 and row["op_calls_per_step"] > row["kernels_per_step"] > 4 * 1 + 1
+    assert row["matrix products ms"] > 0 and row["op_calls_per_step"] > 4 * 1 + 1
     other = "F.linear" if row["layout"] == "(W xT)T" else "(W xT)T"
     assert len(row[f"step, {other} ms rounds"]) == 3, "the step is also timed with its products in the other layout"
 

@@ -518,7 +518,6 @@ def test_long_samples_and_scores_from_the_command_line(data_dir, tmp_path):
     r = cli("sample.py", "--length=45", "--start=First", "--num_samples=2", "--steps=4", "--device=cpu", cwd=tmp_path)
     samples = r.stdout.split("---------------\n")[:2]
     assert r.returncode == 0 and [len(s) for s in samples] == [46, 46] and samples[0].startswith("First"), r.stdout
-    assert "windows of 16 tokens moving by 8" in r.stderr
     svg = tmp_path / "s.svg"
     text = "First Citizen:\nSpeak, speak."  # 28 characters, all ASCII
     r = cli("sample.py", f"--score={text}", "--score_k=4", f"--score_svg={svg}", "--device=cpu", cwd=tmp_path)
