@@ -36,8 +36,8 @@ from unittest import mock
 import torch
 from torch._dynamo.utils import counters
 
-from configurator import attention_backends, autocast_context, failure, parse_args, pick_device, require, run_cli
-from data import atomic_write, get_batch, load_checkpoint, load_split, tokenizer_of
+from configurator import attention_backends, autocast_context, parse_args, pick_device, require, run_cli
+from data import atomic_write, load_checkpoint, tokenizer_of
 from model import GPT, GPTConfig, cast_matrices, few_rows_transposed, iw_nll, nelbo, shape_checks
 from sample import generate, plan, runner
 
@@ -213,20 +213,15 @@ def bench_frontier(cfg, device):
     sckpt, ckpts = load_checkpoint(cfg.scorer, device), {d: load_checkpoint(d, device) for d in cfg.out_dirs.split(",")}
     require([(tokenizer_of(c["meta"]) == tokenizer_of(sckpt["meta"]), f"{d} and the scorer {cfg.scorer} have "
               "different tokenizers") for d, c in ckpts.items()])
-    scorer, sc = GPT.from_checkpoint(sckpt, device).eval(), sckpt["config"]
+    scorer = GPT.from_checkpoint(sckpt, device).eval()
 
     @torch.no_grad()
     def quality(x):  # NLL per token under the scorer, and the mean entropy of each row's token frequencies
         ps = [c[c > 0] / c.sum() for c in (torch.bincount(row).float() for row in x.cpu())]
         return dict(gen_nll=iw_nll(scorer, x, 0.0).mean().item(),
                     entropy=statistics.mean(-(p * p.log()).sum().item() for p in ps))
-    real = get_batch(load_split(sc["dataset"], "val", sc["data_dir"]), cfg.num_samples, scorer.config.block_size,
-                     device, torch.Generator().manual_seed(cfg.seed))
-    row = dict(out_dir="val text", **quality(real))
-    print(f"reference, {cfg.num_samples} windows of real val text: NLL {row['gen_nll']:.3f}, entropy "
-          f"{row['entropy']:.3f}\n{cfg.num_samples} samples each; gen NLL: nats/token under {cfg.scorer}\n"
-          f"{'checkpoint':<40} {'schedule':>8} {'T':>5} {'NFE':>5} {'seconds':>8} {'gen NLL':>8} {'entropy':>8}")
-    yield [row]
+    print(f"{cfg.num_samples} samples each; gen NLL: nats/token under {cfg.scorer}\n{'checkpoint':<40} "
+          f"{'schedule':>8} {'T':>5} {'NFE':>5} {'seconds':>8} {'gen NLL':>8} {'entropy':>8}")
     for out_dir, ckpt in ckpts.items():
         model = GPT.from_checkpoint(ckpt, device).eval()
         L, alpha_0 = model.config.block_size, ckpt["config"]["alpha_0"]
@@ -259,7 +254,7 @@ def bench_profile(cfg, device):
     unprofiled, in --rounds interleaved rounds: the step, AR decoding through the same cache, and the step with its
     few-row products in the other layout (model.Linear: the two round differently, and which is faster depends on
     the machine; the sampler's is a property of the machine, never a timing); with --compile=True also the
-    static-shape step of sample.py --compile=True, eager and compiled (on the CPU, its op calls counted too)."""
+    static-shape step of sample.py --compile=True, compiled (on the CPU, its op calls counted too)."""
     L = int(cfg.lengths.split(",")[-1])
     model, template = fixed_model(cfg, device, L)
 
@@ -282,8 +277,7 @@ def bench_profile(cfg, device):
           f"{torch.get_num_threads()} threads: {calls:.0f} op calls (nested ones counted), {products:.0f} weight "
           f"products, 2 to 8 rows as {layout} (ESO_LM_FEW_ROWS overrides it); profiled, " +
           ", ".join(f"{k} {v:.3f} ms" for k, v in groups.items()))
-    if cfg.compile:  # the GPU path's step (static shapes, as sample.py --compile=True), eager and compiled
-        runs["static step, eager"] = step(model, 1.0, True)
+    if cfg.compile:  # the GPU path's step (static shapes, as sample.py --compile=True), compiled
         runs["static step, compiled"] = step(compiled(model), 1.0, True)
         if device == "cpu":  # (on a GPU the profiler would see one CUDA graph replay per step)
             row["compiled_op_calls_per_step"] = profiled(runs["static step, compiled"])[0]
@@ -292,8 +286,7 @@ def bench_profile(cfg, device):
     ms = {k: [t / nfes[k] * 1000 for t in ts] for k, ts in times.items()}
     print(f"unprofiled, ms per step, median of {cfg.rounds} rounds: " + ", ".join(
         f"{k} {statistics.median(v):.2f} [{min(v):.2f}-{max(v):.2f}]" for k, v in ms.items()))
-    for name, base in (("step", "AR step"), (f"step, {other}", "step"), ("static step, compiled", "step"),
-                       ("static step, eager", "step")):
+    for name, base in (("step", "AR step"), (f"step, {other}", "step"), ("static step, compiled", "step")):
         if name in ms:
             r, text = ratio(ms[name], ms[base], f"{name} / {base}")
             print(f"  {name} / {base}: {text}")
@@ -362,8 +355,9 @@ def bench_gpu(cfg, device):
                 if spent + last > cfg.budget_s:
                     stop = why = f"{spent:.0f} s spent of the {cfg.budget_s} s budget"
                     break
-        except Exception as e:  # the rows done are kept
-            why = failure(e)
+        except Exception as e:  # the rows done are kept; why: the compiler's own error, if it is one
+            e = getattr(e, "inner_exception", None) or e
+            why = f"{type(e).__name__}: {str(e).strip().partition(chr(10))[0]}"
         if why:
             print(f"not timed after {done} rows: {why}")
             yield [dict(table=table, **flags, timed=False, rows_timed=done, reason=why)]

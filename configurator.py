@@ -72,12 +72,6 @@ def require(checks):
             raise UserError(message)
 
 
-def failure(e):
-    """An exception as one line: its type and its message's first line (a compiler's own, not Dynamo's wrapper)."""
-    e = getattr(e, "inner_exception", None) or e
-    return f"{type(e).__name__}: {str(e).strip().partition(chr(10))[0]}"
-
-
 def run_cli(main):
     """Run `main()`, turning a UserError, or memory that runs out, into one line on stderr and exit code 1, and
     Ctrl-C into one line and exit code 130 (train.py saves what it can first). A console that cannot show a

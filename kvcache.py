@@ -20,19 +20,15 @@ import torch
 
 class KVCache:
 
-    def __init__(self, n_layer, shape, device, dtype, static):
-        """n_layer K and n_layer V buffers of `shape` (B, nh, max_len, hd)."""
-        self.k, self.v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)] for _ in "kv")
+    def __init__(self, config, batch_size, max_len, device="cpu", dtype=torch.float32, static=False):
+        """One K and one V buffer (B, nh, max_len, hd) per layer of the model `config` describes."""
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k, self.v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)] for _ in "kv")
         if static:  # a graph replay writes these buffers in place: their addresses must never change
             for buffer in self.k + self.v:
                 torch._dynamo.mark_static_address(buffer)
         self.dtype = dtype
         self.reset()
-
-    @classmethod
-    def for_model(cls, config, batch_size, max_len, device="cpu", dtype=torch.float32, static=False):
-        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        return cls(config.n_layer, shape, device, dtype, static)
 
     def reset(self):
         """Empty the cache for a new run (the buffers stay where they are)."""

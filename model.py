@@ -175,21 +175,17 @@ class GPT(nn.Module):
         logits[..., self.config.mask_id] = -1e6  # zero masking; -1e6, not -inf, stays NaN-free in bf16
         return logits if targets is None else F.cross_entropy(logits, ids, reduction="none")
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="muon"):
-        """muon: torch.optim.Muon on the blocks' matrices (modded-nanogpt, nanochat), with Moonshot's RMS matching
-        so that it takes AdamW's learning rate and weight decay, then AdamW on the rest (the embedding, tied to the
-        head, and the gains). adamw: AdamW on everything, decay on the matrices (nanoGPT). Returns a list."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """torch.optim.Muon on the blocks' matrices (modded-nanogpt, nanochat), with Moonshot's RMS matching so that
+        it takes AdamW's learning rate and weight decay, and AdamW on the rest: the embedding (tied to the head),
+        decayed, and the gains, not decayed."""
         muon, decay, no_decay = [], [], []
         for name, p in self.named_parameters():
-            if optimizer == "muon" and p.dim() == 2 and name.startswith("transformer.h."):
-                muon.append(p)
-            else:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        adamw = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
+            (no_decay if p.dim() < 2 else muon if name.startswith("transformer.h.") else decay).append(p)
         return [torch.optim.Muon(muon, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"),
-                adamw] if muon else [adamw]
+                torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))]
 
     @classmethod
     def from_checkpoint(cls, ckpt, device="cpu"):
@@ -281,18 +277,17 @@ def unpermute(x_sorted, order):
     return torch.gather(x_sorted, 1, invert(order))
 
 
-def diffusion_order(is_mask, noise=None):
+def diffusion_order(is_mask):
     """Diffusion phase: clean tokens first in a random order, then the masks in a random order."""
-    noise = torch.rand(is_mask.shape) if noise is None else noise
-    return (is_mask + 0.9 * noise).argsort(dim=1)  # keys: clean in [0, .9), masks in [1, 1.9)
+    return (is_mask + 0.9 * torch.rand(is_mask.shape)).argsort(dim=1)  # keys: clean in [0, .9), masks in [1, 1.9)
 
 
-def sequential_order(is_mask, noise=None):
+def sequential_order(is_mask):
     """Sequential phase: clean tokens first in a random order (the order a diffusion phase leaves them in the
     cache), then the masks left to right (they are filled left to right)."""
-    noise = torch.rand(is_mask.shape) if noise is None else noise
     L = is_mask.size(1)
-    return torch.where(is_mask, 1 + torch.arange(L) / L, 0.9 * noise).argsort(dim=1)  # masks: [1, 2), ascending
+    keys = torch.where(is_mask, 1 + torch.arange(L) / L, 0.9 * torch.rand(is_mask.shape))  # masks: [1, 2), ascending
+    return keys.argsort(dim=1)
 
 
 def likelihood_order(B, L, alpha_0, n_given=0, generator=None):

@@ -30,12 +30,11 @@ from pathlib import Path
 
 import torch
 
-from configurator import (UserError, attention_backends, autocast_context, failure, parse_args, pick_device, require,
-                          run_cli)
+from configurator import UserError, attention_backends, autocast_context, parse_args, pick_device, require, run_cli
 from data import Tokenizer, load_checkpoint
 from kvcache import KVCache
-from model import (GPT, attention_mask, cast_matrices, few_rows_transposed, has_likelihood, likelihood_order, nelbo,
-                   permute, sampling_products, token_nll, unpermute)
+from model import (GPT, attention_mask, cast_matrices, few_rows_transposed, has_likelihood, likelihood_order, permute,
+                   sampling_products, token_nll, unpermute)
 
 GAP = "_"  # in --infill text, each '_' is one token to generate
 
@@ -109,7 +108,7 @@ def new_cache(model, batch_size, L, device, ctx=contextlib.nullcontext(), static
     never caches. A caller that samples more than once with static shapes hands the same one to every run."""
     config = model.config
     dtype = ctx.fast_dtype if isinstance(ctx, torch.autocast) and ctx._enabled else torch.float32
-    return None if config.denoiser == "mdlm" else KVCache.for_model(config, batch_size, L, device, dtype, static)
+    return None if config.denoiser == "mdlm" else KVCache(config, batch_size, L, device, dtype, static)
 
 
 def denoise(model, x, order, counts, n_seq, draw, cache=None, static=False, ctx=contextlib.nullcontext(),
@@ -172,11 +171,11 @@ def denoise(model, x, order, counts, n_seq, draw, cache=None, static=False, ctx=
     return x.clone()  # a normal tensor again, usable with autograd
 
 
-def windows(L, block_size, chunk, start=0):
+def windows(L, block_size, chunk):
     """The windows a text of L tokens is sampled and scored in: (start, new) for the window [start, start + W),
     W = min(L, block_size); its tokens from `new` on are its own, those before them the text so far, its prompt.
-    The first window is [start, start + W); each further one moves on by `chunk` tokens (fewer at the end)."""
-    new = start
+    The first window is [0, W); each further one moves on by `chunk` tokens (fewer at the end)."""
+    start = new = 0
     while True:
         yield start, new
         if start + block_size >= L:
@@ -191,7 +190,7 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
     token is kept. Returns (tokens (B, L), NFE). Up to the block size, one run of the sampler fills it; a longer
     template (a prompt followed by masks) is filled window by window (windows()): the first block, then each
     further `chunk` tokens (default: half a block) with the last block_size - chunk tokens of the text so far as
-    their prompt, a sliding window as nanoGPT crops its context. A prompt longer than the block is cropped alike.
+    their prompt, a sliding window as nanoGPT crops its context (a window of prompt alone samples nothing).
     callback(offset=..., **step) sees each step of each window, offset being the window's start in the text. The
     samples of one call share the schedule's step sizes: for statistics over samples, use several seeds.
     cache: a KVCache to reuse (static shapes: graphs captured in one call replay in the next)."""
@@ -208,10 +207,7 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
     draw = lambda logits: sample_tokens(logits, temperature, top_p, gen_noise)
     cache = (cache or new_cache(model, num_samples, W, device, ctx, static)) if kv_cache else None
     x, nfe = template.repeat(num_samples, 1), 0
-    # a prompt longer than the block: the first window holds its last W - chunk tokens (all but the masks, if fewer)
-    given = L - int(is_gen.sum())  # the prompt's length, when L > W (a prompt followed by masks)
-    skip = min(given - (W - chunk), L - W) if W < given < L else 0
-    for start, _ in windows(L, config.block_size, chunk, skip):
+    for start, _ in windows(L, config.block_size, chunk):  # (a window of prompt alone has nothing to do)
         window = x[:, start:start + W]  # a view: denoise's tokens land in x
         order, counts, n_seq = plan(window[0].cpu() == config.mask_id, num_samples, steps, alpha_0, gen_cpu,
                                     schedule)
@@ -353,7 +349,7 @@ class SampleConfig:
     compile: bool = False  # torch.compile + CUDA graphs over static shapes; default True on CUDA
     trajectory: str = ""  # run.html: a page that steps through sample 1's passes; x.svg: its first window, a row a pass
     score: str = ""  # score this text (or FILE:path) instead of sampling: its log-likelihood and token surprises
-    score_k: int = 16  # orderings of the importance-weighted estimate (for A and MDLM: 2 score_k NELBO draws)
+    score_k: int = 16  # orderings of the importance-weighted estimate
     score_svg: str = ""  # with --score: draw the text coloured by each token's surprise, as an SVG here
 
 
@@ -421,15 +417,11 @@ def sample_main(cfg, device, ctx, model, tok, loaded):
           f"kv_cache={cfg.kv_cache and config.denoiser != 'mdlm'}", file=sys.stderr)
     kw = dict(steps=cfg.steps, alpha_0=cfg.alpha_0, temperature=cfg.temperature, top_p=cfg.top_p,
               kv_cache=cfg.kv_cache, seed=cfg.seed, schedule=cfg.schedule, chunk=cfg.chunk)
-    run, t0 = None, time.time()
-    if cfg.compile:  # torch.compile, CUDA graphs on a GPU; a compiler or a graph capture that fails never costs a run
-        print("compiling the model (torch.compile, CUDA graphs on a GPU): two warm-up runs", file=sys.stderr)
-        try:
-            run = runner(torch.compile(model, mode="reduce-overhead"), template, cfg.num_samples, ctx, True, **kw)
-            print(f"warm-up (compilation and graph capture): {time.time() - t0:.2f} s", file=sys.stderr)
-        except Exception as e:
-            print(f"torch.compile failed ({failure(e)}); sampling without it", file=sys.stderr)
-    run = run or runner(model, template, cfg.num_samples, ctx, **kw)
+    if cfg.compile:
+        print("compiling the model (torch.compile, CUDA graphs on a GPU; --compile=False samples without): two "
+              "warm-up runs", file=sys.stderr)
+    net = torch.compile(model, mode="reduce-overhead") if cfg.compile else model
+    run = runner(net, template, cfg.num_samples, ctx, cfg.compile, **kw)
     trajectory = Trajectory(tok) if cfg.trajectory else None
     sync = lambda: torch.cuda.synchronize(device) if device.startswith("cuda") else None
     sync()
@@ -448,35 +440,27 @@ def sample_main(cfg, device, ctx, model, tok, loaded):
 
 
 def score_main(cfg, device, ctx, model, tok, loaded):
-    """--score: the text's log-likelihood (Eso-LM (B)) or minus its NELBO (A, MDLM: a bound), in nats, nats per
-    token and bits per UTF-8 byte, and (B) each token's surprise, printed and, with --score_svg, drawn."""
+    """--score: the text's log-likelihood in nats, nats per token and bits per UTF-8 byte, and each token's
+    surprise, printed and, with --score_svg, drawn."""
     text, config = read_text(cfg.score), model.config
     ids = torch.tensor(tok.encode(text), device=device)
-    exact, L, n_bytes = has_likelihood(config), len(ids), len(text.encode())
+    L, n_bytes = len(ids), len(text.encode())
     require([(L >= 1, "--score needs a text of at least one token"),
-             (exact or not cfg.score_svg, "--score_svg needs per-token likelihoods, which only denoiser B has"),
-             (exact or L <= config.block_size, f"denoiser {config.denoiser} scores up to {config.block_size} tokens "
-              f"(its NELBO has no window-by-window form); the text has {L}")])
+             (has_likelihood(config), f"denoiser {config.denoiser} has no one-pass likelihood to score a text with; its "
+              "NELBO on the val split is in eval.json (python train.py --eval_only=True --out_dir=...)")])
     print(loaded, file=sys.stderr)
     t0 = time.time()
-    if exact:
-        logp, surprise = score(model, ids, cfg.alpha_0, cfg.score_k, cfg.chunk, cfg.seed, ctx)
-        what = ("exact log-likelihood (alpha_0=0: the chain rule)" if cfg.alpha_0 == 0 else
-                f"log-likelihood, importance-weighted over K={cfg.score_k} orderings (in expectation a lower bound, "
-                "exact as K grows)")
-    else:
-        torch.manual_seed(cfg.seed)
-        with torch.no_grad(), ctx:  # 2K draws of the bound's noise (split between its two terms for 0 < α0 < 1)
-            logp = -nelbo(model, ids.expand(2 * cfg.score_k, -1), cfg.alpha_0)[0].item() * L
-        what = f"minus the NELBO (eq. 7) over {2 * cfg.score_k} draws: in expectation a lower bound"
+    logp, surprise = score(model, ids, cfg.alpha_0, cfg.score_k, cfg.chunk, cfg.seed, ctx)
+    what = ("exact log-likelihood (alpha_0=0: the chain rule)" if cfg.alpha_0 == 0 else
+            f"log-likelihood, importance-weighted over K={cfg.score_k} orderings (in expectation a lower bound, exact "
+            "as K grows)")
     print(f"{L} tokens, {n_bytes} UTF-8 bytes, alpha_0={cfg.alpha_0}: {what}, {time.time() - t0:.2f} s")
     print(f"  {logp:.3f} nats: {-logp / L:.4f} nats/token, {-logp / math.log(2) / n_bytes:.4f} bits/byte, "
           f"perplexity {math.exp(-logp / L):.3f}")
-    if exact:
-        pieces = [tok.decode([t]) for t in ids.tolist()]
-        cells = [f"{p.replace(chr(10), '⏎').replace(' ', '␣')}:{s:.2f}" for p, s in zip(pieces, surprise.tolist())]
-        print("  surprise of each token, -log p in nats (mean over the orderings; ␣ a space, ⏎ a line break):")
-        print(textwrap.fill(" ".join(cells), width=100, initial_indent="    ", subsequent_indent="    "))
+    pieces = [tok.decode([t]) for t in ids.tolist()]
+    cells = [f"{p.replace(chr(10), '⏎').replace(' ', '␣')}:{s:.2f}" for p, s in zip(pieces, surprise.tolist())]
+    print("  surprise of each token, -log p in nats (mean over the orderings; ␣ a space, ⏎ a line break):")
+    print(textwrap.fill(" ".join(cells), width=100, initial_indent="    ", subsequent_indent="    "))
     if cfg.score_svg:
         title = f"surprise of each token, alpha_0={cfg.alpha_0}: {-logp / L:.3f} nats/token"
         write_text(cfg.score_svg, surprise_svg(pieces, surprise, title, math.log(config.vocab_size)), "the surprise")

@@ -16,6 +16,16 @@ from model import (Linear, diffusion_mask, diffusion_loss, diffusion_order, inve
 IS_MASK = torch.tensor([[False, True, False, True, True, False]])
 
 
+def with_noise(order_fn, is_mask, noise):
+    """An ordering of is_mask whose random keys are `noise` (torch.rand's draws, fixed)."""
+    rand = torch.rand
+    torch.rand = lambda *shape, **kw: noise
+    try:
+        return order_fn(is_mask)
+    finally:
+        torch.rand = rand
+
+
 def add_masks(x, p_mask, mask_id):
     """q_t as the model draws it: each token masked with probability p_mask, from torch's CPU generator."""
     return torch.where(torch.rand(x.shape) < p_mask, mask_id, x)
@@ -34,7 +44,7 @@ def mask_in_original_coordinates(mask, order):
 def test_diffusion_order_reproduces_fig6():
     """Keys clean + 0.9 U, masks 1 + 0.9 U: the noise below sorts to σ = (3,1,6,4,5,2); its mask is Fig. 6."""
     noise = torch.tensor([[0.2, 0.3, 0.1, 0.1, 0.2, 0.3]])
-    order = diffusion_order(IS_MASK, noise)
+    order = with_noise(diffusion_order, IS_MASK, noise)
     assert order.tolist() == [[2, 0, 5, 3, 4, 1]], order  # σ = (3,1,6,4,5,2), 0-based
     expected = torch.tensor([  # rows: queries at positions 1..6, columns: keys at 1..6
         [1, 0, 1, 0, 0, 0],  # A sees C (earlier in σ) and itself
@@ -50,7 +60,7 @@ def test_diffusion_order_reproduces_fig6():
 def test_eso_lm_a_and_mdlm_masks_on_the_paper_example():
     """Same σ = (3,1,6,4,5,2). Eso-LM (A): the clean A, C, F also see each other (prefix-LM in sorted form,
     Fig. 13); the masks are as in (B). MDLM: no mask at all, every position sees every other, masks included."""
-    order = diffusion_order(IS_MASK, torch.tensor([[0.2, 0.3, 0.1, 0.1, 0.2, 0.3]]))
+    order = with_noise(diffusion_order, IS_MASK, torch.tensor([[0.2, 0.3, 0.1, 0.1, 0.2, 0.3]]))
     n_clean = (~IS_MASK).sum(1)
     expected = torch.tensor([
         [1, 0, 1, 0, 0, 1],  # A sees C and F as well now: the clean tokens are bidirectional
@@ -122,7 +132,7 @@ def test_sequential_order_and_mask_reproduce_the_paper():
     """σ = (3,1,6,2,4,5): clean shuffled, masks in natural order; the 2L mask of the paper's figure; the repo's
     mask is that mask without the z rows (and columns) of the clean tokens A, C, F."""
     noise = torch.tensor([[0.2, 0.0, 0.1, 0.0, 0.0, 0.3]])
-    order = sequential_order(IS_MASK, noise)
+    order = with_noise(sequential_order, IS_MASK, noise)
     assert order.tolist() == [[2, 0, 5, 1, 3, 4]], order
     for _ in range(100):  # masks stay in natural order whatever the noise
         assert sequential_order(IS_MASK)[0, 3:].tolist() == [1, 3, 4]

@@ -87,15 +87,14 @@ def test_a_bf16_cache_equals_a_full_forward_up_to_rounding():
 
 
 def test_a_prompt_longer_than_the_block_is_cropped_as_the_windows_crop():
-    """A prompt longer than the block is kept whole, and what follows it is what the same seed samples from the
-    prompt's last block_size - chunk tokens (the first window starts there), or, with fewer masks than a chunk,
-    from the last block of the text."""
+    """A prompt longer than the block is kept whole; the windows of prompt alone sample nothing (no pass, no
+    random draw), so what follows is what the same seed samples from the first window that holds masks on."""
     model = sharp_model(block_size=8)
     prompt = torch.randint(0, V, (13,), generator=torch.Generator().manual_seed(0))
-    template = torch.cat([prompt, masks(None, 9)])  # block 8, chunk 4: the first window starts at 13 - 4
+    template = torch.cat([prompt, masks(None, 9)])  # block 8, chunk 4: windows at 0, 4, 8 (the first with masks)
     x, nfe = generate(model, template, 2, 4, 0.5, seed=3)
-    y, nfe_y = generate(model, template[9:], 2, 4, 0.5, seed=3)
-    assert torch.equal(x[:, :13], prompt.expand(2, -1)) and torch.equal(x[:, 9:], y) and nfe == nfe_y
+    y, nfe_y = generate(model, template[8:], 2, 4, 0.5, seed=3)
+    assert torch.equal(x[:, :13], prompt.expand(2, -1)) and torch.equal(x[:, 8:], y) and nfe == nfe_y
     x, _ = generate(model, template[:15], 2, 4, 0.5, seed=3)  # 2 masks: one window, [7, 15)
     assert torch.equal(x[:, 7:], generate(model, template[7:15], 2, 4, 0.5, seed=3)[0])
 
@@ -249,7 +248,7 @@ def test_cache_is_preallocated_and_never_commits_masks():
     assert len(set(ptrs)) == 1 and len(ptrs[0]) == 4 and all(shape == (2, 2, 20, 16) for _, shape in ptrs[0]), \
         "one K and one V buffer per layer, allocated once"
     for n, x, order, k, v in prefixes[1:]:
-        ref = KVCache.for_model(model.config, 2, 20)
+        ref = KVCache(model.config, 2, 20)
         ref.feed(n, n)
         model(x, order, causal_mask(n), ref)
         assert torch.allclose(torch.stack(ref.k)[:, :, :, :n], k, atol=1e-5), "a committed slot differs from clean K"
