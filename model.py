@@ -212,7 +212,7 @@ def cast_matrices(model, dtype):
 class Linear(nn.Linear):
     """nn.Linear, except for few rows (2 to 8: batch × tokens fed, as in a cached sequential step) on the CPU
     while sampling. How fast BLAS multiplies so few rows depends on the machine: on an AMD EPYC, MKL computes
-    x Wᵀ several times slower than (W xᵀ)ᵀ (`python bench.py --what=linear` measures both). The two round
+    x Wᵀ several times slower than (W xᵀ)ᵀ (`python bench.py --what=profile` times a step in each). The two round
     differently, so which one runs is a fixed property of the machine, never a timing (a busy machine would flip
     it): (W xᵀ)ᵀ on an AMD CPU with MKL, F.linear elsewhere; ESO_LM_FEW_ROWS=linear or transposed overrides it.
     Training and eval always run F.linear."""
