@@ -4,16 +4,18 @@ it is measured. Sampling follows the paper's latency protocol (Sec. 5.3, Table 1
 NFE ≈ L, nucleus off) on a fixed randomly initialised model (speed does not depend on the weights).
 The modes (--what), and about how long each takes with its defaults on a 2-core laptop CPU:
 
-  sample    Eso-LM (B) cached vs MDLM vs AR decoding, L = 256 and 1024, NFE ≈ L and T = 32 (TODO min)
-  train     one training iteration of the recipe: diffusion (α0=1), hybrid (α0=0.5), AR (TODO min)
-  frontier  the speed-quality frontier of trained checkpoints: --out_dirs=out-a,out-b --scorer=out-ar (TODO min)
+  sample    Eso-LM (B) cached vs MDLM vs AR decoding, L = 256 and 1024, NFE ≈ L and T = 32 (3 min)
+  train     one training iteration, batch 12 x 64: diffusion (α0=1), hybrid (α0=0.5), AR (3 min)
+  frontier  the speed-quality frontier of trained checkpoints: --out_dirs=out-a,out-b --scorer=out-ar
+            (under a minute for five char checkpoints)
   profile   where a cached sampling step's time goes, at the last of --lengths, and the step with its few-row
-            products in the other layout (TODO min); --compile=True adds the compiled static-shape step (TODO min)
+            products in the other layout (2 min); --compile=True adds the compiled static-shape step (with
+            --rounds=7, 5 min)
   gpu       the GPU report (--device=cuda): sample.py's workload, a training iteration, Table 11 at 6 x 384 and
             12 x 768 (it stops when --budget_s, 6 min, would be passed)
 
-Data preparation has no mode: it is timed from the shell, in a fresh process, on a generated ~200 MB
-data/big/input.txt: `/usr/bin/time -v python -c "import data; data.prepare('big')"` (wall clock, peak memory).
+Data preparation has no mode: BENCHMARKS.md times it with two shell commands, in a fresh process, on a
+generated ~200 MB text.
 
 The rows of a table take turns in interleaved rounds (`interleaved`), so that drift on a shared machine hits them
 alike: a row is the median of its rounds, a ratio the median of the rounds' ratios, with their range.
