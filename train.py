@@ -89,9 +89,9 @@ class TrainConfig:
 
 # Flags the user did not set come from the preset of the device (a CUDA GPU, or anything else) and of the
 # dataset's tokenizer. The CPU character preset is nanoGPT's "baby" Shakespeare recipe (the defaults above,
-# with Muon); the CPU BPE preset stops after 1500 iterations (5.5 minutes on 2 cores). The GPU presets are
+# with Muon); the CPU BPE preset stops after 1500 iterations (5.2 minutes on 2 cores). The GPU presets are
 # nanoGPT's train_shakespeare_char model for 2500 iterations (characters) and 1000 (BPE, a third as many tokens
-# per epoch); ckpt.pt keeps the best-val weights whatever comes after. No figure of them is in the README.
+# per epoch); ckpt.pt keeps the best-val weights whatever comes after.
 GPU = dict(batch_size=64, block_size=256, n_layer=6, n_head=6, n_embd=384, eval_iters=100, log_interval=100,
            compile=True)
 PRESETS = {

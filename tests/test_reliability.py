@@ -302,8 +302,11 @@ def test_bad_checkpoints_are_reported_and_left_alone(data_dir, tmp_path):
 def test_cuda_without_a_gpu(data_dir, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("the message is for machines without a CUDA GPU")
-    for script in ("train.py", "sample.py"):
-        r = cli(script, "--device=cuda", f"--data_dir={data_dir}" if script == "train.py" else "--steps=2")
+    out = tmp_path / "o"
+    assert cli("train.py", *TINY_TRAIN, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2",
+               "--eval_interval=2").returncode == 0
+    for script, arg in (("train.py", f"--data_dir={data_dir}"), ("sample.py", f"--out_dir={out}")):
+        r = cli(script, "--device=cuda", arg)
         assert r.returncode == 1 and "--device=cuda is not a device of this machine" in r.stderr, r.stderr
 
 
