@@ -1,4 +1,5 @@
 """The sampler: exact KV cache, the schedule, prompts and infilling, the paper's L=8 walk-through."""
+import copy
 import json
 import math
 import re
@@ -10,7 +11,7 @@ import conftest
 from conftest import causal_mask, tiny_model
 
 from kvcache import KVCache
-from model import attention_mask
+from model import attention_mask, cast_matrices
 from sample import denoise, diffusion_counts, generate, new_cache, plan, sample_tokens
 
 V = 11
@@ -84,6 +85,26 @@ def test_a_bf16_cache_equals_a_full_forward_up_to_rounding():
                 with ctx:
                     full = model(clean_then_masks(a), a["order"][:, : a["end"]], causal_mask(a["end"]))
                 assert torch.allclose(a["logits"], full[:, a["done"]:], atol=0.1), (alpha_0, static, a["step"])
+
+
+def test_bf16_weights_sample_as_autocast_over_fp32_weights():
+    """sample.py casts the matrices to bf16 once (cast_matrices) instead of letting autocast cast the fp32 weights
+    again at every step: every step's logits and every token are bit for bit autocast's, for all three denoisers,
+    cached, uncached and static."""
+    template = masks(None)
+    template[:4] = torch.tensor([1, 2, 3, 4])
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16)
+    for denoiser in ("B", "A", "mdlm"):
+        model = sharp_model(denoiser=denoiser)
+        cast = copy.deepcopy(model)
+        cast_matrices(cast, torch.bfloat16)
+        assert cast.transformer.h[0].attn.c_attn.weight.dtype == torch.bfloat16
+        for alpha_0 in ((1.0,) if denoiser == "mdlm" else (1.0, 0.5, 0.0)):
+            for kv, static in ((True, False), (False, False), (True, True)):
+                a = sample_steps(model, template, kv, alpha_0=alpha_0, ctx=ctx, static=static)
+                b = sample_steps(cast, template, kv, alpha_0=alpha_0, ctx=ctx, static=static)
+                assert torch.equal(a[0], b[0]) and len(a[2]) == len(b[2]), (denoiser, alpha_0, kv, static)
+                assert all(torch.equal(s["logits"], t["logits"]) for s, t in zip(a[2], b[2]))
 
 
 def test_a_prompt_longer_than_the_block_is_cropped_as_the_windows_crop():
