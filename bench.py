@@ -251,7 +251,7 @@ def profiled(run):
 
 def bench_profile(cfg, device):
     """Where the time of a cached sampling step goes (Eso-LM (B), batch 1, NFE ≈ L, L the last of --lengths):
-    under torch.profiler, the op calls per step (nested ones counted: on a GPU each is launch overhead), the weight
+    under torch.profiler, the op calls per step (nested ones counted, views included: each costs a dispatch on the host), the weight
     products per step (each matrix once: no logits computed and thrown away) and ms per step by kind of op; then,
     unprofiled, in --rounds interleaved rounds: the step, AR decoding through the same cache, and the step with its
     few-row products in the other layout (model.Linear: the two round differently, and which is faster depends on

@@ -139,7 +139,7 @@ def denoise(model, x, order, counts, n_seq, draw, cache=None, static=False, ctx=
         cache.reset()
     slots = torch.arange(L, device=x.device)
     with torch.inference_mode(), attention_backends(x.device), sampling_products():
-        x = permute(x, order).clone()  # in σ order for the whole run
+        x = permute(x, order)  # in σ order for the whole run (a gather: a new tensor)
         for step, k in enumerate(counts):
             end, sequential = done + k, done >= seq_start
             cached = cache is not None and (denoiser == "B" or sequential)  # A: cached once sequential
@@ -207,7 +207,7 @@ def generate(model, template, num_samples=1, steps=32, alpha_0=1.0, temperature=
     draw = lambda logits: sample_tokens(logits, temperature, top_p, gen_noise)
     cache = (cache or new_cache(model, num_samples, W, device, ctx, static)) if kv_cache else None
     x, nfe = template.repeat(num_samples, 1), 0
-    for start, _ in windows(L, config.block_size, chunk):  # (a window of prompt alone has nothing to do)
+    for start, _ in windows(L, config.block_size, chunk):  # (a window of prompt alone makes no pass)
         window = x[:, start:start + W]  # a view: denoise's tokens land in x
         order, counts, n_seq = plan(window[0].cpu() == config.mask_id, num_samples, steps, alpha_0, gen_cpu,
                                     schedule)
@@ -221,9 +221,10 @@ def runner(net, template, num_samples, ctx=contextlib.nullcontext(), static=Fals
     """generate(net, template, num_samples, **kw) as a function of its callback. With static shapes (CUDA graphs:
     net compiled in reduce-overhead mode), one cache serves every run, so that a replayed graph finds it where it
     was captured, and two runs here compile, warm up and record every step shape before a run that counts."""
-    cache = new_cache(net, num_samples, min(len(template), net.config.block_size), template.device, ctx, static)
+    L = min(len(template), net.config.block_size)
+    cache = new_cache(net, num_samples, L, template.device, ctx, static) if static else None
     run = lambda callback=None: generate(net, template, num_samples, callback=callback, ctx=ctx, static=static,
-                                         cache=cache if static else None, **kw)
+                                         cache=cache, **kw)
     for _ in range(2 if static else 0):
         run()
     return run

@@ -257,9 +257,10 @@ class Trainer:
 
     def checkpoint_to_continue(self, user_keys):
         """The checkpoint a resumed run or --eval_only starts from (last.pt; --eval_only of a folder without one, as
-        a ckpt.pt shared alone: ckpt.pt), or None. Every flag the user did not set is the checkpoint's, but for those of where and how
-        this process runs (RUN_KEYS), so that `--init_from=resume --out_dir=DIR` alone continues the run it was; a
-        model or method flag (KEPT_ON_RESUME) that the user set differently is an error."""
+        a ckpt.pt shared alone: ckpt.pt), or None. Every flag the user did not set is the checkpoint's, but for
+        those of where and how this process runs (RUN_KEYS), so that `--init_from=resume --out_dir=DIR` alone
+        continues the run it was; a model or method flag (KEPT_ON_RESUME) that the user set differently is an
+        error."""
         cfg = self.cfg
         if cfg.init_from != "resume" and not cfg.eval_only:
             return
